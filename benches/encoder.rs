@@ -1,0 +1,110 @@
+//! Encoder forward latency of all-MiniLM-L6-v2 on the CPU backend: batch 1 at
+//! sequence lengths 16..512 and 32 × 128, with p50/p95/p99 per shape.
+//!
+//! Criterion reports means; for tail latency every iteration is timed on its
+//! own (`iter_custom`), and the percentiles are printed as a table and
+//! written to `target/bench-encoder.json`.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bertrt::backend::cpu::CpuBackend;
+use bertrt::model::{BertModel, ModelFiles, TokenBatch, Workspace};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+
+const SHAPES: &[(usize, usize)] = &[
+    (1, 16),
+    (1, 32),
+    (1, 64),
+    (1, 128),
+    (1, 256),
+    (1, 512),
+    (32, 128),
+];
+
+/// `batch` sequences of exactly `seq` tokens: [CLS] ordinary wordpieces [SEP].
+fn token_batch(batch: usize, seq: usize) -> TokenBatch {
+    let mut ids = Vec::with_capacity(batch * seq);
+    for s in 0..batch {
+        ids.push(101);
+        ids.extend((0..seq - 2).map(|t| 2000 + ((s * 7919 + t * 104_729) % 20_000) as u32));
+        ids.push(102);
+    }
+    TokenBatch {
+        type_ids: vec![0; ids.len()],
+        ids,
+        offsets: (0..=batch).map(|s| s * seq).collect(),
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank].as_secs_f64() * 1e3
+}
+
+fn encoder(c: &mut Criterion) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/models/all-MiniLM-L6-v2");
+    let files = ModelFiles::locate(&dir)
+        .unwrap_or_else(|e| panic!("{e}\nrun scripts/fetch-assets.sh first"));
+    let model = BertModel::load(CpuBackend::new(0), &files).unwrap();
+    let mut ws = Workspace::new(model.backend());
+    let mut group = c.benchmark_group("minilm_l6_forward");
+    group
+        .sample_size(20)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
+    let mut rows = Vec::new();
+    for &(batch, seq) in SHAPES {
+        let input = token_batch(batch, seq);
+        let mut samples = Vec::new();
+        group.bench_function(BenchmarkId::from_parameter(format!("{batch}x{seq}")), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let start = Instant::now();
+                    model.forward(&input, &mut ws).unwrap();
+                    let took = start.elapsed();
+                    samples.push(took);
+                    total += took;
+                }
+                total
+            })
+        });
+        samples.sort();
+        rows.push((
+            batch,
+            seq,
+            samples.len(),
+            [50.0, 95.0, 99.0].map(|p| percentile(&samples, p)),
+        ));
+    }
+    group.finish();
+
+    println!(
+        "\nall-MiniLM-L6-v2 forward, {} (ms)",
+        model.backend_description()
+    );
+    println!(
+        "{:>6} {:>5} {:>8} {:>9} {:>9} {:>9}",
+        "batch", "seq", "samples", "p50", "p95", "p99"
+    );
+    let mut json = Vec::new();
+    for (batch, seq, n, [p50, p95, p99]) in &rows {
+        println!("{batch:>6} {seq:>5} {n:>8} {p50:>9.3} {p95:>9.3} {p99:>9.3}");
+        json.push(serde_json::json!({
+            "batch": batch, "seq": seq, "samples": n,
+            "p50_ms": p50, "p95_ms": p95, "p99_ms": p99,
+        }));
+    }
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-encoder.json");
+    let report = serde_json::json!({
+        "model": "all-MiniLM-L6-v2",
+        "backend": model.backend_description(),
+        "shapes": json,
+    });
+    std::fs::write(&out, serde_json::to_vec_pretty(&report).unwrap()).unwrap();
+    println!("written to {}", out.display());
+}
+
+criterion_group!(benches, encoder);
+criterion_main!(benches);

@@ -1,0 +1,165 @@
+//! AVX-512 micro-kernel: 12 × 32 tile, 24 zmm accumulators, two B vectors
+//! and one A broadcast live per K step (27 of 32 registers).
+//!
+//! Column edges use write masks (masked loads do not fault), so partial
+//! tiles need no staging; row edges use a kernel instantiated for the exact
+//! row count.
+
+use std::arch::x86_64::*;
+
+use super::{gelu, Kernel, Tile};
+
+const MR: usize = 12;
+const NR: usize = 32;
+
+pub(super) static KERNEL: Kernel = Kernel {
+    mr: MR,
+    nr: NR,
+    kc: 256,
+    mc: 144,
+    tile,
+    pack_a: super::avx2::pack_a,
+    gelu: gelu_slice,
+};
+
+/// # Safety
+/// The host must support AVX-512F/BW/DQ/VL, and `t` must satisfy the
+/// contract on [`Tile`].
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+unsafe fn tile(t: &Tile) {
+    // SAFETY (all arms): forwarded contract; `rows` selects the panel height.
+    unsafe {
+        match t.rows {
+            12 => tile_rows::<12>(t),
+            11 => tile_rows::<11>(t),
+            10 => tile_rows::<10>(t),
+            9 => tile_rows::<9>(t),
+            8 => tile_rows::<8>(t),
+            7 => tile_rows::<7>(t),
+            6 => tile_rows::<6>(t),
+            5 => tile_rows::<5>(t),
+            4 => tile_rows::<4>(t),
+            3 => tile_rows::<3>(t),
+            2 => tile_rows::<2>(t),
+            1 => tile_rows::<1>(t),
+            _ => unreachable!("tile rows {} outside 1..={MR}", t.rows),
+        }
+    }
+}
+
+/// # Safety
+/// As for [`tile`], with `t.rows == R`.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+#[inline]
+unsafe fn tile_rows<const R: usize>(t: &Tile) {
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    let (mut a, mut b) = (t.a, t.b);
+    for _ in 0..t.kc {
+        // SAFETY: the packed panels hold `kc` steps of `R` and `NR` floats;
+        // the pointers advance one step per iteration.
+        unsafe {
+            let b0 = _mm512_loadu_ps(b);
+            let b1 = _mm512_loadu_ps(b.add(16));
+            for (i, row) in acc.iter_mut().enumerate() {
+                let ai = _mm512_set1_ps(*a.add(i));
+                row[0] = _mm512_fmadd_ps(ai, b0, row[0]);
+                row[1] = _mm512_fmadd_ps(ai, b1, row[1]);
+            }
+            a = a.add(R);
+            b = b.add(NR);
+        }
+    }
+    // SAFETY: forwarded contract.
+    unsafe { store(t, acc) }
+}
+
+/// Applies `alpha`, `beta`, bias and GELU to the accumulators and writes the
+/// tile's `cols` valid columns.
+///
+/// # Safety
+/// As for [`tile`].
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+#[inline]
+unsafe fn store<const R: usize>(t: &Tile, acc: [[__m512; 2]; R]) {
+    let masks = [col_mask(t.cols), col_mask(t.cols.saturating_sub(16))];
+    let alpha = _mm512_set1_ps(t.alpha);
+    let beta = _mm512_set1_ps(t.beta);
+    let mut bias = [_mm512_setzero_ps(); 2];
+    if !t.bias.is_null() {
+        for (h, v) in bias.iter_mut().enumerate() {
+            // SAFETY: masked-off lanes are not accessed, so this reads only
+            // the tile's `cols` bias entries; `wrapping_add` because the
+            // upper half's address may lie past the end when `cols <= 16`.
+            *v = unsafe { _mm512_maskz_loadu_ps(masks[h], t.bias.wrapping_add(16 * h)) };
+        }
+    }
+    for (i, row) in acc.iter().enumerate() {
+        let c = t.c.wrapping_add(i * t.ldc);
+        for h in 0..2 {
+            let ch = c.wrapping_add(16 * h);
+            let mut v = _mm512_fmadd_ps(row[h], alpha, bias[h]);
+            if t.beta != 0.0 {
+                // SAFETY: row `i < rows`; masked lanes cover only `cols`.
+                let old = unsafe { _mm512_maskz_loadu_ps(masks[h], ch) };
+                v = _mm512_fmadd_ps(old, beta, v);
+            }
+            if t.gelu {
+                v = gelu_vec(v);
+            }
+            // SAFETY: as for the load.
+            unsafe { _mm512_mask_storeu_ps(ch, masks[h], v) };
+        }
+    }
+}
+
+/// Lanes `0..min(cols, 16)` set.
+#[inline]
+fn col_mask(cols: usize) -> __mmask16 {
+    if cols >= 16 {
+        0xffff
+    } else {
+        ((1u32 << cols) - 1) as __mmask16
+    }
+}
+
+/// A row of the GELU table in a zmm; lanes 8..16 are never indexed.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+#[inline]
+fn table(row: &[f32; gelu::INTERVALS]) -> __m512 {
+    // SAFETY: `row` holds 8 floats, exactly one ymm load.
+    _mm512_castps256_ps512(unsafe { _mm256_loadu_ps(row.as_ptr()) })
+}
+
+/// GELU of 16 lanes; the algorithm is described in `gelu.rs`.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+#[inline]
+fn gelu_vec(x: __m512) -> __m512 {
+    let limit = _mm512_set1_ps(gelu::LIMIT);
+    let a = _mm512_abs_ps(x);
+    // `minps` returns its second operand for NaN, like `f32::min`.
+    let a_clamped = _mm512_min_ps(a, limit);
+    let idx = _mm512_cvttps_epi32(_mm512_mul_ps(a_clamped, _mm512_set1_ps(gelu::INV_WIDTH)));
+    let idx = _mm512_min_epi32(idx, _mm512_set1_epi32(gelu::INTERVALS as i32 - 1));
+    let t = _mm512_sub_ps(a_clamped, _mm512_permutexvar_ps(idx, table(&gelu::CENTERS)));
+    let mut q = _mm512_permutexvar_ps(idx, table(&gelu::COEFFS[gelu::DEGREE]));
+    for row in gelu::COEFFS[..gelu::DEGREE].iter().rev() {
+        q = _mm512_fmadd_ps(q, t, _mm512_permutexvar_ps(idx, table(row)));
+    }
+    // Ordered compare: NaN is not "beyond the table" and keeps propagating.
+    let beyond = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(a, limit);
+    let r = _mm512_maskz_mul_ps(!beyond, x, q);
+    let positive = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, _mm512_setzero_ps());
+    _mm512_mask_sub_ps(r, positive, x, r)
+}
+
+/// # Safety
+/// The host must support AVX-512F/BW/DQ/VL.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+unsafe fn gelu_slice(x: &mut [f32]) {
+    for chunk in x.chunks_mut(16) {
+        let mask = col_mask(chunk.len());
+        let p = chunk.as_mut_ptr();
+        // SAFETY: the mask covers exactly the chunk's elements.
+        unsafe { _mm512_mask_storeu_ps(p, mask, gelu_vec(_mm512_maskz_loadu_ps(mask, p))) };
+    }
+}

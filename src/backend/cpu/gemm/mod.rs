@@ -1,0 +1,479 @@
+//! Single-precision GEMM: `nn.Linear` with fused bias/GELU, and a strided
+//! sgemm for attention.
+//!
+//! BLIS-style structure, kept in separate pieces so later kernels (bf16,
+//! int8) can reuse the driver:
+//!
+//! * [`pack`]: panel layouts. Weights are packed once ([`PackedWeight`]);
+//!   A blocks are packed per call into thread-local scratch.
+//! * micro-kernels (`avx512`, `avx2`, `portable`): one `rows × cols` tile of
+//!   C over one K block, accumulating in registers, with the epilogue
+//!   (`alpha`, `beta`, bias, GELU) applied in registers before the store.
+//! * the driver here: K blocking, M blocking, tile loops, and the split of
+//!   the output between rayon threads.
+
+mod gelu;
+mod pack;
+mod portable;
+mod reference;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
+#[cfg(test)]
+mod tests;
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use crate::backend::cpu::isa::Isa;
+
+pub use pack::PackedWeight;
+pub use reference::{linear_reference, sgemm_strided_reference};
+
+/// Fused epilogue applied after bias.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Epilogue {
+    None,
+    /// Exact GELU, `0.5 * x * (1 + erf(x / sqrt 2))`.
+    Gelu,
+}
+
+/// Exact GELU of one value, computed in double precision (the reference the
+/// SIMD GELU is tested against).
+pub fn gelu_erf(x: f32) -> f32 {
+    reference::gelu_f64(x as f64) as f32
+}
+
+/// Exact GELU in place, vectorised; within 1e-6 absolute of [`gelu_erf`].
+pub fn gelu_inplace(x: &mut [f32]) {
+    gelu_inplace_isa(Isa::detect(), x)
+}
+
+fn gelu_inplace_isa(isa: Isa, x: &mut [f32]) {
+    // SAFETY: `kernel` only returns kernels for instruction sets this host
+    // runs (`Isa::detect`/`Isa::available` are capped by the host).
+    unsafe { (kernel(isa).gelu)(x) }
+}
+
+/// One micro-kernel call: `C = epilogue(alpha * A·B + beta * C + bias)` on a
+/// `rows × cols` tile over `kc` steps of K.
+///
+/// Every pointer must be valid for what the kernel touches: `a` for
+/// `kc * rows` floats (packed A panel), `b` for `kc * nr` (packed B panel),
+/// `c` for `rows` rows of `cols` floats at stride `ldc`, and `bias`, unless
+/// null, for `cols` floats.
+#[derive(Clone, Copy)]
+pub(crate) struct Tile {
+    pub a: *const f32,
+    pub b: *const f32,
+    pub c: *mut f32,
+    pub ldc: usize,
+    /// This tile's first bias entry, or null for no bias.
+    pub bias: *const f32,
+    pub rows: usize,
+    pub cols: usize,
+    pub kc: usize,
+    pub alpha: f32,
+    /// `0` means C is write-only (BLAS semantics: old NaNs do not leak).
+    pub beta: f32,
+    pub gelu: bool,
+}
+
+/// A micro-kernel and the blocking that suits it.
+pub(crate) struct Kernel {
+    /// Tile rows (A panel height).
+    pub mr: usize,
+    /// Tile columns (B panel width).
+    pub nr: usize,
+    /// Largest K block.
+    pub kc: usize,
+    /// Largest M block packed at once.
+    pub mc: usize,
+    /// Computes one [`Tile`]; `1 <= rows <= mr`, `1 <= cols <= nr`.
+    pub tile: unsafe fn(&Tile),
+    /// Packs an A block: `(src, lda, mc, kc, mr, dst)`, see [`pack::pack_a`].
+    pub pack_a: unsafe fn(&[f32], usize, usize, usize, usize, &mut [f32]),
+    /// GELU over a slice.
+    pub gelu: unsafe fn(&mut [f32]),
+}
+
+/// The kernel for `isa`. Callers only pass instruction sets the host runs.
+fn kernel(isa: Isa) -> &'static Kernel {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => &avx512::KERNEL,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => &avx2::KERNEL,
+        _ => &portable::KERNEL,
+    }
+}
+
+/// Per-thread packing buffers, reused so steady-state calls do not allocate.
+#[derive(Default)]
+struct Scratch {
+    a: pack::AlignedBuf,
+    b: pack::AlignedBuf,
+}
+
+thread_local! {
+    // Borrowed only inside the single-threaded driver, which never yields to
+    // rayon, so the borrow cannot be re-entered.
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// What the driver needs about its C region.
+#[derive(Clone, Copy)]
+struct Out {
+    c: *mut f32,
+    ldc: usize,
+    bias: *const f32,
+    alpha: f32,
+    beta: f32,
+    gelu: bool,
+}
+
+/// `C[m × n] = epilogue(alpha * A·B + beta * C + bias)` on one thread.
+///
+/// `a` starts at A's first element (row stride `lda`); `b` holds packed
+/// panels for all of K, starting at the region's first panel.
+///
+/// # Safety
+/// `out` must be valid as described for [`Tile`] over the whole `m × n`
+/// region, which no other thread may access meanwhile; `a` must hold
+/// `(m - 1) * lda + k` floats and `b` `n.div_ceil(nr) * k * nr`; `k > 0`.
+#[allow(clippy::too_many_arguments)] // operands and shape of one GEMM
+unsafe fn gemm_block(
+    kern: &Kernel,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    out: Out,
+    apack: &mut pack::AlignedBuf,
+) {
+    let (mr, nr) = (kern.mr, kern.nr);
+    // Even blocks: 385 must not become 384 + 1.
+    let kcmax: usize = std::env::var("KC")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(kern.kc);
+    let mcmax: usize = std::env::var("MC")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(kern.mc);
+    let kc_step = k.div_ceil(k.div_ceil(kcmax));
+    let mc_step = m.div_ceil(m.div_ceil(mcmax)).next_multiple_of(mr);
+    let apack = apack.get_mut(mc_step.min(m) * kc_step);
+    let mut tile = Tile {
+        a: std::ptr::null(),
+        b: std::ptr::null(),
+        c: out.c,
+        ldc: out.ldc,
+        bias: std::ptr::null(),
+        rows: 0,
+        cols: 0,
+        kc: 0,
+        alpha: out.alpha,
+        beta: out.beta,
+        gelu: false,
+    };
+    for pc in (0..k).step_by(kc_step) {
+        let kc = kc_step.min(k - pc);
+        let last = pc + kc == k;
+        tile.kc = kc;
+        // Later K blocks accumulate onto the first; bias and GELU go on once,
+        // with the last block.
+        tile.beta = if pc == 0 { out.beta } else { 1.0 };
+        tile.gelu = last && out.gelu;
+        for ic in (0..m).step_by(mc_step) {
+            let mc = mc_step.min(m - ic);
+            // SAFETY: the kernel's instruction set runs on this host.
+            unsafe { (kern.pack_a)(&a[ic * lda + pc..], lda, mc, kc, mr, apack) };
+            for (q, j0) in (0..n).step_by(nr).enumerate() {
+                tile.cols = nr.min(n - j0);
+                tile.b = b[q * k * nr + pc * nr..].as_ptr();
+                tile.bias = if last && !out.bias.is_null() {
+                    // SAFETY: `j0 < n` and the caller's bias holds `n` floats.
+                    unsafe { out.bias.add(j0) }
+                } else {
+                    std::ptr::null()
+                };
+                for ir in (0..mc).step_by(mr) {
+                    tile.rows = mr.min(mc - ir);
+                    tile.a = apack[ir * kc..].as_ptr();
+                    // SAFETY: `(ic + ir, j0)` lies inside the caller's region.
+                    tile.c = unsafe { out.c.add((ic + ir) * out.ldc + j0) };
+                    // SAFETY: the packed panels hold `kc * rows` / `kc * nr`
+                    // floats from these pointers, and the tile is inside the
+                    // region the caller vouched for.
+                    unsafe { (kern.tile)(&tile) };
+                }
+            }
+        }
+    }
+}
+
+/// `C = epilogue(beta * C + bias)`: the whole GEMM when `k == 0`.
+///
+/// # Safety
+/// As for [`gemm_block`].
+unsafe fn no_k(kern: &Kernel, m: usize, n: usize, out: Out) {
+    for i in 0..m {
+        // SAFETY: row `i < m` of the region, `n` floats.
+        let row = unsafe { std::slice::from_raw_parts_mut(out.c.add(i * out.ldc), n) };
+        for (j, v) in row.iter_mut().enumerate() {
+            let old = if out.beta == 0.0 { 0.0 } else { out.beta * *v };
+            // SAFETY: `j < n`, and a non-null bias holds `n` floats.
+            let b = if out.bias.is_null() {
+                0.0
+            } else {
+                unsafe { *out.bias.add(j) }
+            };
+            *v = old + b;
+        }
+        if out.gelu {
+            // SAFETY: the kernel's instruction set runs on this host.
+            unsafe { (kern.gelu)(row) };
+        }
+    }
+}
+
+/// A raw C pointer that rayon tasks may share: each task writes a disjoint
+/// rectangle of C.
+#[derive(Clone, Copy)]
+struct SharedOut(Out);
+// SAFETY: tasks only write disjoint regions of C and read bias; see `linear`.
+unsafe impl Send for SharedOut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedOut {}
+
+/// Below this many multiply-adds a second thread costs more than it saves.
+const PARALLEL_MIN_MACS: usize = 1 << 18;
+
+/// Packing one element of A costs about as much as this many multiply-adds
+/// per row (it is a strided copy), which matters when splitting over N makes
+/// every thread pack all of A.
+const PACK_COST_COLS: usize = 16;
+
+/// Splits `count` units into `parts` contiguous ranges whose sizes differ by
+/// at most one; returns range `i`.
+fn split(count: usize, parts: usize, i: usize) -> std::ops::Range<usize> {
+    (i * count / parts)..((i + 1) * count / parts)
+}
+
+/// Chooses a `tm × tn` grid of thread regions (`tm` splits M by whole tiles,
+/// `tn` splits N by whole panels) minimising the busiest thread's work.
+fn thread_grid(kern: &Kernel, m: usize, n: usize, threads: usize) -> (usize, usize) {
+    let m_tiles = m.div_ceil(kern.mr);
+    let panels = n.div_ceil(kern.nr);
+    let mut best = (1, 1);
+    let mut best_cost = usize::MAX;
+    // Prefer splitting N on ties: each thread then streams only its share
+    // of the weight, which is what stays in its own L2.
+    for tn in (1..=threads).rev() {
+        if threads % tn != 0 {
+            continue;
+        }
+        let tm = threads / tn;
+        if tm > m_tiles || tn > panels {
+            continue;
+        }
+        let rows = (0..tm)
+            .map(|i| {
+                let t = split(m_tiles, tm, i);
+                (t.end * kern.mr).min(m) - t.start * kern.mr
+            })
+            .max()
+            .unwrap_or(0);
+        let cols = panels.div_ceil(tn) * kern.nr;
+        let cost = rows * (cols + PACK_COST_COLS);
+        if cost < best_cost {
+            best_cost = cost;
+            best = (tm, tn);
+        }
+    }
+    best
+}
+
+/// `out[m, n] = epilogue(x[m, k] · Wᵀ + bias)`, with `x` row-major (stride
+/// `k`) and `out` row-major (stride `n`). Runs on the current rayon pool,
+/// splitting over N when M is small and over M when it is large; uses the
+/// instruction set `w` was packed for.
+pub fn linear(
+    x: &[f32],
+    m: usize,
+    w: &PackedWeight,
+    bias: Option<&[f32]>,
+    epilogue: Epilogue,
+    out: &mut [f32],
+) {
+    let (n, k) = (w.n(), w.k());
+    assert!(x.len() >= m * k, "x has {} values, need {m}x{k}", x.len());
+    assert!(
+        out.len() >= m * n,
+        "out has {} values, need {m}x{n}",
+        out.len()
+    );
+    if let Some(b) = bias {
+        assert!(b.len() >= n, "bias has {} values, need {n}", b.len());
+    }
+    if m == 0 || n == 0 {
+        return;
+    }
+    let kern = kernel(w.isa());
+    let region = Out {
+        c: out.as_mut_ptr(),
+        ldc: n,
+        bias: bias.map_or(std::ptr::null(), <[f32]>::as_ptr),
+        alpha: 1.0,
+        beta: 0.0,
+        gelu: epilogue == Epilogue::Gelu,
+    };
+    if k == 0 {
+        // SAFETY: `out` holds `m * n` floats and `bias` `n` (checked above).
+        unsafe { no_k(kern, m, n, region) };
+        return;
+    }
+    let threads = if m * n * k < PARALLEL_MIN_MACS {
+        1
+    } else {
+        rayon::current_num_threads()
+    };
+    let (tm, tn) = thread_grid(kern, m, n, threads);
+    let m_tiles = m.div_ceil(kern.mr);
+    let panels = n.div_ceil(kern.nr);
+    let shared = SharedOut(region);
+    let run = |t: usize| {
+        let shared = shared;
+        let rows = split(m_tiles, tm, t / tn);
+        let cols = split(panels, tn, t % tn);
+        let (i0, j0) = (rows.start * kern.mr, cols.start * kern.nr);
+        let (i1, j1) = ((rows.end * kern.mr).min(m), (cols.end * kern.nr).min(n));
+        let mut sub = shared.0;
+        // SAFETY: `(i0, j0)` is inside `out` (and `j0` inside `bias`); the
+        // sub-regions of different `t` are disjoint.
+        unsafe {
+            sub.c = sub.c.add(i0 * n + j0);
+            if !sub.bias.is_null() {
+                sub.bias = sub.bias.add(j0);
+            }
+        }
+        let b = &w.panels()[cols.start * k * kern.nr..];
+        SCRATCH.with(|s| {
+            let s = &mut *s.borrow_mut();
+            // SAFETY: the sub-region lies in `out` (`m * n` floats, stride
+            // `n`), is written by this task only, and `x`/`b` were sized above.
+            unsafe { gemm_block(kern, &x[i0 * k..], k, b, i1 - i0, j1 - j0, k, sub, &mut s.a) };
+        });
+    };
+    if tm * tn == 1 {
+        run(0);
+    } else {
+        (0..tm * tn).into_par_iter().with_max_len(1).for_each(run);
+    }
+}
+
+/// General strided single-threaded sgemm (no rayon inside; call it from
+/// parallel loops):
+/// `c[i*ldc + j] = beta * c[i*ldc + j] + alpha * sum_p a(i,p) * b(p,j)` with
+/// `a(i,p) = a[i*lda + p]` and `b(p,j) = b[j*ldb + p]` if `b_transposed` else
+/// `b[p*ldb + j]`. `beta == 0` ignores the old contents of `c`.
+/// Packs into thread-local scratch; no allocation in steady state.
+#[allow(clippy::too_many_arguments)] // the BLAS sgemm signature
+pub fn sgemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    b_transposed: bool,
+    beta: f32,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    sgemm_strided_isa(
+        Isa::detect(),
+        m,
+        n,
+        k,
+        alpha,
+        a,
+        lda,
+        b,
+        ldb,
+        b_transposed,
+        beta,
+        c,
+        ldc,
+    )
+}
+
+/// Minimum length of a strided `rows × cols` matrix with leading dimension
+/// `ld`; panics if `ld` is too small for `cols`.
+fn strided_len(rows: usize, cols: usize, ld: usize, name: &str) -> usize {
+    if rows == 0 || cols == 0 {
+        return 0;
+    }
+    assert!(ld >= cols, "{name}: leading dimension {ld} < {cols}");
+    (rows - 1) * ld + cols
+}
+
+#[allow(clippy::too_many_arguments)] // `sgemm_strided` plus the instruction set
+fn sgemm_strided_isa(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    b_transposed: bool,
+    beta: f32,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    assert!(a.len() >= strided_len(m, k, lda, "a"), "a too short");
+    let b_len = if b_transposed {
+        strided_len(n, k, ldb, "b")
+    } else {
+        strided_len(k, n, ldb, "b")
+    };
+    assert!(b.len() >= b_len, "b too short");
+    assert!(c.len() >= strided_len(m, n, ldc, "c"), "c too short");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let kern = kernel(isa);
+    let out = Out {
+        c: c.as_mut_ptr(),
+        ldc,
+        bias: std::ptr::null(),
+        alpha,
+        beta,
+        gelu: false,
+    };
+    if k == 0 {
+        // SAFETY: `c` holds the `m × n` region at stride `ldc` (checked).
+        unsafe { no_k(kern, m, n, out) };
+        return;
+    }
+    SCRATCH.with(|s| {
+        let s = &mut *s.borrow_mut();
+        let bpack = s.b.get_mut(n.div_ceil(kern.nr) * k * kern.nr);
+        pack::pack_b(b, ldb, b_transposed, k, n, kern.nr, bpack);
+        // SAFETY: `c` holds the region (checked above) and is borrowed
+        // mutably; `a` and the packed B are sized for the shape.
+        unsafe { gemm_block(kern, a, lda, bpack, m, n, k, out, &mut s.a) };
+    });
+}

@@ -1,0 +1,204 @@
+//! Every instruction-set path against the `f64` references.
+
+use super::*;
+
+/// Deterministic values in `[-1, 1)` (no `rand` dependency).
+fn random(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// Largest difference, relative to the reference's largest magnitude (at
+/// least 1).
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    let scale = want.iter().fold(1.0f64, |m, &v| m.max((v as f64).abs()));
+    let diff = got
+        .iter()
+        .zip(want)
+        .fold(0.0f64, |m, (&g, &w)| m.max((g as f64 - w as f64).abs()));
+    // NaN in `got` must fail, and `max` would drop it.
+    if got.iter().any(|v| v.is_nan()) {
+        return f64::INFINITY;
+    }
+    diff / scale
+}
+
+const TOL: f64 = 1e-5;
+
+fn check_linear(isa: Isa, m: usize, n: usize, k: usize, with_bias: bool, epilogue: Epilogue) {
+    let seed = (m * 1_000_003 + n * 1009 + k) as u64;
+    let x = random(m * k, seed);
+    let w = random(n * k, seed + 1);
+    let bias = random(n, seed + 2);
+    let bias = with_bias.then_some(&bias[..]);
+    let mut want = vec![0.0; m * n];
+    linear_reference(&x, m, &w, n, k, bias, epilogue, &mut want);
+    let packed = PackedWeight::pack_for(&w, n, k, isa);
+    let mut got = vec![f32::NAN; m * n];
+    linear(&x, m, &packed, bias, epilogue, &mut got);
+    let err = rel_err(&got, &want);
+    assert!(
+        err <= TOL,
+        "{}: m={m} n={n} k={k} bias={with_bias} {epilogue:?}: err {err}",
+        isa.name()
+    );
+}
+
+#[test]
+fn linear_matches_reference_on_odd_shapes() {
+    let ms = [1, 2, 7, 13, 16, 33, 100];
+    let ns = [1, 5, 17, 33, 384];
+    let ks = [1, 3, 31, 384, 1537];
+    let variants = [
+        (false, Epilogue::None),
+        (true, Epilogue::None),
+        (false, Epilogue::Gelu),
+        (true, Epilogue::Gelu),
+    ];
+    for isa in Isa::available() {
+        for (im, &m) in ms.iter().enumerate() {
+            for (i_n, &n) in ns.iter().enumerate() {
+                for (ik, &k) in ks.iter().enumerate() {
+                    // Every size meets every variant without running all
+                    // 4 × 175 reference products.
+                    let (with_bias, epilogue) = variants[(im + i_n + ik) % variants.len()];
+                    check_linear(isa, m, n, k, with_bias, epilogue);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn linear_covers_several_m_and_k_blocks() {
+    for isa in Isa::available() {
+        check_linear(isa, 333, 70, 600, true, Epilogue::Gelu);
+        check_linear(isa, 300, 129, 257, false, Epilogue::None);
+    }
+}
+
+#[test]
+fn linear_with_other_thread_counts() {
+    for threads in [1, 3, 4] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            for isa in Isa::available() {
+                check_linear(isa, 50, 200, 300, true, Epilogue::Gelu);
+                check_linear(isa, 7, 40, 2000, true, Epilogue::None);
+            }
+        });
+    }
+}
+
+#[test]
+fn linear_without_k_is_bias_and_epilogue() {
+    for isa in Isa::available() {
+        for epilogue in [Epilogue::None, Epilogue::Gelu] {
+            check_linear(isa, 3, 20, 0, true, epilogue);
+            check_linear(isa, 3, 20, 0, false, epilogue);
+        }
+    }
+}
+
+#[test]
+fn pack_unpack_round_trip() {
+    for isa in Isa::available() {
+        for (n, k) in [(1, 1), (5, 3), (33, 17), (384, 31), (70, 0)] {
+            let w = random(n * k, (n * 31 + k) as u64);
+            let packed = PackedWeight::pack_for(&w, n, k, isa);
+            assert_eq!((packed.n(), packed.k(), packed.isa()), (n, k, isa));
+            assert_eq!(packed.unpack(), w, "{}: n={n} k={k}", isa.name());
+        }
+    }
+}
+
+#[test]
+fn sgemm_strided_matches_reference() {
+    // (m, n, k, lda pad, ldb pad, ldc pad, alpha, beta)
+    let cases = [
+        (1, 1, 1, 0, 0, 0, 1.0, 0.0),
+        (13, 17, 64, 5, 3, 7, 0.125, 0.0),
+        (64, 100, 32, 96, 64, 1, 1.0, 1.0),
+        (200, 45, 300, 2, 11, 3, -0.5, 0.75),
+        (37, 64, 513, 0, 0, 0, 2.0, -1.0),
+        (150, 33, 7, 1, 1, 1, 1.0, 0.5),
+    ];
+    for isa in Isa::available() {
+        for transposed in [true, false] {
+            for &(m, n, k, pa, pb, pc, alpha, beta) in &cases {
+                let (lda, ldc) = (k + pa, n + pc);
+                let ldb = if transposed { k + pb } else { n + pb };
+                let b_rows = if transposed { n } else { k };
+                let seed = (m * 7919 + n * 31 + k) as u64;
+                let a = random(m * lda, seed);
+                let b = random(b_rows * ldb, seed + 1);
+                let mut want = random(m * ldc, seed + 2);
+                if beta == 0.0 {
+                    // BLAS semantics: with beta == 0 old NaNs must not leak.
+                    want.iter_mut().step_by(3).for_each(|v| *v = f32::NAN);
+                }
+                let mut got = want.clone();
+                sgemm_strided_reference(
+                    m, n, k, alpha, &a, lda, &b, ldb, transposed, beta, &mut want, ldc,
+                );
+                sgemm_strided_isa(
+                    isa, m, n, k, alpha, &a, lda, &b, ldb, transposed, beta, &mut got, ldc,
+                );
+                // Padding columns of C must be untouched (they hold the same
+                // input in both, or NaN in both).
+                let (mut got_valid, mut want_valid) = (Vec::new(), Vec::new());
+                for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                    if i % ldc < n {
+                        got_valid.push(g);
+                        want_valid.push(w);
+                    } else {
+                        assert_eq!(g.to_bits(), w.to_bits(), "padding of C written");
+                    }
+                }
+                let err = rel_err(&got_valid, &want_valid);
+                assert!(
+                    err <= TOL,
+                    "{}: m={m} n={n} k={k} transposed={transposed}: err {err}",
+                    isa.name()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn gelu_matches_reference() {
+    let xs: Vec<f32> = (-200_000..=200_000).map(|i| i as f32 * 5e-5).collect();
+    let want: Vec<f32> = xs.iter().map(|&x| gelu_erf(x)).collect();
+    for isa in Isa::available() {
+        // Odd length exercises the vector tail.
+        let mut got = xs.clone();
+        gelu_inplace_isa(isa, &mut got);
+        let worst = got
+            .iter()
+            .zip(&want)
+            .fold(0.0f32, |m, (g, w)| m.max((g - w).abs()));
+        assert!(worst <= 1e-6, "{}: worst {worst}", isa.name());
+        let mut special = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e30, -1e30, 0.0];
+        gelu_inplace_isa(isa, &mut special);
+        assert!(special[0].is_nan(), "{}", isa.name());
+        assert_eq!(
+            special[1..],
+            [f32::INFINITY, 0.0, 1e30, 0.0, 0.0],
+            "{}",
+            isa.name()
+        );
+    }
+    assert!((gelu_erf(1.0) - 0.841_344_75).abs() < 1e-7);
+    assert!((gelu_erf(-3.0) + 0.004_049_694_1).abs() < 1e-9);
+}

@@ -1,0 +1,186 @@
+//! The CPU backend: SIMD kernels picked at run time ([`isa`]), run on a
+//! rayon pool of its own so that each serving worker can own one.
+
+mod attention;
+pub mod gemm;
+pub mod isa;
+mod ops;
+pub mod reference;
+mod simd;
+pub mod train;
+
+pub use reference::ReferenceBackend;
+
+use isa::Isa;
+
+use crate::backend::{Activation, Backend};
+use crate::checkpoint::HostTensor;
+
+pub struct CpuBackend {
+    isa: Isa,
+    pool: rayon::ThreadPool,
+}
+
+pub struct CpuLinear {
+    weight: gemm::PackedWeight,
+    bias: Vec<f32>,
+}
+
+impl CpuBackend {
+    /// A backend on `threads` threads (0: one per core), using the widest
+    /// instruction set the host has.
+    pub fn new(threads: usize) -> Self {
+        Self::with_isa(threads, Isa::detect())
+    }
+
+    /// As [`CpuBackend::new`], capped at `isa`; tests use it to run every path.
+    pub fn with_isa(threads: usize, isa: Isa) -> Self {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("bertrt-cpu-{i}"))
+            .build()
+            .expect("cannot start CPU worker threads");
+        CpuBackend { isa, pool }
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        Self::new(0)
+    }
+}
+
+fn epilogue(activation: Activation) -> gemm::Epilogue {
+    match activation {
+        Activation::Identity => gemm::Epilogue::None,
+        Activation::Gelu => gemm::Epilogue::Gelu,
+    }
+}
+
+impl Backend for CpuBackend {
+    type Tensor = Vec<f32>;
+    type Param = HostTensor;
+    type Linear = CpuLinear;
+
+    fn describe(&self) -> String {
+        format!(
+            "cpu ({}, {} threads)",
+            self.isa.name(),
+            self.pool.current_num_threads()
+        )
+    }
+
+    fn param(&self, data: HostTensor) -> HostTensor {
+        data
+    }
+
+    fn prepare_linear(
+        &self,
+        weight: &[f32],
+        bias: &[f32],
+        out_features: usize,
+        in_features: usize,
+    ) -> CpuLinear {
+        CpuLinear {
+            weight: gemm::PackedWeight::pack_for(weight, out_features, in_features, self.isa),
+            bias: bias.to_vec(),
+        }
+    }
+
+    fn new_tensor(&self) -> Vec<f32> {
+        Vec::new()
+    }
+
+    fn resize(&self, tensor: &mut Vec<f32>, len: usize) {
+        tensor.resize(len, 0.0);
+    }
+
+    fn to_host(&self, tensor: &Vec<f32>) -> Vec<f32> {
+        tensor.clone()
+    }
+
+    fn embedding(
+        &self,
+        out: &mut Vec<f32>,
+        ids: &[u32],
+        type_ids: &[u32],
+        offsets: &[usize],
+        word: &HostTensor,
+        position: &HostTensor,
+        token_type: &HostTensor,
+        hidden: usize,
+    ) {
+        ops::embedding(
+            self.isa, out, ids, type_ids, offsets, word, position, token_type, hidden,
+        );
+    }
+
+    fn matmul(
+        &self,
+        out: &mut Vec<f32>,
+        input: &Vec<f32>,
+        rows: usize,
+        layer: &CpuLinear,
+        activation: Activation,
+    ) {
+        let (n, k) = (layer.weight.n(), layer.weight.k());
+        self.pool.install(|| {
+            gemm::linear(
+                &input[..rows * k],
+                rows,
+                &layer.weight,
+                Some(&layer.bias),
+                epilogue(activation),
+                &mut out[..rows * n],
+            )
+        });
+    }
+
+    fn layer_norm(
+        &self,
+        x: &mut Vec<f32>,
+        residual: Option<&Vec<f32>>,
+        gamma: &HostTensor,
+        beta: &HostTensor,
+        eps: f32,
+        cols: usize,
+    ) {
+        debug_assert_eq!(gamma.len(), cols);
+        let residual = residual.map(|r| r.as_slice());
+        self.pool
+            .install(|| ops::layer_norm(self.isa, x, residual, gamma, beta, eps));
+    }
+
+    fn attention(
+        &self,
+        out: &mut Vec<f32>,
+        qkv: &Vec<f32>,
+        offsets: &[usize],
+        heads: usize,
+        head_dim: usize,
+    ) {
+        self.pool
+            .install(|| attention::attention(self.isa, out, qkv, offsets, heads, head_dim));
+    }
+
+    fn gather_rows(&self, out: &mut Vec<f32>, input: &Vec<f32>, rows: &[usize], cols: usize) {
+        reference::gather_rows(out, input, rows, cols);
+    }
+
+    fn mean_pool(&self, out: &mut Vec<f32>, input: &Vec<f32>, offsets: &[usize], _cols: usize) {
+        ops::mean_pool(self.isa, out, input, offsets);
+    }
+
+    fn tanh(&self, x: &mut Vec<f32>) {
+        // Only the pooler uses it: batch × hidden values, not worth threads.
+        x.iter_mut().for_each(|v| *v = v.tanh());
+    }
+
+    fn softmax(&self, x: &mut Vec<f32>, cols: usize) {
+        ops::softmax_rows(self.isa, x, cols);
+    }
+}

@@ -1,0 +1,124 @@
+//! Fast element-wise and row-wise CPU ops. Each mirrors the function of the
+//! same name in [`super::reference`], which the tests hold it to.
+
+use rayon::prelude::*;
+
+use super::isa::Isa;
+use super::simd::{self, multiversion};
+
+/// Rows per rayon task: below this, splitting costs more than it saves.
+const MIN_ROWS_PER_TASK: usize = 16;
+
+multiversion! {
+    fn layer_norm_rows(rows: &mut [f32], residual: Option<&[f32]>, gamma: &[f32], beta: &[f32], eps: f32) {
+        let cols = gamma.len();
+        for (r, row) in rows.chunks_exact_mut(cols).enumerate() {
+            if let Some(residual) = residual {
+                for (v, res) in row.iter_mut().zip(&residual[r * cols..(r + 1) * cols]) {
+                    *v += res;
+                }
+            }
+            let mean = simd::sum(row) / cols as f32;
+            let mut acc = [0.0f32; simd::LANES];
+            let chunks = row.chunks_exact(simd::LANES);
+            let tail: f32 = chunks.remainder().iter().map(|v| (v - mean) * (v - mean)).sum();
+            for chunk in chunks {
+                for (a, v) in acc.iter_mut().zip(chunk) {
+                    *a += (v - mean) * (v - mean);
+                }
+            }
+            let var = (acc.iter().sum::<f32>() + tail) / cols as f32;
+            let inv_std = 1.0 / (var + eps).sqrt();
+            for ((v, g), b) in row.iter_mut().zip(gamma).zip(beta) {
+                *v = (*v - mean) * inv_std * g + b;
+            }
+        }
+    }
+}
+
+/// `x = LayerNorm(x + residual)` over rows of `gamma.len()`.
+pub fn layer_norm(
+    isa: Isa,
+    x: &mut [f32],
+    residual: Option<&[f32]>,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+) {
+    let cols = gamma.len();
+    x.par_chunks_mut(cols * MIN_ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(i, rows)| {
+            let start = i * cols * MIN_ROWS_PER_TASK;
+            let residual = residual.map(|r| &r[start..start + rows.len()]);
+            layer_norm_rows(isa, rows, residual, gamma, beta, eps);
+        });
+}
+
+multiversion! {
+    /// In-place softmax of each row of `cols`; the vectorised [`simd::exp`]
+    /// is what makes attention's softmax cheap.
+    pub fn softmax_rows(x: &mut [f32], cols: usize) {
+        for row in x.chunks_exact_mut(cols) {
+            let max = simd::max(row);
+            let mut acc = [0.0f32; simd::LANES];
+            let mut chunks = row.chunks_exact_mut(simd::LANES);
+            for chunk in &mut chunks {
+                for (a, v) in acc.iter_mut().zip(chunk.iter_mut()) {
+                    *v = simd::exp(*v - max);
+                    *a += *v;
+                }
+            }
+            let mut sum = acc.iter().sum::<f32>();
+            for v in chunks.into_remainder() {
+                *v = simd::exp(*v - max);
+                sum += *v;
+            }
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|v| *v *= inv);
+        }
+    }
+}
+
+multiversion! {
+    pub fn mean_pool(out: &mut [f32], input: &[f32], offsets: &[usize]) {
+        let cols = out.len() / (offsets.len() - 1);
+        for (s, seq) in offsets.windows(2).enumerate() {
+            let pooled = &mut out[s * cols..(s + 1) * cols];
+            pooled.fill(0.0);
+            for row in input[seq[0] * cols..seq[1] * cols].chunks_exact(cols) {
+                for (p, v) in pooled.iter_mut().zip(row) {
+                    *p += v;
+                }
+            }
+            let inv = 1.0 / (seq[1] - seq[0]) as f32;
+            pooled.iter_mut().for_each(|p| *p *= inv);
+        }
+    }
+}
+
+multiversion! {
+    #[allow(clippy::too_many_arguments)]
+    pub fn embedding(
+        out: &mut [f32],
+        ids: &[u32],
+        type_ids: &[u32],
+        offsets: &[usize],
+        word: &[f32],
+        position: &[f32],
+        token_type: &[f32],
+        hidden: usize,
+    ) {
+        for seq in offsets.windows(2) {
+            for t in seq[0]..seq[1] {
+                let w = &word[ids[t] as usize * hidden..][..hidden];
+                let p = &position[(t - seq[0]) * hidden..][..hidden];
+                let y = &token_type[type_ids[t] as usize * hidden..][..hidden];
+                let o = &mut out[t * hidden..][..hidden];
+                for c in 0..hidden {
+                    o[c] = w[c] + p[c] + y[c];
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,649 @@
+//! [`TrainBackend`] for the CPU: the backward ops.
+//!
+//! GEMM-shaped work goes through [`gemm`] (threaded over row or column
+//! blocks here); the rest are plain loops, vectorised where the compiler can
+//! ([`multiversion!`]) and threaded over rows or (sequence, head) pairs.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use super::gemm::{self, PackedWeight};
+use super::simd::{self, multiversion};
+use super::{ops, reference, CpuBackend};
+use crate::backend::train::{AdamW, Dropout, TrainBackend};
+use crate::rng;
+
+/// Rows per task for threaded row-wise loops.
+const ROWS_PER_TASK: usize = 32;
+
+thread_local! {
+    static SCRATCH: RefCell<[Vec<f32>; 6]> = RefCell::new(Default::default());
+}
+
+/// A pointer that tasks writing disjoint elements of one buffer share.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: only used by tasks whose writes never overlap (each task owns a
+// distinct (sequence, head) block); the buffer outlives the parallel loop.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// A method, not field access, so closures capture the `Sync` wrapper
+    /// rather than the raw pointer field.
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// One (sequence, head) attention task and where its probabilities live.
+struct HeadTask {
+    start: usize,
+    len: usize,
+    head: usize,
+    probs_offset: usize,
+}
+
+fn head_tasks(offsets: &[usize], heads: usize) -> Vec<HeadTask> {
+    let mut tasks = Vec::new();
+    let mut probs_offset = 0;
+    for w in offsets.windows(2) {
+        let len = w[1] - w[0];
+        for head in 0..heads {
+            tasks.push(HeadTask {
+                start: w[0],
+                len,
+                head,
+                probs_offset,
+            });
+            probs_offset += len * len;
+        }
+    }
+    tasks
+}
+
+/// `dst[len, d] = src rows start.., columns col..col + d` (stride `ld`).
+fn gather_block(
+    dst: &mut Vec<f32>,
+    src: &[f32],
+    start: usize,
+    len: usize,
+    col: usize,
+    d: usize,
+    ld: usize,
+) {
+    dst.clear();
+    for r in start..start + len {
+        dst.extend_from_slice(&src[r * ld + col..r * ld + col + d]);
+    }
+}
+
+/// Writes `block[len, d]` into `dst` rows start.., columns col.. (stride `ld`).
+///
+/// # Safety
+/// `dst` must point to a buffer covering those elements, and no other
+/// thread may write them concurrently.
+unsafe fn scatter_block(
+    dst: SharedMut,
+    block: &[f32],
+    start: usize,
+    col: usize,
+    d: usize,
+    ld: usize,
+) {
+    for (i, row) in block.chunks_exact(d).enumerate() {
+        let at = dst.ptr().add((start + i) * ld + col);
+        std::ptr::copy_nonoverlapping(row.as_ptr(), at, d);
+    }
+}
+
+fn transpose(dst: &mut Vec<f32>, src: &[f32], rows: usize, cols: usize) {
+    dst.resize(rows * cols, 0.0);
+    for r in 0..rows {
+        for c in 0..cols {
+            dst[c * rows + r] = src[r * cols + c];
+        }
+    }
+}
+
+/// `c[m, n] (= or +=) a[m, k] · b[k, n]`, all contiguous.
+fn matmul_nn(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
+    let beta = if accumulate { 1.0 } else { 0.0 };
+    gemm::sgemm_strided(m, n, k, 1.0, a, k, b, n, false, beta, c, n);
+}
+
+/// `c[m, n] = alpha · a[m, k] · b[n, k]ᵀ`.
+fn matmul_nt(m: usize, n: usize, k: usize, alpha: f32, a: &[f32], b: &[f32], c: &mut [f32]) {
+    gemm::sgemm_strided(m, n, k, alpha, a, k, b, k, true, 0.0, c, n);
+}
+
+/// Applies `dropout` to `x`, whose first element is element `first` of the
+/// masked tensor.
+fn apply_dropout(x: &mut [f32], dropout: Dropout, first: usize) {
+    if dropout.is_off() {
+        return;
+    }
+    let keep_scale = 1.0 / (1.0 - dropout.p);
+    for (i, v) in x.iter_mut().enumerate() {
+        let u = rng::uniform_at(dropout.seed, (first + i) as u64);
+        *v = if u < dropout.p { 0.0 } else { *v * keep_scale };
+    }
+}
+
+/// erf to ~1.5e-7 (Abramowitz & Stegun 7.1.26): ample for a gradient, and
+/// branch-free so that it vectorises.
+#[inline(always)]
+fn erf_approx(x: f32) -> f32 {
+    let sign = if x < 0.0 { -1.0 } else { 1.0 };
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152 + t * 1.061_405_4))));
+    sign * (1.0 - poly * simd::exp(-a * a))
+}
+
+multiversion! {
+    /// `d *= gelu'(x)`, with `gelu'(x) = Φ(x) + x·φ(x)`.
+    fn gelu_backward_slice(d: &mut [f32], pre: &[f32]) {
+        const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+        for (g, &x) in d.iter_mut().zip(pre) {
+            let cdf = 0.5 * (1.0 + erf_approx(x * std::f32::consts::FRAC_1_SQRT_2));
+            let pdf = FRAC_1_SQRT_2PI * simd::exp(-0.5 * x * x);
+            *g *= cdf + x * pdf;
+        }
+    }
+}
+
+multiversion! {
+    fn adamw_slice(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], update: AdamW) {
+        let AdamW { lr, beta1, beta2, eps, weight_decay, step } = update;
+        let correction1 = 1.0 - beta1.powi(step as i32);
+        let correction2 = 1.0 - beta2.powi(step as i32);
+        let decay = 1.0 - lr * weight_decay;
+        for i in 0..param.len() {
+            let g = grad[i];
+            m[i] = beta1 * m[i] + (1.0 - beta1) * g;
+            v[i] = beta2 * v[i] + (1.0 - beta2) * g * g;
+            let m_hat = m[i] / correction1;
+            let v_hat = v[i] / correction2;
+            param[i] = param[i] * decay - lr * m_hat / (v_hat.sqrt() + eps);
+        }
+    }
+}
+
+impl CpuBackend {
+    fn threaded<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
+}
+
+impl TrainBackend for CpuBackend {
+    fn upload(&self, data: &[f32]) -> Vec<f32> {
+        data.to_vec()
+    }
+
+    fn zero(&self, tensor: &mut Vec<f32>) {
+        tensor.fill(0.0);
+    }
+
+    fn copy(&self, dst: &mut Vec<f32>, src: &Vec<f32>) {
+        dst.copy_from_slice(src);
+    }
+
+    fn embedding_forward(
+        &self,
+        out: &mut Vec<f32>,
+        ids: &[u32],
+        type_ids: &[u32],
+        offsets: &[usize],
+        word: &Vec<f32>,
+        position: &Vec<f32>,
+        token_type: &Vec<f32>,
+        hidden: usize,
+    ) {
+        ops::embedding(
+            self.isa, out, ids, type_ids, offsets, word, position, token_type, hidden,
+        );
+    }
+
+    fn linear_forward(
+        &self,
+        out: &mut Vec<f32>,
+        input: &Vec<f32>,
+        weight: &Vec<f32>,
+        bias: &Vec<f32>,
+        rows: usize,
+    ) {
+        let n = bias.len();
+        let k = weight.len() / n;
+        // Weights change every step; packing costs O(n·k) against the
+        // GEMM's O(rows·n·k).
+        let packed = PackedWeight::pack_for(weight, n, k, self.isa);
+        self.threaded(|| {
+            gemm::linear(
+                &input[..rows * k],
+                rows,
+                &packed,
+                Some(bias),
+                gemm::Epilogue::None,
+                &mut out[..rows * n],
+            )
+        });
+    }
+
+    fn linear_backward(
+        &self,
+        d_input: Option<&mut Vec<f32>>,
+        d_weight: &mut Vec<f32>,
+        d_bias: &mut Vec<f32>,
+        d_out: &Vec<f32>,
+        input: &Vec<f32>,
+        weight: &Vec<f32>,
+        rows: usize,
+    ) {
+        let n = d_bias.len();
+        let k = weight.len() / n;
+        let d_out = &d_out[..rows * n];
+        let input = &input[..rows * k];
+        self.threaded(|| {
+            if let Some(d_input) = d_input {
+                // d_input[rows, k] = d_out[rows, n] · W[n, k], split by rows.
+                d_input[..rows * k]
+                    .par_chunks_mut(ROWS_PER_TASK * k)
+                    .zip(d_out.par_chunks(ROWS_PER_TASK * n))
+                    .for_each(|(d_in, d_o)| {
+                        let m = d_o.len() / n;
+                        matmul_nn(m, k, n, d_o, weight, d_in, false);
+                    });
+            }
+            // d_weight[n, k] += d_outᵀ[n, rows] · input[rows, k], split by
+            // output features.
+            let mut d_out_t = Vec::new();
+            transpose(&mut d_out_t, d_out, rows, n);
+            let features_per_task = n.div_ceil(rayon::current_num_threads() * 4).max(8);
+            d_weight
+                .par_chunks_mut(features_per_task * k)
+                .zip(d_out_t.par_chunks(features_per_task * rows))
+                .zip(d_bias.par_chunks_mut(features_per_task))
+                .for_each(|((d_w, d_o_t), d_b)| {
+                    let features = d_b.len();
+                    matmul_nn(features, k, rows, d_o_t, input, d_w, true);
+                    for (b, column) in d_b.iter_mut().zip(d_o_t.chunks_exact(rows)) {
+                        *b += column.iter().sum::<f32>();
+                    }
+                });
+        });
+    }
+
+    fn gelu_forward(&self, out: &mut Vec<f32>, pre: &Vec<f32>) {
+        out.copy_from_slice(pre);
+        self.threaded(|| out.par_chunks_mut(1 << 14).for_each(gemm::gelu_inplace));
+    }
+
+    fn gelu_backward(&self, d: &mut Vec<f32>, pre: &Vec<f32>) {
+        let isa = self.isa;
+        self.threaded(|| {
+            d.par_chunks_mut(1 << 14)
+                .zip(pre.par_chunks(1 << 14))
+                .for_each(|(d, x)| gelu_backward_slice(isa, d, x))
+        });
+    }
+
+    fn layer_norm_forward(
+        &self,
+        out: &mut Vec<f32>,
+        x: &Vec<f32>,
+        gamma: &Vec<f32>,
+        beta: &Vec<f32>,
+        eps: f32,
+        mean: &mut Vec<f32>,
+        rstd: &mut Vec<f32>,
+    ) {
+        let cols = gamma.len();
+        self.threaded(|| {
+            out.par_chunks_mut(cols)
+                .zip(x.par_chunks(cols))
+                .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
+                .for_each(|((o, row), (mu, rs))| {
+                    let m = row.iter().sum::<f32>() / cols as f32;
+                    let var = row.iter().map(|v| (v - m) * (v - m)).sum::<f32>() / cols as f32;
+                    let r = 1.0 / (var + eps).sqrt();
+                    for c in 0..cols {
+                        o[c] = (row[c] - m) * r * gamma[c] + beta[c];
+                    }
+                    *mu = m;
+                    *rs = r;
+                })
+        });
+    }
+
+    fn layer_norm_backward(
+        &self,
+        d_x: &mut Vec<f32>,
+        d_gamma: &mut Vec<f32>,
+        d_beta: &mut Vec<f32>,
+        d_out: &Vec<f32>,
+        x: &Vec<f32>,
+        gamma: &Vec<f32>,
+        mean: &Vec<f32>,
+        rstd: &Vec<f32>,
+    ) {
+        let cols = gamma.len();
+        let rows = mean.len();
+        // Per-task partial sums of d_gamma / d_beta, reduced after.
+        let partials: Vec<(Vec<f32>, Vec<f32>)> = self.threaded(|| {
+            d_x[..rows * cols]
+                .par_chunks_mut(ROWS_PER_TASK * cols)
+                .enumerate()
+                .map(|(task, d_x)| {
+                    let mut d_g = vec![0.0f32; cols];
+                    let mut d_b = vec![0.0f32; cols];
+                    for (i, d_x_row) in d_x.chunks_exact_mut(cols).enumerate() {
+                        let r = task * ROWS_PER_TASK + i;
+                        let (mu, rs) = (mean[r], rstd[r]);
+                        let dy = &d_out[r * cols..(r + 1) * cols];
+                        let xr = &x[r * cols..(r + 1) * cols];
+                        let mut mean_dxhat = 0.0f32;
+                        let mut mean_dxhat_xhat = 0.0f32;
+                        for c in 0..cols {
+                            let xhat = (xr[c] - mu) * rs;
+                            let dxhat = dy[c] * gamma[c];
+                            mean_dxhat += dxhat;
+                            mean_dxhat_xhat += dxhat * xhat;
+                            d_g[c] += dy[c] * xhat;
+                            d_b[c] += dy[c];
+                        }
+                        mean_dxhat /= cols as f32;
+                        mean_dxhat_xhat /= cols as f32;
+                        for c in 0..cols {
+                            let xhat = (xr[c] - mu) * rs;
+                            let dxhat = dy[c] * gamma[c];
+                            d_x_row[c] = rs * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat);
+                        }
+                    }
+                    (d_g, d_b)
+                })
+                .collect()
+        });
+        for (d_g, d_b) in partials {
+            d_gamma.iter_mut().zip(&d_g).for_each(|(a, b)| *a += b);
+            d_beta.iter_mut().zip(&d_b).for_each(|(a, b)| *a += b);
+        }
+    }
+
+    fn add(&self, out: &mut Vec<f32>, a: &Vec<f32>, b: &Vec<f32>) {
+        out.iter_mut()
+            .zip(a.iter().zip(b))
+            .for_each(|(o, (x, y))| *o = x + y);
+    }
+
+    fn add_assign(&self, x: &mut Vec<f32>, y: &Vec<f32>) {
+        x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
+    }
+
+    fn attention_forward(
+        &self,
+        out: &mut Vec<f32>,
+        probs: &mut Vec<f32>,
+        qkv: &Vec<f32>,
+        offsets: &[usize],
+        heads: usize,
+        head_dim: usize,
+        dropout: Dropout,
+    ) {
+        let hidden = heads * head_dim;
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let isa = self.isa;
+        let tasks = head_tasks(offsets, heads);
+        let out_ptr = SharedMut(out.as_mut_ptr());
+        let probs_ptr = SharedMut(probs.as_mut_ptr());
+        self.threaded(|| {
+            tasks.par_iter().for_each(|t| {
+                SCRATCH.with_borrow_mut(|[q, k, v, p, o, _]| {
+                    let d = head_dim;
+                    gather_block(q, qkv, t.start, t.len, t.head * d, d, 3 * hidden);
+                    gather_block(k, qkv, t.start, t.len, hidden + t.head * d, d, 3 * hidden);
+                    gather_block(
+                        v,
+                        qkv,
+                        t.start,
+                        t.len,
+                        2 * hidden + t.head * d,
+                        d,
+                        3 * hidden,
+                    );
+                    p.resize(t.len * t.len, 0.0);
+                    matmul_nt(t.len, t.len, d, scale, q, k, p);
+                    ops::softmax_rows(isa, p, t.len);
+                    // SAFETY: each task owns its probs block
+                    // [probs_offset, probs_offset + len²).
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            p.as_ptr(),
+                            probs_ptr.ptr().add(t.probs_offset),
+                            p.len(),
+                        );
+                    }
+                    apply_dropout(p, dropout, t.probs_offset);
+                    o.resize(t.len * d, 0.0);
+                    matmul_nn(t.len, d, t.len, p, v, o, false);
+                    // SAFETY: each task owns its (rows, head columns) block.
+                    unsafe { scatter_block(out_ptr, o, t.start, t.head * d, d, hidden) };
+                })
+            })
+        });
+    }
+
+    fn attention_backward(
+        &self,
+        d_qkv: &mut Vec<f32>,
+        d_out: &Vec<f32>,
+        qkv: &Vec<f32>,
+        probs: &Vec<f32>,
+        offsets: &[usize],
+        heads: usize,
+        head_dim: usize,
+        dropout: Dropout,
+    ) {
+        let hidden = heads * head_dim;
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let tasks = head_tasks(offsets, heads);
+        let d_qkv_ptr = SharedMut(d_qkv.as_mut_ptr());
+        self.threaded(|| {
+            tasks.par_iter().for_each(|t| {
+                SCRATCH.with_borrow_mut(|[q, k, v, d_o, a, b]| {
+                    let (d, len) = (head_dim, t.len);
+                    gather_block(q, qkv, t.start, len, t.head * d, d, 3 * hidden);
+                    gather_block(k, qkv, t.start, len, hidden + t.head * d, d, 3 * hidden);
+                    gather_block(v, qkv, t.start, len, 2 * hidden + t.head * d, d, 3 * hidden);
+                    gather_block(d_o, d_out, t.start, len, t.head * d, d, hidden);
+                    let p = &probs[t.probs_offset..t.probs_offset + len * len];
+
+                    // d_v = dropped(P)ᵀ · d_o
+                    a.clear();
+                    a.extend_from_slice(p);
+                    apply_dropout(a, dropout, t.probs_offset);
+                    transpose(b, a, len, len);
+                    a.resize(len * d, 0.0);
+                    matmul_nn(len, d, len, b, d_o, a, false);
+                    // SAFETY: each task owns its (rows, head columns) blocks of d_qkv.
+                    unsafe {
+                        scatter_block(
+                            d_qkv_ptr,
+                            a,
+                            t.start,
+                            2 * hidden + t.head * d,
+                            d,
+                            3 * hidden,
+                        )
+                    };
+
+                    // d_p = dropout(d_o · vᵀ); d_s = P ⊙ (d_p − rowsum(d_p ⊙ P)) · scale
+                    b.resize(len * len, 0.0);
+                    matmul_nt(len, len, d, 1.0, d_o, v, b);
+                    apply_dropout(b, dropout, t.probs_offset);
+                    for (d_row, p_row) in b.chunks_exact_mut(len).zip(p.chunks_exact(len)) {
+                        let dot: f32 = d_row.iter().zip(p_row).map(|(x, y)| x * y).sum();
+                        for (g, &pv) in d_row.iter_mut().zip(p_row) {
+                            *g = pv * (*g - dot) * scale;
+                        }
+                    }
+                    // d_q = d_s · k
+                    a.resize(len * d, 0.0);
+                    matmul_nn(len, d, len, b, k, a, false);
+                    // SAFETY: as above.
+                    unsafe { scatter_block(d_qkv_ptr, a, t.start, t.head * d, d, 3 * hidden) };
+                    // d_k = d_sᵀ · q
+                    transpose(v, b, len, len);
+                    matmul_nn(len, d, len, v, q, a, false);
+                    // SAFETY: as above.
+                    unsafe {
+                        scatter_block(d_qkv_ptr, a, t.start, hidden + t.head * d, d, 3 * hidden)
+                    };
+                })
+            })
+        });
+    }
+
+    fn dropout(&self, x: &mut Vec<f32>, dropout: Dropout) {
+        if dropout.is_off() {
+            return;
+        }
+        self.threaded(|| {
+            x.par_chunks_mut(1 << 14)
+                .enumerate()
+                .for_each(|(i, chunk)| apply_dropout(chunk, dropout, i << 14))
+        });
+    }
+
+    fn embedding_backward(
+        &self,
+        d_word: &mut Vec<f32>,
+        d_position: &mut Vec<f32>,
+        d_token_type: &mut Vec<f32>,
+        d_out: &Vec<f32>,
+        ids: &[u32],
+        type_ids: &[u32],
+        offsets: &[usize],
+    ) {
+        let hidden = d_out.len() / ids.len().max(1);
+        for seq in offsets.windows(2) {
+            for t in seq[0]..seq[1] {
+                let g = &d_out[t * hidden..(t + 1) * hidden];
+                for (table, row) in [
+                    (&mut *d_word, ids[t] as usize),
+                    (&mut *d_position, t - seq[0]),
+                    (&mut *d_token_type, type_ids[t] as usize),
+                ] {
+                    table[row * hidden..(row + 1) * hidden]
+                        .iter_mut()
+                        .zip(g)
+                        .for_each(|(a, b)| *a += b);
+                }
+            }
+        }
+    }
+
+    fn scatter_rows(&self, d_input: &mut Vec<f32>, d_out: &Vec<f32>, rows: &[usize], cols: usize) {
+        d_input.fill(0.0);
+        for (i, &r) in rows.iter().enumerate() {
+            d_input[r * cols..(r + 1) * cols].copy_from_slice(&d_out[i * cols..(i + 1) * cols]);
+        }
+    }
+
+    fn mean_pool_backward(
+        &self,
+        d_input: &mut Vec<f32>,
+        d_out: &Vec<f32>,
+        offsets: &[usize],
+        cols: usize,
+    ) {
+        for (s, seq) in offsets.windows(2).enumerate() {
+            let inv = 1.0 / (seq[1] - seq[0]) as f32;
+            let g = &d_out[s * cols..(s + 1) * cols];
+            for row in d_input[seq[0] * cols..seq[1] * cols].chunks_exact_mut(cols) {
+                row.iter_mut().zip(g).for_each(|(a, b)| *a = b * inv);
+            }
+        }
+    }
+
+    fn tanh_backward(&self, d: &mut Vec<f32>, y: &Vec<f32>) {
+        d.iter_mut().zip(y).for_each(|(g, y)| *g *= 1.0 - y * y);
+    }
+
+    fn cross_entropy(
+        &self,
+        d_logits: &mut Vec<f32>,
+        logits: &Vec<f32>,
+        labels: &[usize],
+        weights: Option<&[f32]>,
+        classes: usize,
+    ) -> f32 {
+        let weight = |i: usize| weights.map_or(1.0, |w| w[i]);
+        let total: f32 = (0..labels.len()).map(weight).sum();
+        let mut loss = 0.0f64;
+        for (i, (&label, row)) in labels.iter().zip(logits.chunks_exact(classes)).enumerate() {
+            let d_row = &mut d_logits[i * classes..(i + 1) * classes];
+            d_row.copy_from_slice(row);
+            reference::softmax_row(d_row);
+            loss -= weight(i) as f64 * (d_row[label].max(f32::MIN_POSITIVE) as f64).ln();
+            d_row[label] -= 1.0;
+            let w = weight(i) / total;
+            d_row.iter_mut().for_each(|g| *g *= w);
+        }
+        (loss / total as f64) as f32
+    }
+
+    fn sum_squares(&self, x: &Vec<f32>) -> f64 {
+        x.iter().map(|&v| (v as f64) * (v as f64)).sum()
+    }
+
+    fn scale(&self, x: &mut Vec<f32>, factor: f32) {
+        x.iter_mut().for_each(|v| *v *= factor);
+    }
+
+    fn all_finite(&self, x: &Vec<f32>) -> bool {
+        x.iter().all(|v| v.is_finite())
+    }
+
+    fn adamw(
+        &self,
+        param: &mut Vec<f32>,
+        grad: &Vec<f32>,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+        update: AdamW,
+    ) {
+        let isa = self.isa;
+        const CHUNK: usize = 1 << 15;
+        self.threaded(|| {
+            param
+                .par_chunks_mut(CHUNK)
+                .zip(grad.par_chunks(CHUNK))
+                .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+                .for_each(|((p, g), (m, v))| adamw_slice(isa, p, g, m, v, update))
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn erf_approx_is_close() {
+        for i in -400..=400 {
+            let x = i as f32 / 100.0;
+            // erf(x) = 2Φ(x√2) − 1 and gelu(y) = yΦ(y).
+            let y = x as f64 * std::f64::consts::SQRT_2;
+            let want = if y == 0.0 {
+                0.0
+            } else {
+                2.0 * gemm::gelu_erf(y as f32) as f64 / y - 1.0
+            };
+            assert!((erf_approx(x) as f64 - want).abs() < 5e-7, "erf({x})");
+        }
+    }
+}

@@ -1,0 +1,60 @@
+use anyhow::Result;
+
+use bertrt::checkpoint::Checkpoint;
+use bertrt::config::BertConfig;
+use bertrt::model::ModelFiles;
+use bertrt::tokenize::{BertTokenizer, TokenizerSource};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    model: super::ModelArgs,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let files = ModelFiles::locate(&args.model.model)?;
+    let config = BertConfig::from_file(&files.config)?;
+    let ckpt = Checkpoint::open(&files.weights)?;
+    let max_length = args
+        .model
+        .max_length
+        .unwrap_or(config.max_position_embeddings);
+    let tokenizer = BertTokenizer::from_dir(&files.dir, max_length)?;
+    let architecture = config
+        .architectures
+        .first()
+        .map(String::as_str)
+        .unwrap_or("BertModel");
+    println!("model:          {}", files.dir.display());
+    println!("architecture:   {architecture} ({})", config.model_type);
+    println!(
+        "shape:          {} layers, hidden {}, {} heads, intermediate {}, vocab {}",
+        config.num_hidden_layers,
+        config.hidden_size,
+        config.num_attention_heads,
+        config.intermediate_size,
+        config.vocab_size
+    );
+    println!("parameters:     {}", ckpt.parameter_count());
+    println!("dtype:          {}", ckpt.dominant_dtype());
+    let tokenizer_desc = match tokenizer.source() {
+        TokenizerSource::TokenizerJson(path) => format!("{}", path.display()),
+        TokenizerSource::VocabTxt { path, lowercase } => {
+            format!("WordPiece from {} (lowercase: {lowercase})", path.display())
+        }
+    };
+    println!(
+        "tokenizer:      {tokenizer_desc}, vocab {}",
+        tokenizer.vocab_size()
+    );
+    println!("max length:     {max_length}");
+    println!(
+        "pooler:         {}",
+        if ckpt.contains("pooler.dense.weight") {
+            "yes"
+        } else {
+            "no"
+        }
+    );
+    Ok(())
+}

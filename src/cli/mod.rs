@@ -1,0 +1,61 @@
+//! Command-line parsing and printing; every command is a few calls into the
+//! library.
+
+mod embed;
+mod info;
+mod input;
+mod tokenize;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "bertrt",
+    version,
+    about = "Fine-tune and serve BERT-family encoders"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Describe a model directory: architecture, parameters, dtype, tokenizer.
+    Info(info::Args),
+    /// Tokenize text lines (stdin or --input) to JSON lines of ids and tokens.
+    Tokenize(tokenize::Args),
+    /// Embed text lines (stdin or --input) to JSON lines {"embedding": [...]}.
+    Embed(embed::Args),
+}
+
+/// Flags shared by every command that loads a model.
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json or vocab.txt).
+    #[arg(long)]
+    model: PathBuf,
+    /// Truncate inputs to this many tokens, special tokens included
+    /// [default: the model's max_position_embeddings].
+    #[arg(long)]
+    max_length: Option<usize>,
+}
+
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Info(args) => info::run(args),
+        Command::Tokenize(args) => tokenize::run(args),
+        Command::Embed(args) => embed::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! The HTTP surface: routes, their handlers, and request accounting.
+//!
+//! Handlers validate and tokenize (on tokio's blocking pool, off both the
+//! async threads and the model threads), then queue the tokens and await the
+//! worker's reply. Response shapes follow text-embeddings-inference.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Serialize;
+use serde_json::json;
+use tokio::sync::oneshot;
+
+use super::error::ApiError;
+use super::metrics::Metrics;
+use super::model::{ModelInfo, Task, NO_HEAD};
+use super::queue::{Job, Queue, Rejected};
+use super::request::{self, Inputs};
+use crate::embed::l2_normalize;
+use crate::model::{Pooling, TokenBatch};
+use crate::tokenize::{BertTokenizer, Encoded};
+
+/// Everything a handler needs, shared by all of them.
+pub struct App {
+    pub info: ModelInfo,
+    pub tokenizer: BertTokenizer,
+    pub queue: Arc<Queue>,
+    pub metrics: Arc<Metrics>,
+    /// Workers whose warm-up forward has run.
+    pub ready: Arc<AtomicUsize>,
+    pub workers: usize,
+    /// False with `--no-truncate`: over-long inputs are refused.
+    pub truncate: bool,
+}
+
+impl App {
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst) == self.workers
+    }
+
+    fn max_inputs(&self) -> usize {
+        self.queue.limits().max_batch_requests
+    }
+
+    /// Tokenizes `texts` on the blocking pool, enforcing the length policy.
+    async fn tokenize(self: &Arc<Self>, texts: Vec<String>) -> Result<Vec<Encoded>, ApiError> {
+        let app = Arc::clone(self);
+        let encoded = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let encoded = texts
+                .iter()
+                .map(|text| app.tokenizer.encode(text))
+                .collect::<crate::Result<Vec<_>>>();
+            if let Ok(encoded) = &encoded {
+                let lengths = encoded.iter().map(|e| e.ids.len());
+                app.metrics.record_tokenization(started.elapsed(), lengths);
+            }
+            encoded
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("tokenization task failed: {e}")))?
+        .map_err(|e| ApiError::validation(e.to_string()))?;
+        let limit = self.info.max_input_length;
+        if let Some(i) = encoded.iter().position(|e| e.ids.len() > limit) {
+            return Err(ApiError::validation(format!(
+                "input {i} is longer than {limit} tokens (the max input length) and the server runs with --no-truncate"
+            )));
+        }
+        Ok(encoded)
+    }
+
+    /// Queues `texts` for `task` and waits for one row per text.
+    async fn infer(self: &Arc<Self>, task: Task, inputs: &Inputs) -> Result<Vec<Vec<f32>>, ApiError> {
+        if !self.is_ready() {
+            return Err(ApiError::unavailable("the model is warming up"));
+        }
+        let admission = self.queue.admit().map_err(|r| self.rejected(r))?;
+        let texts = inputs.texts().into_iter().map(str::to_owned).collect();
+        let encoded = self.tokenize(texts).await?;
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            task,
+            inputs: TokenBatch::from_encoded(&encoded),
+            enqueued: Instant::now(),
+            reply,
+        };
+        self.queue
+            .push(job, admission)
+            .map_err(|r| self.rejected(r))?;
+        answer
+            .await
+            .map_err(|_| ApiError::internal("the model worker stopped"))?
+            .map_err(ApiError::internal)
+    }
+
+    fn rejected(&self, why: Rejected) -> ApiError {
+        match why {
+            Rejected::Full => ApiError::overloaded(self.queue.limits().capacity),
+            Rejected::Closed => ApiError::unavailable("the server is shutting down"),
+        }
+    }
+}
+
+pub fn router(app: Arc<App>, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/embed", post(embed))
+        .route("/predict", post(predict))
+        .route("/tokenize", post(tokenize))
+        .route("/info", get(info))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::not_found() })
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(middleware::from_fn_with_state(Arc::clone(&app), track))
+        .with_state(app)
+}
+
+/// Counts every response by route and status, with its latency.
+async fn track(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let path = request.uri().path().to_owned();
+    let response = next.run(request).await;
+    app.metrics
+        .record_request(&path, response.status().as_u16(), started.elapsed());
+    response
+}
+
+/// The body, or the rejection (413 over `--max-body-bytes`) in our error
+/// shape.
+fn body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| ApiError::rejection(rejection.status(), rejection.body_text()))
+}
+
+async fn embed(
+    State(app): State<Arc<App>>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Json<Vec<Vec<f32>>>, ApiError> {
+    let request = request::embed(&body(raw)?, app.max_inputs(), app.info.has_pooler)?;
+    let pooling = request.pooling.unwrap_or(app.info.pooling);
+    let mut rows = app.infer(Task::Embed(pooling), &request.inputs).await?;
+    if request.normalize {
+        rows.iter_mut().for_each(|row| l2_normalize(row));
+    }
+    Ok(Json(rows))
+}
+
+#[derive(Serialize)]
+struct Score<'a> {
+    label: &'a str,
+    score: f32,
+}
+
+async fn predict(
+    State(app): State<Arc<App>>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let request = request::predict(&body(raw)?, app.max_inputs())?;
+    let Some(head) = &app.info.head else {
+        return Err(ApiError::validation(NO_HEAD));
+    };
+    let logits = app.infer(Task::Classify, &request.inputs).await?;
+    let temperature = head.temperature.unwrap_or(1.0);
+    let per_input: Vec<Vec<Score>> = logits
+        .iter()
+        .map(|row| {
+            let probs = softmax(row, temperature);
+            let top = argmax(&probs);
+            app.metrics.record_prediction(&head.labels[top], probs[top]);
+            let values = if request.raw_scores { row } else { &probs };
+            let mut scores: Vec<Score> = head
+                .labels
+                .iter()
+                .zip(values)
+                .map(|(label, &score)| Score { label, score })
+                .collect();
+            scores.sort_by(|a, b| b.score.total_cmp(&a.score));
+            scores
+        })
+        .collect();
+    Ok(if request.inputs.is_one() {
+        Json(&per_input[0]).into_response()
+    } else {
+        Json(&per_input).into_response()
+    })
+}
+
+#[derive(Serialize)]
+struct Token<'a> {
+    id: u32,
+    text: &'a str,
+}
+
+/// Tokens per input, special tokens included, after truncation.
+async fn tokenize(
+    State(app): State<Arc<App>>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let inputs = request::tokenize(&body(raw)?, app.max_inputs())?;
+    let texts = inputs.texts().into_iter().map(str::to_owned).collect();
+    let encoded = app.tokenize(texts).await?;
+    let tokens: Vec<Vec<Token>> = encoded
+        .iter()
+        .map(|e| {
+            e.ids
+                .iter()
+                .zip(&e.tokens)
+                .map(|(&id, text)| Token { id, text })
+                .collect()
+        })
+        .collect();
+    Ok(Json(tokens).into_response())
+}
+
+async fn info(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
+    let info = &app.info;
+    let limits = app.queue.limits();
+    let pooling = match info.pooling {
+        Pooling::Mean => "mean",
+        Pooling::Cls => "cls",
+        Pooling::Pooler => "pooler",
+    };
+    let model_type = match &info.head {
+        Some(head) => json!({ "classifier": { "id2label": head.labels.iter().enumerate()
+            .map(|(i, label)| (i.to_string(), label.clone())).collect::<serde_json::Map<_, _>>() } }),
+        None => json!({ "embedding": { "pooling": pooling } }),
+    };
+    Json(json!({
+        "model_id": info.id,
+        "model_dtype": "float32",
+        "weights_dtype": info.weights_dtype,
+        "model_type": model_type,
+        "labels": info.head.as_ref().map(|head| &head.labels),
+        "temperature": info.head.as_ref().and_then(|head| head.temperature),
+        "hidden_size": info.hidden_size,
+        "max_input_length": info.max_input_length,
+        "truncate": app.truncate,
+        "max_batch_tokens": limits.max_batch_tokens,
+        "max_batch_requests": limits.max_batch_requests,
+        "max_client_batch_size": limits.max_batch_requests,
+        "max_concurrent_requests": limits.capacity,
+        "max_wait_ms": limits.max_wait.as_secs_f64() * 1e3,
+        "workers": app.workers,
+        "backend": info.backend,
+        "int8": false,
+        "version": crate::VERSION,
+    }))
+}
+
+/// 200 once every worker has run its warm-up forward, 503 before.
+async fn health(State(app): State<Arc<App>>) -> Result<Json<serde_json::Value>, ApiError> {
+    if app.is_ready() {
+        Ok(Json(json!({ "status": "ok" })))
+    } else {
+        Err(ApiError::unavailable("the model is warming up"))
+    }
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.metrics.render(app.queue.depth()),
+    )
+}
+
+/// Probabilities of `logits / temperature`, computed stably.
+fn softmax(logits: &[f32], temperature: f32) -> Vec<f32> {
+    let scaled: Vec<f32> = logits.iter().map(|x| x / temperature).collect();
+    let max = scaled.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exps: Vec<f32> = scaled.iter().map(|x| (x - max).exp()).collect();
+    let total: f32 = exps.iter().sum();
+    exps.iter().map(|e| e / total).collect()
+}
+
+fn argmax(values: &[f32]) -> usize {
+    values
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn softmax_applies_the_temperature() {
+        let plain = softmax(&[1.0, 2.0, 3.0], 1.0);
+        assert!((plain.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        let flatter = softmax(&[1.0, 2.0, 3.0], 2.0);
+        assert!(flatter[2] < plain[2] && flatter[0] > plain[0]);
+        assert_eq!(argmax(&plain), 2);
+        assert!(softmax(&[1000.0, 0.0], 1.0)[0].is_finite());
+    }
+}

@@ -1,0 +1,199 @@
+//! Tokenization through the `tokenizers` crate, under our own padding and
+//! truncation policy.
+//!
+//! A `tokenizer.json` may carry its own padding and truncation (the shipped
+//! MiniLM one pads and truncates at 128); both are replaced here so that the
+//! model's limit and the user's `--max-length` are the only ones in force.
+//! Padding is never done by the tokenizer: batches are packed (see
+//! [`crate::model::TokenBatch`]).
+
+use std::path::{Path, PathBuf};
+
+use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
+use tokenizers::models::wordpiece::WordPiece;
+use tokenizers::normalizers::BertNormalizer;
+use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
+use tokenizers::processors::bert::BertProcessing;
+use tokenizers::{
+    AddedToken, EncodeInput, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
+};
+
+use crate::error::{Error, Result};
+
+/// One tokenized input (or text pair), special tokens included.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Encoded {
+    pub ids: Vec<u32>,
+    pub type_ids: Vec<u32>,
+    pub tokens: Vec<String>,
+}
+
+/// Where the vocabulary came from, recorded so artifacts can say how text was
+/// preprocessed.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TokenizerSource {
+    TokenizerJson(PathBuf),
+    /// WordPiece built from `vocab.txt`, with `do_lower_case` from
+    /// `tokenizer_config.json` (default true, as in Hugging Face).
+    VocabTxt {
+        path: PathBuf,
+        lowercase: bool,
+    },
+}
+
+pub struct BertTokenizer {
+    inner: Tokenizer,
+    source: TokenizerSource,
+    max_length: usize,
+}
+
+impl BertTokenizer {
+    /// Loads `tokenizer.json` from `dir`, else builds WordPiece from
+    /// `vocab.txt`. Inputs longer than `max_length` tokens (special tokens
+    /// included) are truncated on the right.
+    pub fn from_dir(dir: &Path, max_length: usize) -> Result<Self> {
+        let json = dir.join("tokenizer.json");
+        let vocab = dir.join("vocab.txt");
+        let (mut inner, source) = if json.exists() {
+            let inner = Tokenizer::from_file(&json).map_err(|e| Error::Tokenizer {
+                path: json.clone(),
+                message: format!("cannot load tokenizer: {e}"),
+            })?;
+            (inner, TokenizerSource::TokenizerJson(json))
+        } else if vocab.exists() {
+            let lowercase = read_do_lower_case(&dir.join("tokenizer_config.json"))?;
+            let inner = wordpiece_from_vocab(&vocab, lowercase)?;
+            (
+                inner,
+                TokenizerSource::VocabTxt {
+                    path: vocab,
+                    lowercase,
+                },
+            )
+        } else {
+            return Err(Error::MissingFile {
+                dir: dir.into(),
+                file: "tokenizer.json or vocab.txt",
+            });
+        };
+        inner.with_padding(None);
+        inner
+            .with_truncation(Some(TruncationParams {
+                max_length,
+                strategy: TruncationStrategy::LongestFirst,
+                direction: TruncationDirection::Right,
+                stride: 0,
+            }))
+            .map_err(|e| Error::Tokenizer {
+                path: dir.into(),
+                message: format!("cannot truncate at {max_length}: {e}"),
+            })?;
+        Ok(BertTokenizer {
+            inner,
+            source,
+            max_length,
+        })
+    }
+
+    pub fn source(&self) -> &TokenizerSource {
+        &self.source
+    }
+
+    pub fn max_length(&self) -> usize {
+        self.max_length
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Encoded> {
+        self.encode_input(text.into())
+    }
+
+    /// A text pair: `[CLS] a [SEP] b [SEP]` with segment ids 0 then 1.
+    pub fn encode_pair(&self, first: &str, second: &str) -> Result<Encoded> {
+        self.encode_input((first, second).into())
+    }
+
+    /// Encodes many texts, in parallel across cores, in input order.
+    pub fn encode_batch(&self, texts: &[&str]) -> Result<Vec<Encoded>> {
+        let inputs: Vec<EncodeInput> = texts.iter().map(|t| (*t).into()).collect();
+        let encodings = self
+            .inner
+            .encode_batch(inputs, true)
+            .map_err(|e| Error::Invalid(format!("tokenization failed: {e}")))?;
+        Ok(encodings.into_iter().map(to_encoded).collect())
+    }
+
+    fn encode_input(&self, input: EncodeInput) -> Result<Encoded> {
+        self.inner
+            .encode(input, true)
+            .map(to_encoded)
+            .map_err(|e| Error::Invalid(format!("tokenization failed: {e}")))
+    }
+}
+
+fn to_encoded(encoding: tokenizers::Encoding) -> Encoded {
+    Encoded {
+        ids: encoding.get_ids().to_vec(),
+        type_ids: encoding.get_type_ids().to_vec(),
+        tokens: encoding.get_tokens().to_vec(),
+    }
+}
+
+fn read_do_lower_case(path: &Path) -> Result<bool> {
+    if !path.exists() {
+        return Ok(true);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Tokenizer {
+        path: path.into(),
+        message: format!("invalid JSON: {e}"),
+    })?;
+    match json.get("do_lower_case") {
+        None => Ok(true),
+        Some(value) => value.as_bool().ok_or_else(|| Error::Tokenizer {
+            path: path.into(),
+            message: format!("do_lower_case must be true or false, found {value}"),
+        }),
+    }
+}
+
+/// The pipeline of Hugging Face's `BertTokenizerFast` built from `vocab.txt`:
+/// BERT normalizer (accents stripped when lowercasing), BERT pre-tokenizer,
+/// WordPiece with `##` continuations, `[CLS] .. [SEP]` post-processing.
+fn wordpiece_from_vocab(vocab: &Path, lowercase: bool) -> Result<Tokenizer> {
+    let tokenizer_error = |message: String| Error::Tokenizer {
+        path: vocab.into(),
+        message,
+    };
+    let model = WordPiece::from_file(&vocab.to_string_lossy())
+        .unk_token("[UNK]".into())
+        .continuing_subword_prefix("##".into())
+        .max_input_chars_per_word(100)
+        .build()
+        .map_err(|e| tokenizer_error(format!("cannot read vocabulary: {e}")))?;
+    let special_id = |token: &str| {
+        tokenizers::Model::token_to_id(&model, token)
+            .ok_or_else(|| tokenizer_error(format!("vocabulary lacks {token}")))
+    };
+    let cls = special_id("[CLS]")?;
+    let sep = special_id("[SEP]")?;
+    let specials: Vec<AddedToken> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        .into_iter()
+        .filter(|token| tokenizers::Model::token_to_id(&model, token).is_some())
+        .map(|token| AddedToken::from(token, true))
+        .collect();
+    let mut tokenizer = Tokenizer::new(model);
+    tokenizer
+        .with_normalizer(Some(BertNormalizer::new(true, true, None, lowercase)))
+        .with_pre_tokenizer(Some(BertPreTokenizer))
+        .with_post_processor(Some(BertProcessing::new(
+            ("[SEP]".into(), sep),
+            ("[CLS]".into(), cls),
+        )))
+        .with_decoder(Some(WordPieceDecoder::default()));
+    tokenizer.add_special_tokens(&specials);
+    Ok(tokenizer)
+}

@@ -1,0 +1,757 @@
+//! `BertForSequenceClassification` for training: forward with the
+//! activations backward needs, and the hand-written backward pass.
+//!
+//! Mirrors Hugging Face's model: embeddings → LayerNorm → dropout; per layer
+//! self-attention (dropout on the probabilities), output dense → dropout →
+//! residual LayerNorm, intermediate GELU, output dense → dropout → residual
+//! LayerNorm; pooling (BERT pooler, `[CLS]` or mean); dropout; classifier.
+
+use crate::backend::train::{attention_probs_len, Dropout, TrainBackend};
+use crate::backend::Backend;
+use crate::checkpoint::Checkpoint;
+use crate::config::BertConfig;
+use crate::error::{Error, Result};
+use crate::model::{Pooling, TokenBatch};
+use crate::rng::{self, Rng};
+use crate::train::params::{ParamId, ParamStore};
+
+struct LayerParams {
+    qkv_weight: ParamId,
+    qkv_bias: ParamId,
+    attention_output_weight: ParamId,
+    attention_output_bias: ParamId,
+    attention_norm_weight: ParamId,
+    attention_norm_bias: ParamId,
+    intermediate_weight: ParamId,
+    intermediate_bias: ParamId,
+    output_weight: ParamId,
+    output_bias: ParamId,
+    output_norm_weight: ParamId,
+    output_norm_bias: ParamId,
+}
+
+/// What one layer's backward needs from its forward.
+struct LayerActivations<B: Backend> {
+    input: B::Tensor,
+    qkv: B::Tensor,
+    probs: B::Tensor,
+    context: B::Tensor,
+    attention_sum: B::Tensor,
+    attention_mean: B::Tensor,
+    attention_rstd: B::Tensor,
+    attention_normed: B::Tensor,
+    intermediate_pre: B::Tensor,
+    intermediate: B::Tensor,
+    output_sum: B::Tensor,
+    output_mean: B::Tensor,
+    output_rstd: B::Tensor,
+}
+
+impl<B: Backend> LayerActivations<B> {
+    fn new(backend: &B) -> Self {
+        LayerActivations {
+            input: backend.new_tensor(),
+            qkv: backend.new_tensor(),
+            probs: backend.new_tensor(),
+            context: backend.new_tensor(),
+            attention_sum: backend.new_tensor(),
+            attention_mean: backend.new_tensor(),
+            attention_rstd: backend.new_tensor(),
+            attention_normed: backend.new_tensor(),
+            intermediate_pre: backend.new_tensor(),
+            intermediate: backend.new_tensor(),
+            output_sum: backend.new_tensor(),
+            output_mean: backend.new_tensor(),
+            output_rstd: backend.new_tensor(),
+        }
+    }
+}
+
+/// Every activation of one forward pass plus scratch for backward, sized
+/// on each forward from the batch (buffers keep their capacity).
+struct Activations<B: Backend> {
+    embedding_sum: B::Tensor,
+    embedding_mean: B::Tensor,
+    embedding_rstd: B::Tensor,
+    layers: Vec<LayerActivations<B>>,
+    last_hidden: B::Tensor,
+    /// Pooling input (`[CLS]` rows) and output (pooler: after tanh).
+    cls: B::Tensor,
+    pooled: B::Tensor,
+    head_input: B::Tensor,
+    logits: B::Tensor,
+    // Backward scratch.
+    d_logits: B::Tensor,
+    d_head_input: B::Tensor,
+    d_cls: B::Tensor,
+    d_hidden: B::Tensor,
+    d_branch: B::Tensor,
+    d_sum: B::Tensor,
+    d_wide: B::Tensor,
+    d_qkv: B::Tensor,
+}
+
+/// Dropout sites, each with its own mask stream.
+#[derive(Clone, Copy)]
+enum Site {
+    Embeddings,
+    AttentionProbs(usize),
+    AttentionOutput(usize),
+    Output(usize),
+    Head,
+}
+
+impl Site {
+    fn label(self) -> u64 {
+        match self {
+            Site::Embeddings => 0,
+            Site::Head => 1,
+            Site::AttentionProbs(l) => 16 + 4 * l as u64,
+            Site::AttentionOutput(l) => 17 + 4 * l as u64,
+            Site::Output(l) => 18 + 4 * l as u64,
+        }
+    }
+}
+
+/// Training-time settings of the forward pass.
+#[derive(Clone, Copy, Debug)]
+pub struct ForwardMode {
+    /// None: evaluation (no dropout).
+    pub dropout_seed: Option<u64>,
+}
+
+pub struct SequenceClassifier<B: TrainBackend> {
+    pub backend: B,
+    pub config: BertConfig,
+    pub pooling: Pooling,
+    pub num_labels: usize,
+    pub head_dropout: f32,
+    pub params: ParamStore<B>,
+    word_embeddings: ParamId,
+    position_embeddings: ParamId,
+    token_type_embeddings: ParamId,
+    embedding_norm_weight: ParamId,
+    embedding_norm_bias: ParamId,
+    layers: Vec<LayerParams>,
+    pooler: Option<(ParamId, ParamId)>,
+    classifier_weight: ParamId,
+    classifier_bias: ParamId,
+    acts: Activations<B>,
+    dropouts: Option<u64>,
+}
+
+impl<B: TrainBackend> SequenceClassifier<B> {
+    /// A classifier on the encoder in `ckpt`. The head comes from the
+    /// checkpoint when it holds one of the right shape (resuming a
+    /// fine-tuned model), else it is new: weight ~ N(0, 0.02), bias 0, as
+    /// Hugging Face initialises it.
+    pub fn new(
+        backend: B,
+        config: BertConfig,
+        ckpt: &Checkpoint,
+        pooling: Pooling,
+        num_labels: usize,
+        head_dropout: f32,
+        seed: u64,
+    ) -> Result<Self> {
+        let (h, i) = (config.hidden_size, config.intermediate_size);
+        let mut params = ParamStore::default();
+        let p = &mut params;
+        let be = &backend;
+        let word_embeddings = p.load(
+            be,
+            ckpt,
+            "bert.embeddings.word_embeddings.weight",
+            &[config.vocab_size, h],
+        )?;
+        let position_embeddings = p.load(
+            be,
+            ckpt,
+            "bert.embeddings.position_embeddings.weight",
+            &[config.max_position_embeddings, h],
+        )?;
+        let token_type_embeddings = p.load(
+            be,
+            ckpt,
+            "bert.embeddings.token_type_embeddings.weight",
+            &[config.type_vocab_size, h],
+        )?;
+        let embedding_norm_weight = p.load(be, ckpt, "bert.embeddings.LayerNorm.weight", &[h])?;
+        let embedding_norm_bias = p.load(be, ckpt, "bert.embeddings.LayerNorm.bias", &[h])?;
+        let mut layers = Vec::new();
+        for l in 0..config.num_hidden_layers {
+            let pre = format!("bert.encoder.layer.{l}");
+            let qkv = |suffix: &str| -> Vec<String> {
+                ["query", "key", "value"]
+                    .iter()
+                    .map(|part| format!("{pre}.attention.self.{part}.{suffix}"))
+                    .collect()
+            };
+            layers.push(LayerParams {
+                qkv_weight: p.load_stacked(
+                    be,
+                    ckpt,
+                    &format!("{pre}.attention.self.qkv.weight"),
+                    &qkv("weight"),
+                    &[h, h],
+                )?,
+                qkv_bias: p.load_stacked(
+                    be,
+                    ckpt,
+                    &format!("{pre}.attention.self.qkv.bias"),
+                    &qkv("bias"),
+                    &[h],
+                )?,
+                attention_output_weight: p.load(
+                    be,
+                    ckpt,
+                    &format!("{pre}.attention.output.dense.weight"),
+                    &[h, h],
+                )?,
+                attention_output_bias: p.load(
+                    be,
+                    ckpt,
+                    &format!("{pre}.attention.output.dense.bias"),
+                    &[h],
+                )?,
+                attention_norm_weight: p.load(
+                    be,
+                    ckpt,
+                    &format!("{pre}.attention.output.LayerNorm.weight"),
+                    &[h],
+                )?,
+                attention_norm_bias: p.load(
+                    be,
+                    ckpt,
+                    &format!("{pre}.attention.output.LayerNorm.bias"),
+                    &[h],
+                )?,
+                intermediate_weight: p.load(
+                    be,
+                    ckpt,
+                    &format!("{pre}.intermediate.dense.weight"),
+                    &[i, h],
+                )?,
+                intermediate_bias: p.load(
+                    be,
+                    ckpt,
+                    &format!("{pre}.intermediate.dense.bias"),
+                    &[i],
+                )?,
+                output_weight: p.load(be, ckpt, &format!("{pre}.output.dense.weight"), &[h, i])?,
+                output_bias: p.load(be, ckpt, &format!("{pre}.output.dense.bias"), &[h])?,
+                output_norm_weight: p.load(
+                    be,
+                    ckpt,
+                    &format!("{pre}.output.LayerNorm.weight"),
+                    &[h],
+                )?,
+                output_norm_bias: p.load(
+                    be,
+                    ckpt,
+                    &format!("{pre}.output.LayerNorm.bias"),
+                    &[h],
+                )?,
+            });
+        }
+        let pooler = if ckpt.contains("bert.pooler.dense.weight") {
+            Some((
+                p.load(be, ckpt, "bert.pooler.dense.weight", &[h, h])?,
+                p.load(be, ckpt, "bert.pooler.dense.bias", &[h])?,
+            ))
+        } else if pooling == Pooling::Pooler {
+            return Err(Error::Invalid(format!(
+                "{}: no pooler weights (pooler.dense.*); use --pooling cls or mean",
+                ckpt.path().display()
+            )));
+        } else {
+            None
+        };
+        let head_shape_matches = ckpt.tensor("classifier.weight", &[num_labels, h]).is_ok()
+            && ckpt.tensor("classifier.bias", &[num_labels]).is_ok();
+        let (classifier_weight, classifier_bias) = if head_shape_matches {
+            (
+                p.load(be, ckpt, "classifier.weight", &[num_labels, h])?,
+                p.load(be, ckpt, "classifier.bias", &[num_labels])?,
+            )
+        } else {
+            let mut rng = Rng::new(rng::derive_seed(seed, 0xC1A5));
+            let weight: Vec<f32> = (0..num_labels * h).map(|_| 0.02 * rng.normal()).collect();
+            let whole = |name: &str, rows| vec![(name.to_string(), 0..rows)];
+            (
+                p.add(
+                    be,
+                    "classifier.weight",
+                    &[num_labels, h],
+                    whole("classifier.weight", num_labels),
+                    &weight,
+                ),
+                p.add(
+                    be,
+                    "classifier.bias",
+                    &[num_labels],
+                    whole("classifier.bias", num_labels),
+                    &vec![0.0; num_labels],
+                ),
+            )
+        };
+        let acts = Activations {
+            embedding_sum: backend.new_tensor(),
+            embedding_mean: backend.new_tensor(),
+            embedding_rstd: backend.new_tensor(),
+            layers: (0..config.num_hidden_layers)
+                .map(|_| LayerActivations::new(&backend))
+                .collect(),
+            last_hidden: backend.new_tensor(),
+            cls: backend.new_tensor(),
+            pooled: backend.new_tensor(),
+            head_input: backend.new_tensor(),
+            logits: backend.new_tensor(),
+            d_logits: backend.new_tensor(),
+            d_head_input: backend.new_tensor(),
+            d_cls: backend.new_tensor(),
+            d_hidden: backend.new_tensor(),
+            d_branch: backend.new_tensor(),
+            d_sum: backend.new_tensor(),
+            d_wide: backend.new_tensor(),
+            d_qkv: backend.new_tensor(),
+        };
+        Ok(SequenceClassifier {
+            backend,
+            config,
+            pooling,
+            num_labels,
+            head_dropout,
+            params,
+            word_embeddings,
+            position_embeddings,
+            token_type_embeddings,
+            embedding_norm_weight,
+            embedding_norm_bias,
+            layers,
+            pooler,
+            classifier_weight,
+            classifier_bias,
+            acts,
+            dropouts: None,
+        })
+    }
+
+    fn dropout(&self, site: Site) -> Dropout {
+        dropout_for(&self.config, self.head_dropout, self.dropouts, site)
+    }
+
+    /// Runs the model, keeping activations; returns the logits
+    /// `[sequences, num_labels]` on the host.
+    pub fn forward(&mut self, batch: &TokenBatch, mode: ForwardMode) -> Result<Vec<f32>> {
+        self.dropouts = mode.dropout_seed;
+        let be = &self.backend;
+        let c = &self.config;
+        let (t, h, inter) = (batch.tokens(), c.hidden_size, c.intermediate_size);
+        let eps = c.layer_norm_eps as f32;
+        let sequences = batch.sequences();
+        if batch.max_len() > c.max_position_embeddings {
+            return Err(Error::Invalid(format!(
+                "a sequence of {} tokens exceeds the model's {} positions",
+                batch.max_len(),
+                c.max_position_embeddings
+            )));
+        }
+        let p = &self.params;
+        let mut acts = std::mem::replace(&mut self.acts.layers, Vec::new());
+
+        be.resize(&mut self.acts.embedding_sum, t * h);
+        be.resize(&mut self.acts.embedding_mean, t);
+        be.resize(&mut self.acts.embedding_rstd, t);
+        be.embedding_forward(
+            &mut self.acts.embedding_sum,
+            &batch.ids,
+            &batch.type_ids,
+            &batch.offsets,
+            &p[self.word_embeddings].value,
+            &p[self.position_embeddings].value,
+            &p[self.token_type_embeddings].value,
+            h,
+        );
+        let first = &mut acts[0].input;
+        be.resize(first, t * h);
+        be.layer_norm_forward(
+            first,
+            &self.acts.embedding_sum,
+            &p[self.embedding_norm_weight].value,
+            &p[self.embedding_norm_bias].value,
+            eps,
+            &mut self.acts.embedding_mean,
+            &mut self.acts.embedding_rstd,
+        );
+        be.dropout(first, self.dropout(Site::Embeddings));
+
+        for l in 0..self.layers.len() {
+            let lp = &self.layers[l];
+            let (done, rest) = acts.split_at_mut(l + 1);
+            let a = &mut done[l];
+            be.resize(&mut a.qkv, t * 3 * h);
+            be.linear_forward(
+                &mut a.qkv,
+                &a.input,
+                &p[lp.qkv_weight].value,
+                &p[lp.qkv_bias].value,
+                t,
+            );
+            be.resize(
+                &mut a.probs,
+                attention_probs_len(&batch.offsets, c.num_attention_heads),
+            );
+            be.resize(&mut a.context, t * h);
+            be.attention_forward(
+                &mut a.context,
+                &mut a.probs,
+                &a.qkv,
+                &batch.offsets,
+                c.num_attention_heads,
+                c.head_dim(),
+                self.dropout(Site::AttentionProbs(l)),
+            );
+            be.resize(&mut a.attention_sum, t * h);
+            be.linear_forward(
+                &mut a.attention_sum,
+                &a.context,
+                &p[lp.attention_output_weight].value,
+                &p[lp.attention_output_bias].value,
+                t,
+            );
+            be.dropout(&mut a.attention_sum, self.dropout(Site::AttentionOutput(l)));
+            be.add_assign(&mut a.attention_sum, &a.input);
+            be.resize(&mut a.attention_mean, t);
+            be.resize(&mut a.attention_rstd, t);
+            be.resize(&mut a.attention_normed, t * h);
+            be.layer_norm_forward(
+                &mut a.attention_normed,
+                &a.attention_sum,
+                &p[lp.attention_norm_weight].value,
+                &p[lp.attention_norm_bias].value,
+                eps,
+                &mut a.attention_mean,
+                &mut a.attention_rstd,
+            );
+            be.resize(&mut a.intermediate_pre, t * inter);
+            be.resize(&mut a.intermediate, t * inter);
+            be.linear_forward(
+                &mut a.intermediate_pre,
+                &a.attention_normed,
+                &p[lp.intermediate_weight].value,
+                &p[lp.intermediate_bias].value,
+                t,
+            );
+            be.gelu_forward(&mut a.intermediate, &a.intermediate_pre);
+            be.resize(&mut a.output_sum, t * h);
+            be.linear_forward(
+                &mut a.output_sum,
+                &a.intermediate,
+                &p[lp.output_weight].value,
+                &p[lp.output_bias].value,
+                t,
+            );
+            be.dropout(&mut a.output_sum, self.dropout(Site::Output(l)));
+            be.add_assign(&mut a.output_sum, &a.attention_normed);
+            be.resize(&mut a.output_mean, t);
+            be.resize(&mut a.output_rstd, t);
+            let next = match rest.first_mut() {
+                Some(next) => &mut next.input,
+                None => &mut self.acts.last_hidden,
+            };
+            be.resize(next, t * h);
+            be.layer_norm_forward(
+                next,
+                &a.output_sum,
+                &p[lp.output_norm_weight].value,
+                &p[lp.output_norm_bias].value,
+                eps,
+                &mut a.output_mean,
+                &mut a.output_rstd,
+            );
+        }
+        self.acts.layers = acts;
+
+        // Head.
+        let head_dropout = self.dropout(Site::Head);
+        let acts = &mut self.acts;
+        be.resize(&mut acts.pooled, sequences * h);
+        match self.pooling {
+            Pooling::Mean => be.mean_pool(&mut acts.pooled, &acts.last_hidden, &batch.offsets, h),
+            Pooling::Cls => be.gather_rows(
+                &mut acts.pooled,
+                &acts.last_hidden,
+                &batch.offsets[..sequences],
+                h,
+            ),
+            Pooling::Pooler => {
+                let (w, b) = self.pooler.expect("checked at construction");
+                be.resize(&mut acts.cls, sequences * h);
+                be.gather_rows(
+                    &mut acts.cls,
+                    &acts.last_hidden,
+                    &batch.offsets[..sequences],
+                    h,
+                );
+                be.linear_forward(
+                    &mut acts.pooled,
+                    &acts.cls,
+                    &p[w].value,
+                    &p[b].value,
+                    sequences,
+                );
+                be.tanh(&mut acts.pooled);
+            }
+        }
+        be.resize(&mut acts.head_input, sequences * h);
+        be.copy(&mut acts.head_input, &acts.pooled);
+        be.dropout(&mut acts.head_input, head_dropout);
+        be.resize(&mut acts.logits, sequences * self.num_labels);
+        be.linear_forward(
+            &mut acts.logits,
+            &acts.head_input,
+            &p[self.classifier_weight].value,
+            &p[self.classifier_bias].value,
+            sequences,
+        );
+        Ok(be.to_host(&acts.logits))
+    }
+}
+
+impl<B: TrainBackend> SequenceClassifier<B> {
+    /// Cross-entropy of the last [`Self::forward`] against `labels`, and its
+    /// gradients, times `grad_scale`, added to the parameters' gradients.
+    /// Returns the (unscaled, weighted-mean) loss.
+    pub fn backward(
+        &mut self,
+        batch: &TokenBatch,
+        labels: &[usize],
+        class_weights: Option<&[f32]>,
+        grad_scale: f32,
+    ) -> f32 {
+        let Self {
+            backend: be,
+            config: c,
+            params: p,
+            acts,
+            layers,
+            ..
+        } = self;
+        let (t, h, inter) = (batch.tokens(), c.hidden_size, c.intermediate_size);
+        let sequences = batch.sequences();
+        let weights: Option<Vec<f32>> =
+            class_weights.map(|w| labels.iter().map(|&l| w[l]).collect());
+
+        be.resize(&mut acts.d_logits, sequences * self.num_labels);
+        let loss = be.cross_entropy(
+            &mut acts.d_logits,
+            &acts.logits,
+            labels,
+            weights.as_deref(),
+            self.num_labels,
+        );
+        be.scale(&mut acts.d_logits, grad_scale);
+
+        // Classifier and head dropout.
+        be.resize(&mut acts.d_head_input, sequences * h);
+        let (w, b) = (self.classifier_weight, self.classifier_bias);
+        let (weight, grads) = weight_and_grads(p, w, b);
+        be.linear_backward(
+            Some(&mut acts.d_head_input),
+            grads.0,
+            grads.1,
+            &acts.d_logits,
+            &acts.head_input,
+            weight,
+            sequences,
+        );
+        let dropout_of = |site| dropout_for(c, self.head_dropout, self.dropouts, site);
+        be.dropout(&mut acts.d_head_input, dropout_of(Site::Head));
+
+        // Pooling.
+        be.resize(&mut acts.d_hidden, t * h);
+        match self.pooling {
+            Pooling::Mean => {
+                be.mean_pool_backward(&mut acts.d_hidden, &acts.d_head_input, &batch.offsets, h)
+            }
+            Pooling::Cls => be.scatter_rows(
+                &mut acts.d_hidden,
+                &acts.d_head_input,
+                &batch.offsets[..sequences],
+                h,
+            ),
+            Pooling::Pooler => {
+                let (w, b) = self.pooler.expect("checked at construction");
+                be.tanh_backward(&mut acts.d_head_input, &acts.pooled);
+                be.resize(&mut acts.d_cls, sequences * h);
+                let (weight, grads) = weight_and_grads(p, w, b);
+                be.linear_backward(
+                    Some(&mut acts.d_cls),
+                    grads.0,
+                    grads.1,
+                    &acts.d_head_input,
+                    &acts.cls,
+                    weight,
+                    sequences,
+                );
+                be.scatter_rows(
+                    &mut acts.d_hidden,
+                    &acts.d_cls,
+                    &batch.offsets[..sequences],
+                    h,
+                );
+            }
+        }
+
+        // Layers, last to first. `d_hidden` holds the gradient of the
+        // layer's output on entry and of its input on exit.
+        be.resize(&mut acts.d_branch, t * h);
+        be.resize(&mut acts.d_sum, t * h);
+        be.resize(&mut acts.d_wide, t * inter);
+        be.resize(&mut acts.d_qkv, t * 3 * h);
+        for (l, lp) in layers.iter().enumerate().rev() {
+            let a = &acts.layers[l];
+            // Output LayerNorm over (dropout(dense(intermediate)) + attention_normed).
+            let (gamma, grads) = weight_and_grads(p, lp.output_norm_weight, lp.output_norm_bias);
+            be.layer_norm_backward(
+                &mut acts.d_sum,
+                grads.0,
+                grads.1,
+                &acts.d_hidden,
+                &a.output_sum,
+                gamma,
+                &a.output_mean,
+                &a.output_rstd,
+            );
+            be.copy(&mut acts.d_branch, &acts.d_sum);
+            be.dropout(&mut acts.d_branch, dropout_of(Site::Output(l)));
+            let (weight, grads) = weight_and_grads(p, lp.output_weight, lp.output_bias);
+            be.linear_backward(
+                Some(&mut acts.d_wide),
+                grads.0,
+                grads.1,
+                &acts.d_branch,
+                &a.intermediate,
+                weight,
+                t,
+            );
+            be.gelu_backward(&mut acts.d_wide, &a.intermediate_pre);
+            let (weight, grads) = weight_and_grads(p, lp.intermediate_weight, lp.intermediate_bias);
+            be.linear_backward(
+                Some(&mut acts.d_hidden),
+                grads.0,
+                grads.1,
+                &acts.d_wide,
+                &a.attention_normed,
+                weight,
+                t,
+            );
+            // Residual: attention_normed feeds both the FFN and the sum.
+            be.add_assign(&mut acts.d_hidden, &acts.d_sum);
+
+            // Attention LayerNorm over (dropout(dense(context)) + input).
+            let (gamma, grads) =
+                weight_and_grads(p, lp.attention_norm_weight, lp.attention_norm_bias);
+            be.layer_norm_backward(
+                &mut acts.d_sum,
+                grads.0,
+                grads.1,
+                &acts.d_hidden,
+                &a.attention_sum,
+                gamma,
+                &a.attention_mean,
+                &a.attention_rstd,
+            );
+            be.copy(&mut acts.d_branch, &acts.d_sum);
+            be.dropout(&mut acts.d_branch, dropout_of(Site::AttentionOutput(l)));
+            let (weight, grads) =
+                weight_and_grads(p, lp.attention_output_weight, lp.attention_output_bias);
+            // d_hidden is free again: use it for d_context.
+            be.linear_backward(
+                Some(&mut acts.d_hidden),
+                grads.0,
+                grads.1,
+                &acts.d_branch,
+                &a.context,
+                weight,
+                t,
+            );
+            be.attention_backward(
+                &mut acts.d_qkv,
+                &acts.d_hidden,
+                &a.qkv,
+                &a.probs,
+                &batch.offsets,
+                c.num_attention_heads,
+                c.head_dim(),
+                dropout_of(Site::AttentionProbs(l)),
+            );
+            let (weight, grads) = weight_and_grads(p, lp.qkv_weight, lp.qkv_bias);
+            be.linear_backward(
+                Some(&mut acts.d_hidden),
+                grads.0,
+                grads.1,
+                &acts.d_qkv,
+                &a.input,
+                weight,
+                t,
+            );
+            be.add_assign(&mut acts.d_hidden, &acts.d_sum);
+        }
+
+        // Embeddings: dropout, LayerNorm, lookup.
+        be.dropout(&mut acts.d_hidden, dropout_of(Site::Embeddings));
+        let (gamma, grads) =
+            weight_and_grads(p, self.embedding_norm_weight, self.embedding_norm_bias);
+        be.layer_norm_backward(
+            &mut acts.d_sum,
+            grads.0,
+            grads.1,
+            &acts.d_hidden,
+            &acts.embedding_sum,
+            gamma,
+            &acts.embedding_mean,
+            &acts.embedding_rstd,
+        );
+        let [word, position, token_type] = p.grads_mut([
+            self.word_embeddings,
+            self.position_embeddings,
+            self.token_type_embeddings,
+        ]);
+        be.embedding_backward(
+            word,
+            position,
+            token_type,
+            &acts.d_sum,
+            &batch.ids,
+            &batch.type_ids,
+            &batch.offsets,
+        );
+        loss
+    }
+}
+
+/// A layer's weight (read) and the gradients of its weight and bias (written).
+fn weight_and_grads<B: TrainBackend>(
+    p: &mut ParamStore<B>,
+    weight: ParamId,
+    bias: ParamId,
+) -> (&B::Tensor, (&mut B::Tensor, &mut B::Tensor)) {
+    p.weight_and_grads(weight, bias)
+}
+
+fn dropout_for(config: &BertConfig, head_dropout: f32, seed: Option<u64>, site: Site) -> Dropout {
+    let p = match site {
+        Site::Embeddings | Site::AttentionOutput(_) | Site::Output(_) => config.hidden_dropout_prob,
+        Site::AttentionProbs(_) => config.attention_probs_dropout_prob,
+        Site::Head => head_dropout,
+    };
+    match seed {
+        Some(seed) if p > 0.0 => Dropout {
+            p,
+            seed: rng::derive_seed(seed, site.label()),
+        },
+        _ => Dropout::OFF,
+    }
+}

@@ -1,0 +1,174 @@
+//! The `bertrt` binary end to end on all-MiniLM-L6-v2.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use common::{cosine, Fixture};
+
+fn bertrt(args: &[&str], stdin: &str) -> (bool, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bertrt"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+fn fixture_texts() -> Vec<String> {
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(common::fixture("forward.json")).unwrap()).unwrap();
+    json["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["text"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn embeddings(stdout: &str) -> Vec<Vec<f32>> {
+    stdout
+        .lines()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            v["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn embed_matches_pytorch_mean_pooling() {
+    let model = common::minilm_dir();
+    let fixture = Fixture::open("forward.safetensors");
+    let texts = fixture_texts();
+    // One text has newlines inside, so feed JSON lines; small batches check
+    // that order survives batching.
+    let input: String = texts
+        .iter()
+        .map(|t| serde_json::to_string(t).unwrap() + "\n")
+        .collect();
+    let model_arg = model.to_str().unwrap();
+    let (ok, stdout, stderr) = bertrt(
+        &[
+            "embed",
+            "--model",
+            model_arg,
+            "--jsonl",
+            "--batch-size",
+            "5",
+        ],
+        &input,
+    );
+    assert!(ok, "{stderr}");
+    let got = embeddings(&stdout);
+    assert_eq!(got.len(), texts.len());
+    for (i, e) in got.iter().enumerate() {
+        let c = cosine(e, &fixture.get(&format!("s{i}.mean_pooled")).1);
+        assert!(c >= 0.99999, "sentence {i}: cosine {c}");
+    }
+}
+
+#[test]
+fn embed_plain_lines_keeps_order_and_empty_lines() {
+    let model = common::minilm_dir();
+    let model_arg = model.to_str().unwrap();
+    let (ok, stdout, stderr) = bertrt(
+        &[
+            "embed",
+            "--model",
+            model_arg,
+            "--normalize",
+            "--batch-size",
+            "2",
+        ],
+        "first text\n\nthird text\r\nfourth",
+    );
+    assert!(ok, "{stderr}");
+    let got = embeddings(&stdout);
+    assert_eq!(got.len(), 4);
+    for e in &got {
+        let norm: f32 = e.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5);
+    }
+    // The empty line embeds like an empty text, i.e. like the fixture's "".
+    let (_, alone, _) = bertrt(&["embed", "--model", model_arg, "--normalize"], "\n");
+    assert!(cosine(&got[1], &embeddings(&alone)[0]) > 0.999999);
+}
+
+#[test]
+fn tokenize_prints_ids_and_tokens() {
+    let model = common::minilm_dir();
+    let (ok, stdout, stderr) = bertrt(
+        &["tokenize", "--model", model.to_str().unwrap()],
+        "The quick brown fox jumps over the lazy dog.\n",
+    );
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["tokens"][0], "[CLS]");
+    assert_eq!(v["tokens"][1], "the");
+    let fixture = Fixture::open("forward.safetensors");
+    let want: Vec<u32> = fixture.ids("s0.input_ids");
+    let got: Vec<u32> = v["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn info_describes_the_model() {
+    let model = common::minilm_dir();
+    let (ok, stdout, stderr) = bertrt(&["info", "--model", model.to_str().unwrap()], "");
+    assert!(ok, "{stderr}");
+    for needle in [
+        "BertModel",
+        "6 layers",
+        "hidden 384",
+        "parameters:     22713216",
+        "F32",
+        "tokenizer.json",
+        "max length:     512",
+    ] {
+        assert!(stdout.contains(needle), "{stdout} lacks {needle}");
+    }
+}
+
+#[test]
+fn bad_model_dir_fails_with_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, _, stderr) = bertrt(&["embed", "--model", tmp.path().to_str().unwrap()], "x\n");
+    assert!(!ok);
+    assert!(stderr.contains("model.safetensors"), "{stderr}");
+}
+
+#[test]
+fn invalid_jsonl_names_the_line() {
+    let model = common::minilm_dir();
+    let (ok, _, stderr) = bertrt(
+        &["embed", "--model", model.to_str().unwrap(), "--jsonl"],
+        "\"fine\"\n{\"txt\": 1}\n",
+    );
+    assert!(!ok);
+    assert!(stderr.contains("stdin line 2"), "{stderr}");
+}
