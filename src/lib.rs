@@ -6,8 +6,10 @@
 //! - [`tokenize`], [`checkpoint`], [`config`]: Hugging Face files in;
 //! - [`backend`]: the ops, on the CPU (SIMD) today.
 
+pub mod artifact;
 pub mod backend;
 pub mod checkpoint;
+pub mod classify;
 pub mod config;
 pub mod data;
 pub mod embed;
@@ -15,6 +17,7 @@ pub mod error;
 pub mod eval;
 pub mod model;
 pub mod rng;
+pub mod serve;
 pub mod tokenize;
 pub mod train;
 

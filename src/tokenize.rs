@@ -107,6 +107,38 @@ impl BertTokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// Whether the normalizer lowercases (None when it has no BERT
+    /// normalizer to ask).
+    pub fn lowercase(&self) -> Option<bool> {
+        match &self.source {
+            TokenizerSource::VocabTxt { lowercase, .. } => Some(*lowercase),
+            TokenizerSource::TokenizerJson(_) => {
+                let json: serde_json::Value =
+                    serde_json::from_str(&self.inner.to_string(false).ok()?).ok()?;
+                json["normalizer"]["lowercase"].as_bool()
+            }
+        }
+    }
+
+    /// Writes `tokenizer.json` with bertrt's truncation in it, so the file
+    /// states how the model's inputs were made.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        self.inner.save(path, true).map_err(|e| Error::Tokenizer {
+            path: path.into(),
+            message: format!("cannot write tokenizer: {e}"),
+        })
+    }
+
+    /// Encodes text pairs, in parallel, in input order.
+    pub fn encode_pair_batch(&self, pairs: &[(&str, &str)]) -> Result<Vec<Encoded>> {
+        let inputs: Vec<EncodeInput> = pairs.iter().map(|&(a, b)| (a, b).into()).collect();
+        let encodings = self
+            .inner
+            .encode_batch(inputs, true)
+            .map_err(|e| Error::Invalid(format!("tokenization failed: {e}")))?;
+        Ok(encodings.into_iter().map(to_encoded).collect())
+    }
+
     pub fn encode(&self, text: &str) -> Result<Encoded> {
         self.encode_input(text.into())
     }

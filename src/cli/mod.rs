@@ -2,8 +2,12 @@
 //! library.
 
 mod embed;
+mod eval;
+mod finetune;
 mod info;
 mod input;
+mod predict;
+mod serve;
 mod tokenize;
 
 use std::path::PathBuf;
@@ -30,6 +34,14 @@ enum Command {
     Tokenize(tokenize::Args),
     /// Embed text lines (stdin or --input) to JSON lines {"embedding": [...]}.
     Embed(embed::Args),
+    /// Fine-tune a sequence classifier; writes a calibrated model directory.
+    Finetune(Box<finetune::Args>),
+    /// Evaluate a fine-tuned model on labeled data (JSON, or --report table).
+    Eval(eval::Args),
+    /// Classify text lines to JSON lines {"label": ..., "probs": {...}}.
+    Predict(predict::Args),
+    /// Serve a model over HTTP with dynamic batching (/embed, /predict, /tokenize, /metrics).
+    Serve(serve::Args),
 }
 
 /// Flags shared by every command that loads a model.
@@ -50,6 +62,10 @@ pub fn run() -> ExitCode {
         Command::Info(args) => info::run(args),
         Command::Tokenize(args) => tokenize::run(args),
         Command::Embed(args) => embed::run(args),
+        Command::Finetune(args) => finetune::run(*args),
+        Command::Eval(args) => eval::run(args),
+        Command::Predict(args) => predict::run(args),
+        Command::Serve(args) => serve::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -25,7 +25,7 @@ impl<B: Backend> LayerNorm<B> {
 }
 
 /// Loads `{prefix}.weight` `[out, in]` and `{prefix}.bias` `[out]`.
-fn load_linear<B: Backend>(
+pub(crate) fn load_linear<B: Backend>(
     backend: &B,
     ckpt: &Checkpoint,
     prefix: &str,
@@ -116,6 +116,7 @@ pub struct Workspace<B: Backend> {
     intermediate: B::Tensor,
     cls: B::Tensor,
     pooled: B::Tensor,
+    logits: B::Tensor,
 }
 
 impl<B: Backend> Workspace<B> {
@@ -128,6 +129,7 @@ impl<B: Backend> Workspace<B> {
             intermediate: backend.new_tensor(),
             cls: backend.new_tensor(),
             pooled: backend.new_tensor(),
+            logits: backend.new_tensor(),
         }
     }
 }
@@ -304,6 +306,39 @@ impl<B: Backend> BertModel<B> {
         ws: &mut Workspace<B>,
         pooling: Pooling,
     ) -> Result<Vec<f32>> {
+        self.pool_in_place(batch, ws, pooling)?;
+        Ok(self.backend.to_host(&ws.pooled))
+    }
+
+    /// Logits `[sequences, classes]` of a classification `head` over the
+    /// pooled output of the last [`Self::forward`] on `batch`.
+    pub fn classify(
+        &self,
+        batch: &TokenBatch,
+        ws: &mut Workspace<B>,
+        pooling: Pooling,
+        head: &B::Linear,
+        classes: usize,
+    ) -> Result<Vec<f32>> {
+        self.pool_in_place(batch, ws, pooling)?;
+        let be = &self.backend;
+        be.resize(&mut ws.logits, batch.sequences() * classes);
+        be.matmul(
+            &mut ws.logits,
+            &ws.pooled,
+            batch.sequences(),
+            head,
+            Activation::Identity,
+        );
+        Ok(be.to_host(&ws.logits))
+    }
+
+    fn pool_in_place(
+        &self,
+        batch: &TokenBatch,
+        ws: &mut Workspace<B>,
+        pooling: Pooling,
+    ) -> Result<()> {
         let be = &self.backend;
         let hidden = self.config.hidden_size;
         let sequences = batch.sequences();
@@ -334,7 +369,7 @@ impl<B: Backend> BertModel<B> {
                 be.tanh(&mut ws.pooled);
             }
         }
-        Ok(be.to_host(&ws.pooled))
+        Ok(())
     }
 
     /// Every id must index its table: the ops trust their inputs.

@@ -2,6 +2,7 @@
 
 mod bert;
 
+pub(crate) use bert::load_linear;
 pub use bert::{BertModel, Workspace};
 
 use std::path::{Path, PathBuf};

@@ -63,7 +63,10 @@ impl Histogram {
                 Some(bound) => format!("{bound}"),
                 None => "+Inf".into(),
             };
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}");
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}"
+            );
         }
         let braces = if labels.is_empty() {
             String::new()
@@ -78,7 +81,14 @@ impl Histogram {
 
 /// The routes that get their own label; anything else is counted as
 /// `"other"` so that scanners cannot blow up the label set.
-pub const ROUTES: &[&str] = &["/embed", "/predict", "/tokenize", "/info", "/health", "/metrics"];
+pub const ROUTES: &[&str] = &[
+    "/embed",
+    "/predict",
+    "/tokenize",
+    "/info",
+    "/health",
+    "/metrics",
+];
 
 pub struct Metrics {
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
@@ -158,7 +168,12 @@ impl Metrics {
     /// The exposition text; `queue_depth` is sampled by the caller.
     pub fn render(&self, queue_depth: usize) -> String {
         let mut out = String::with_capacity(16 * 1024);
-        header(&mut out, "bertrt_requests_total", "counter", "HTTP requests by route and status.");
+        header(
+            &mut out,
+            "bertrt_requests_total",
+            "counter",
+            "HTTP requests by route and status.",
+        );
         for ((route, status), count) in lock(&self.requests).iter() {
             let _ = writeln!(
                 out,
@@ -194,8 +209,16 @@ impl Metrics {
                 "Tokenization time per request.",
                 &self.tokenization_duration,
             ),
-            ("bertrt_batch_size", "Sequences per batch.", &self.batch_size),
-            ("bertrt_batch_tokens", "Tokens per batch.", &self.batch_tokens),
+            (
+                "bertrt_batch_size",
+                "Sequences per batch.",
+                &self.batch_size,
+            ),
+            (
+                "bertrt_batch_tokens",
+                "Tokens per batch.",
+                &self.batch_tokens,
+            ),
             (
                 "bertrt_input_length_tokens",
                 "Tokens per input, special tokens included, after truncation.",

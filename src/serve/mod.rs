@@ -73,7 +73,9 @@ pub fn run(options: Options) -> Result<()> {
         Some(_) => Task::Classify,
         None => Task::Embed(info.pooling),
     };
-    let warmup_input = TokenBatch::from_encoded(&[loaded.tokenizer.encode("warm-up: the model runs once before serving")?]);
+    let warmup_input = TokenBatch::from_encoded(&[loaded
+        .tokenizer
+        .encode("warm-up: the model runs once before serving")?]);
 
     let queue = Queue::new(options.limits);
     let metrics = Arc::new(Metrics::default());
@@ -183,7 +185,8 @@ async fn serve_http(app: Arc<App>, options: &Options) -> Result<bool> {
 
 /// Resolves on the first SIGTERM or SIGINT (Ctrl-C).
 fn stop_signal() -> Result<impl std::future::Future<Output = ()>> {
-    let install = |e: std::io::Error| Error::Invalid(format!("cannot install signal handlers: {e}"));
+    let install =
+        |e: std::io::Error| Error::Invalid(format!("cannot install signal handlers: {e}"));
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};

@@ -216,14 +216,14 @@ impl Queue {
             }
         }
         let inputs = pack(jobs.iter().map(|job| &job.inputs));
-        Batch {
-            task,
-            inputs,
-            jobs,
-        }
+        Batch { task, inputs, jobs }
     }
 
-    fn wait<'a>(&self, state: MutexGuard<'a, State>, timeout: Option<Duration>) -> MutexGuard<'a, State> {
+    fn wait<'a>(
+        &self,
+        state: MutexGuard<'a, State>,
+        timeout: Option<Duration>,
+    ) -> MutexGuard<'a, State> {
         match timeout {
             Some(timeout) => {
                 self.changed

@@ -167,8 +167,12 @@ mod tests {
     fn inputs_take_a_string_or_a_list_of_strings() {
         let request = embed(br#"{"inputs": "hi", "truncate": true}"#, 4, false).unwrap();
         assert!(request.inputs.is_one() && request.normalize && request.pooling.is_none());
-        let request = embed(br#"{"inputs": ["a", "b"], "normalize": false, "pooling": "cls"}"#, 4, false)
-            .unwrap();
+        let request = embed(
+            br#"{"inputs": ["a", "b"], "normalize": false, "pooling": "cls"}"#,
+            4,
+            false,
+        )
+        .unwrap();
         assert_eq!(request.inputs.texts(), ["a", "b"]);
         assert!(!request.normalize);
         assert_eq!(request.pooling, Some(Pooling::Cls));
@@ -182,13 +186,28 @@ mod tests {
             (422, "\"inputs\" is an empty list".into())
         );
         let (status, text) = message(tokenize(br#"{"inputs": ["a", 3]}"#, 4));
-        assert_eq!((status, text.as_str()), (422, "\"inputs\"[1] is a number, expected a string"));
+        assert_eq!(
+            (status, text.as_str()),
+            (422, "\"inputs\"[1] is a number, expected a string")
+        );
         let (_, text) = message(tokenize(br#"{"inputs": ["a","b","c"]}"#, 2));
         assert!(text.contains("limit of 2"), "{text}");
         assert!(message(tokenize(br#"["a"]"#, 2)).1.contains("JSON object"));
-        assert!(message(tokenize(br#"{"text": "a"}"#, 2)).1.contains("missing"));
-        assert!(message(predict(br#"{"inputs": "a", "raw_scores": 1}"#, 2)).1.contains("raw_scores"));
-        assert!(message(embed(br#"{"inputs": "a", "pooling": "max"}"#, 2, true)).1.contains("\"max\""));
-        assert!(message(embed(br#"{"inputs": "a", "pooling": "pooler"}"#, 2, false)).1.contains("lacks"));
+        assert!(message(tokenize(br#"{"text": "a"}"#, 2))
+            .1
+            .contains("missing"));
+        assert!(message(predict(br#"{"inputs": "a", "raw_scores": 1}"#, 2))
+            .1
+            .contains("raw_scores"));
+        assert!(
+            message(embed(br#"{"inputs": "a", "pooling": "max"}"#, 2, true))
+                .1
+                .contains("\"max\"")
+        );
+        assert!(
+            message(embed(br#"{"inputs": "a", "pooling": "pooler"}"#, 2, false))
+                .1
+                .contains("lacks")
+        );
     }
 }

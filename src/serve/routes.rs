@@ -79,7 +79,11 @@ impl App {
     }
 
     /// Queues `texts` for `task` and waits for one row per text.
-    async fn infer(self: &Arc<Self>, task: Task, inputs: &Inputs) -> Result<Vec<Vec<f32>>, ApiError> {
+    async fn infer(
+        self: &Arc<Self>,
+        task: Task,
+        inputs: &Inputs,
+    ) -> Result<Vec<Vec<f32>>, ApiError> {
         if !self.is_ready() {
             return Err(ApiError::unavailable("the model is warming up"));
         }
@@ -229,8 +233,15 @@ async fn info(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
         Pooling::Pooler => "pooler",
     };
     let model_type = match &info.head {
-        Some(head) => json!({ "classifier": { "id2label": head.labels.iter().enumerate()
-            .map(|(i, label)| (i.to_string(), label.clone())).collect::<serde_json::Map<_, _>>() } }),
+        Some(head) => {
+            let id2label: serde_json::Map<String, serde_json::Value> = head
+                .labels
+                .iter()
+                .enumerate()
+                .map(|(i, label)| (i.to_string(), label.as_str().into()))
+                .collect();
+            json!({ "classifier": { "id2label": id2label } })
+        }
         None => json!({ "embedding": { "pooling": pooling } }),
     };
     Json(json!({

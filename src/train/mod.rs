@@ -1,5 +1,11 @@
 //! Fine-tuning: parameters and optimiser state, the training model with its
-//! backward pass, the loop.
+//! backward pass, the recipe and the loop.
 
 pub mod classifier;
 pub mod params;
+mod progress;
+pub mod recipe;
+mod run;
+
+pub use recipe::{Metric, TrainRecipe};
+pub use run::{finetune, Evaluation, TrainSummary};

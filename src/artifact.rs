@@ -1,0 +1,228 @@
+//! The model directory bertrt writes: Hugging Face files plus `bertrt.json`.
+//!
+//! - `config.json`: the base model's config with `architectures`,
+//!   `id2label`, `label2id` and `problem_type` set, so `transformers` loads
+//!   the directory as `BertForSequenceClassification`;
+//! - `model.safetensors`: Hugging Face names (`bert.*`, `classifier.*`);
+//! - `tokenizer.json`: the tokenizer with bertrt's truncation recorded;
+//! - `bertrt.json`: what `transformers` has no place for ([`ArtifactMeta`]).
+//!
+//! A directory is written next to its destination and renamed into place,
+//! so a crash never leaves a half-written model.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::Pooling;
+use crate::tokenize::BertTokenizer;
+
+/// Bumped when `bertrt.json` changes incompatibly.
+pub const FORMAT_VERSION: u32 = 1;
+pub const META_FILE: &str = "bertrt.json";
+
+/// How text becomes model input; a model is only valid with these settings.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Preprocessing {
+    pub max_length: usize,
+    pub truncation_side: String,
+    pub truncation_strategy: String,
+    pub lowercase: Option<bool>,
+    pub pooling: Pooling,
+    /// Whether inputs are text pairs (segment ids 0 and 1).
+    pub text_pair: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Calibration {
+    pub method: String,
+    pub temperature: f32,
+    pub dev_nll_before: f64,
+    pub dev_nll_after: f64,
+    pub dev_ece_before: f64,
+    pub dev_ece_after: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DataFile {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub examples: usize,
+    pub skipped: usize,
+}
+
+/// `bertrt.json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ArtifactMeta {
+    pub format_version: u32,
+    pub bertrt_version: String,
+    pub task: String,
+    pub labels: Vec<String>,
+    pub preprocessing: Preprocessing,
+    /// Logits are divided by this before softmax (1 when uncalibrated).
+    pub temperature: f32,
+    pub calibration: Option<Calibration>,
+    /// The full training recipe, seed included.
+    pub recipe: serde_json::Value,
+    pub data: BTreeMap<String, DataFile>,
+    /// Dev metrics of the saved checkpoint, with its epoch and step.
+    pub best: serde_json::Value,
+}
+
+impl ArtifactMeta {
+    /// `bertrt.json` in `dir`, if there is one.
+    pub fn read(dir: &Path) -> Result<Option<Self>> {
+        let path = dir.join(META_FILE);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let meta: ArtifactMeta = serde_json::from_str(&text).map_err(|e| Error::Config {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        if meta.format_version > FORMAT_VERSION {
+            return Err(Error::Config {
+                path,
+                message: format!(
+                    "format_version {} is newer than this bertrt reads ({FORMAT_VERSION}); upgrade bertrt",
+                    meta.format_version
+                ),
+            });
+        }
+        Ok(Some(meta))
+    }
+}
+
+/// `config.json` for a sequence classifier, from the base model's.
+pub fn classifier_config(base: &serde_json::Value, labels: &[String]) -> serde_json::Value {
+    let mut config = base.clone();
+    let id2label: serde_json::Map<String, serde_json::Value> = labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i.to_string(), l.clone().into()))
+        .collect();
+    let label2id: serde_json::Map<String, serde_json::Value> = labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.clone(), i.into()))
+        .collect();
+    config["architectures"] = serde_json::json!(["BertForSequenceClassification"]);
+    config["id2label"] = id2label.into();
+    config["label2id"] = label2id.into();
+    config["problem_type"] = "single_label_classification".into();
+    config
+}
+
+/// Everything a model directory holds.
+pub struct Artifact<'a> {
+    pub config: &'a serde_json::Value,
+    pub tensors: &'a [(String, Vec<usize>, Vec<f32>)],
+    pub tokenizer: &'a BertTokenizer,
+    pub meta: &'a ArtifactMeta,
+    /// Further files (name, contents), e.g. the training log.
+    pub extra: &'a [(&'a str, Vec<u8>)],
+}
+
+/// Refuses to let training replace a directory that is not a bertrt model:
+/// `--out` pointing at the wrong place must not cost the user data.
+pub fn check_replaceable(out: &Path) -> Result<()> {
+    if !out.exists() {
+        return Ok(());
+    }
+    let is_empty_dir = out.is_dir()
+        && std::fs::read_dir(out)
+            .map_err(|e| Error::io(out, e))?
+            .next()
+            .is_none();
+    if is_empty_dir || out.join(META_FILE).exists() {
+        return Ok(());
+    }
+    Err(Error::Invalid(format!(
+        "{}: exists and is not a bertrt model directory (no {META_FILE}); refusing to replace it, choose another --out",
+        out.display()
+    )))
+}
+
+impl Artifact<'_> {
+    /// Writes the directory beside `out`, then renames it into place
+    /// (replacing a previous version of the model there).
+    pub fn write(&self, out: &Path) -> Result<()> {
+        check_replaceable(out)?;
+        let name = out
+            .file_name()
+            .ok_or_else(|| Error::Invalid(format!("{}: not a directory name", out.display())))?
+            .to_string_lossy()
+            .into_owned();
+        let parent = match out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+        let staging = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+        }
+        std::fs::create_dir(&staging).map_err(|e| Error::io(&staging, e))?;
+        self.write_files(&staging)?;
+
+        let previous = parent.join(format!(".{name}.old-{}", std::process::id()));
+        if out.exists() {
+            std::fs::rename(out, &previous).map_err(|e| Error::io(out, e))?;
+        }
+        std::fs::rename(&staging, out).map_err(|e| Error::io(out, e))?;
+        if previous.exists() {
+            std::fs::remove_dir_all(&previous).map_err(|e| Error::io(&previous, e))?;
+        }
+        Ok(())
+    }
+
+    fn write_files(&self, dir: &Path) -> Result<()> {
+        let write = |file: &str, bytes: &[u8]| -> Result<()> {
+            let path = dir.join(file);
+            std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
+            // Durable before the rename publishes it.
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| Error::io(&path, e))
+        };
+        write("config.json", &pretty(self.config))?;
+        write(
+            META_FILE,
+            &pretty(&serde_json::to_value(self.meta).expect("serialisable")),
+        )?;
+        write("model.safetensors", &safetensors_bytes(self.tensors)?)?;
+        let tokenizer_path = dir.join("tokenizer.json");
+        self.tokenizer.save(&tokenizer_path)?;
+        for (file, bytes) in self.extra {
+            write(file, bytes)?;
+        }
+        Ok(())
+    }
+}
+
+fn pretty(value: &serde_json::Value) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec_pretty(value).expect("serialisable");
+    bytes.push(b'\n');
+    bytes
+}
+
+fn safetensors_bytes(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<Vec<u8>> {
+    let views = tensors
+        .iter()
+        .map(|(name, shape, data)| {
+            safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                shape.clone(),
+                bytemuck::cast_slice(data),
+            )
+            .map(|view| (name.clone(), view))
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::Invalid(format!("cannot serialise tensors: {e}")))?;
+    let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize(views, Some(metadata))
+        .map_err(|e| Error::Invalid(format!("cannot serialise tensors: {e}")))
+}

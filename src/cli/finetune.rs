@@ -1,0 +1,126 @@
+use std::path::PathBuf;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use bertrt::backend::cpu::CpuBackend;
+use bertrt::model::Pooling;
+use bertrt::train::{finetune, Metric, TrainRecipe};
+
+/// Every setting may also come from `--config train.toml` (same names, with
+/// underscores); flags given here override the file. Defaults: see
+/// `bertrt::train::recipe`.
+#[derive(clap::Args, Serialize)]
+pub struct Args {
+    /// TOML file with any of the settings below.
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Hugging Face model directory to start from.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Training data: .csv, .tsv or .jsonl.
+    #[arg(long)]
+    train: Option<PathBuf>,
+    /// Validation data, for evaluation, early stopping and calibration.
+    #[arg(long)]
+    valid: Option<PathBuf>,
+    /// Output model directory (replaced atomically at each improvement).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Column (CSV/TSV) or key (JSONL) of the text [default: text].
+    #[arg(long)]
+    text_column: Option<String>,
+    /// Column or key of the label [default: label].
+    #[arg(long)]
+    label_column: Option<String>,
+    /// Column or key of a second text, for sentence-pair tasks.
+    #[arg(long)]
+    text_pair_column: Option<String>,
+    /// Skip (and count) rows with empty or missing text or label.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
+    skip_bad_rows: bool,
+    /// [default: 3]
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Examples per micro-batch [default: 16].
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Micro-batches per optimizer step [default: 1].
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    /// Peak learning rate [default: 3e-5].
+    #[arg(long)]
+    lr: Option<f32>,
+    /// Fraction of steps of linear warm-up [default: 0.1].
+    #[arg(long)]
+    warmup_ratio: Option<f32>,
+    /// AdamW weight decay, not applied to biases and LayerNorm [default: 0.01].
+    #[arg(long)]
+    weight_decay: Option<f32>,
+    /// Clip the global gradient norm to this [default: 1.0].
+    #[arg(long)]
+    max_grad_norm: Option<f32>,
+    /// Tokens per input, special tokens included [default: 128].
+    #[arg(long)]
+    max_length: Option<usize>,
+    /// [default: pooler, as BertForSequenceClassification]
+    #[arg(long, value_enum)]
+    pooling: Option<Pooling>,
+    /// Dropout before the classifier [default: 0.1].
+    #[arg(long)]
+    head_dropout: Option<f32>,
+    /// [default: 42]
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Also evaluate every N optimizer steps.
+    #[arg(long)]
+    eval_every: Option<usize>,
+    /// Stop after N evaluations without improvement.
+    #[arg(long)]
+    patience: Option<usize>,
+    /// Selects the best checkpoint [default: macro-f1].
+    #[arg(long, value_enum)]
+    metric: Option<Metric>,
+    /// Batch examples in random order instead of grouping similar lengths.
+    #[arg(long)]
+    #[serde(skip)]
+    no_bucketing: bool,
+    /// Skip temperature scaling on dev.
+    #[arg(long)]
+    #[serde(skip)]
+    no_calibration: bool,
+    /// CPU threads (0: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// No progress output.
+    #[arg(long)]
+    #[serde(skip)]
+    quiet: bool,
+}
+
+fn is_false(value: &bool) -> bool {
+    !value
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let mut overrides = serde_json::to_value(&args)?;
+    if args.no_bucketing {
+        overrides["bucket_by_length"] = false.into();
+    }
+    if args.no_calibration {
+        overrides["calibrate"] = false.into();
+    }
+    let recipe = TrainRecipe::resolve(args.config.as_deref(), overrides)?;
+    let summary = finetune(CpuBackend::new(recipe.threads), &recipe, args.quiet)?;
+    let report = serde_json::json!({
+        "out": summary.out,
+        "steps": summary.steps,
+        "samples_per_s": summary.samples_per_second,
+        "stopped_early": summary.stopped_early,
+        "best": summary.best,
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}

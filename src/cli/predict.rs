@@ -1,0 +1,60 @@
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+
+use bertrt::backend::cpu::CpuBackend;
+use bertrt::classify::{Classifier, Input};
+
+use super::input::{InputArgs, Texts};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A fine-tuned model directory.
+    #[arg(long)]
+    model: PathBuf,
+    #[command(flatten)]
+    input: InputArgs,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// CPU threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if args.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let mut classifier = Classifier::load(CpuBackend::new(args.threads), &args.model)?;
+    let mut texts = Texts::open(&args.input)?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    loop {
+        let chunk = texts.next_chunk(args.batch_size)?;
+        if chunk.is_empty() {
+            break;
+        }
+        let inputs: Vec<Input> = chunk
+            .iter()
+            .map(|t| Input {
+                text: t,
+                pair: None,
+            })
+            .collect();
+        for probs in classifier.probabilities(&inputs)? {
+            let best = (0..probs.len())
+                .max_by(|&a, &b| probs[a].total_cmp(&probs[b]))
+                .unwrap_or(0);
+            let by_label: serde_json::Map<String, serde_json::Value> = classifier
+                .labels
+                .iter()
+                .zip(&probs)
+                .map(|(label, p)| (label.clone(), (*p).into()))
+                .collect();
+            let line = serde_json::json!({"label": classifier.labels[best], "probs": by_label});
+            writeln!(out, "{line}")?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}

@@ -1,0 +1,435 @@
+//! The fine-tuning loop: data in, the best checkpoint (by dev metric) out as
+//! a calibrated artifact.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::artifact::{self, Artifact, ArtifactMeta, Calibration, DataFile, Preprocessing};
+use crate::backend::train::{AdamW, TrainBackend};
+use crate::checkpoint::Checkpoint;
+use crate::config::BertConfig;
+use crate::data::{self, DataSpec, Dataset, LabelSet};
+use crate::error::{Error, Result};
+use crate::eval::calibration::{
+    expected_calibration_error, fit_temperature, nll, softmax_with_temperature,
+};
+use crate::eval::ClassificationReport;
+use crate::model::{ModelFiles, TokenBatch};
+use crate::rng;
+use crate::tokenize::{BertTokenizer, Encoded};
+use crate::train::classifier::{ForwardMode, SequenceClassifier};
+use crate::train::progress::Progress;
+use crate::train::recipe::{linear_schedule, Metric, TrainRecipe};
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub out: PathBuf,
+    pub steps: usize,
+    pub best: serde_json::Value,
+    pub samples_per_second: f64,
+    pub stopped_early: bool,
+}
+
+/// A tokenized split with its label ids.
+struct Split {
+    dataset: Dataset,
+    encoded: Vec<Encoded>,
+    labels: Vec<usize>,
+}
+
+impl Split {
+    fn load(
+        path: &Path,
+        spec: &DataSpec,
+        tokenizer: &BertTokenizer,
+        label_set: Option<&LabelSet>,
+    ) -> Result<(Self, LabelSet)> {
+        let dataset = data::read_dataset(path, spec)?;
+        let label_set = match label_set {
+            Some(set) => set.clone(),
+            None => LabelSet::from_training(&dataset),
+        };
+        let labels = label_set.encode(&dataset)?;
+        let encoded = if spec.text_pair_column.is_some() {
+            let pairs: Vec<(&str, &str)> = dataset
+                .examples
+                .iter()
+                .map(|e| (e.text.as_str(), e.text_pair.as_deref().unwrap_or("")))
+                .collect();
+            tokenizer.encode_pair_batch(&pairs)?
+        } else {
+            let texts: Vec<&str> = dataset.examples.iter().map(|e| e.text.as_str()).collect();
+            tokenizer.encode_batch(&texts)?
+        };
+        Ok((
+            Split {
+                dataset,
+                encoded,
+                labels,
+            },
+            label_set,
+        ))
+    }
+
+    fn lengths(&self) -> Vec<usize> {
+        self.encoded.iter().map(|e| e.ids.len()).collect()
+    }
+
+    fn batch(&self, indices: &[usize]) -> (TokenBatch, Vec<usize>) {
+        (
+            TokenBatch::from_encoded(indices.iter().map(|&i| &self.encoded[i])),
+            indices.iter().map(|&i| self.labels[i]).collect(),
+        )
+    }
+
+    fn record(&self) -> DataFile {
+        DataFile {
+            path: self.dataset.path.clone(),
+            sha256: self.dataset.sha256.clone(),
+            examples: self.dataset.examples.len(),
+            skipped: self.dataset.skipped,
+        }
+    }
+}
+
+/// Dev-set evaluation of the current parameters.
+pub struct Evaluation {
+    pub loss: f64,
+    pub report: ClassificationReport,
+    /// `[examples, labels]`, in dev order.
+    pub logits: Vec<f32>,
+}
+
+impl Evaluation {
+    fn score(&self, metric: Metric) -> f64 {
+        match metric {
+            Metric::MacroF1 => self.report.macro_f1,
+            Metric::Accuracy => self.report.accuracy,
+            Metric::Loss => -self.loss,
+        }
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "loss": self.loss,
+            "accuracy": self.report.accuracy,
+            "macro_f1": self.report.macro_f1,
+            "weighted_f1": self.report.weighted_f1,
+        })
+    }
+}
+
+fn evaluate<B: TrainBackend>(
+    model: &mut SequenceClassifier<B>,
+    split: &Split,
+    label_names: &[String],
+    batch_size: usize,
+) -> Result<Evaluation> {
+    let classes = label_names.len();
+    let mut logits = vec![0.0f32; split.encoded.len() * classes];
+    for indices in data::eval_batches(&split.lengths(), batch_size) {
+        let (batch, _) = split.batch(&indices);
+        let batch_logits = model.forward(&batch, ForwardMode { dropout_seed: None })?;
+        for (row, &i) in batch_logits.chunks_exact(classes).zip(&indices) {
+            logits[i * classes..(i + 1) * classes].copy_from_slice(row);
+        }
+    }
+    let predictions: Vec<usize> = logits
+        .chunks_exact(classes)
+        .map(|row| {
+            row.iter()
+                .enumerate()
+                .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+                    if v > best.1 {
+                        (i, v)
+                    } else {
+                        best
+                    }
+                })
+                .0
+        })
+        .collect();
+    Ok(Evaluation {
+        loss: nll(&logits, classes, &split.labels, 1.0),
+        report: ClassificationReport::compute(label_names, &split.labels, &predictions),
+        logits,
+    })
+}
+
+/// Appends JSON lines to `<out>.metrics.jsonl` while training; each saved
+/// artifact carries a copy.
+struct MetricsLog {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl MetricsLog {
+    fn create(out: &Path) -> Result<Self> {
+        let mut name = out.file_name().unwrap_or_default().to_os_string();
+        name.push(".metrics.jsonl");
+        let path = out.with_file_name(name);
+        let file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+        Ok(MetricsLog { path, file })
+    }
+
+    fn write(&mut self, line: serde_json::Value) -> Result<()> {
+        writeln!(self.file, "{line}").map_err(|e| Error::io(&self.path, e))
+    }
+
+    fn contents(&self) -> Result<Vec<u8>> {
+        std::fs::read(&self.path).map_err(|e| Error::io(&self.path, e))
+    }
+}
+
+/// Runs `recipe` on `backend`.
+pub fn finetune<B: TrainBackend>(
+    backend: B,
+    recipe: &TrainRecipe,
+    quiet: bool,
+) -> Result<TrainSummary> {
+    artifact::check_replaceable(&recipe.out)?;
+    let files = ModelFiles::locate(&recipe.model)?;
+    let config = BertConfig::from_file(&files.config)?;
+    if recipe.max_length > config.max_position_embeddings {
+        return Err(Error::Invalid(format!(
+            "max_length {} exceeds the model's max_position_embeddings {}",
+            recipe.max_length, config.max_position_embeddings
+        )));
+    }
+    let base_config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&files.config).map_err(|e| Error::io(&files.config, e))?,
+    )
+    .map_err(|e| Error::Config {
+        path: files.config.clone(),
+        message: e.to_string(),
+    })?;
+    let tokenizer = BertTokenizer::from_dir(&files.dir, recipe.max_length)?;
+    let spec = DataSpec {
+        text_column: recipe.text_column.clone(),
+        label_column: recipe.label_column.clone(),
+        text_pair_column: recipe.text_pair_column.clone(),
+        skip_bad_rows: recipe.skip_bad_rows,
+    };
+    let (train, label_set) = Split::load(&recipe.train, &spec, &tokenizer, None)?;
+    let (valid, _) = Split::load(&recipe.valid, &spec, &tokenizer, Some(&label_set))?;
+    let label_names = label_set.labels().to_vec();
+    if label_names.len() < 2 {
+        return Err(Error::Invalid(format!(
+            "{}: only one label ({:?}) in the training data; classification needs at least two",
+            recipe.train.display(),
+            label_names
+        )));
+    }
+
+    let ckpt = Checkpoint::open(&files.weights)?;
+    let mut model = SequenceClassifier::new(
+        backend,
+        config,
+        &ckpt,
+        recipe.pooling,
+        label_names.len(),
+        recipe.head_dropout,
+        recipe.seed,
+    )?;
+    drop(ckpt);
+
+    let micro_batches_per_epoch = train.encoded.len().div_ceil(recipe.batch_size);
+    let steps_per_epoch = micro_batches_per_epoch.div_ceil(recipe.grad_accum);
+    let total_steps = steps_per_epoch * recipe.epochs;
+    let warmup = (recipe.warmup_ratio * total_steps as f32).ceil() as usize;
+    let mut log = MetricsLog::create(&recipe.out)?;
+    let mut progress = Progress::new(total_steps, quiet);
+    progress.message(&format!(
+        "fine-tuning {} on {} examples ({} labels), {} epochs x {} steps, {} parameters, {}",
+        recipe.model.display(),
+        train.encoded.len(),
+        label_names.len(),
+        recipe.epochs,
+        steps_per_epoch,
+        model.params.parameter_count(),
+        model.backend.describe(),
+    ));
+
+    let recipe_json = serde_json::to_value(recipe).expect("serialisable");
+    let data_records = BTreeMap::from([
+        ("train".to_string(), train.record()),
+        ("valid".to_string(), valid.record()),
+    ]);
+    let mut best_score = f64::NEG_INFINITY;
+    let mut best = serde_json::Value::Null;
+    let mut evals_without_improvement = 0;
+    let mut stopped_early = false;
+    let mut step = 0;
+    let mut samples_seen = 0usize;
+    let started = Instant::now();
+
+    'epochs: for epoch in 0..recipe.epochs {
+        let batches = data::epoch_batches(
+            &train.lengths(),
+            recipe.batch_size,
+            recipe.seed,
+            epoch,
+            recipe.bucket_by_length,
+        );
+        for group in batches.chunks(recipe.grad_accum) {
+            let step_started = Instant::now();
+            let group_examples: usize = group.iter().map(Vec::len).sum();
+            model.params.zero_grads(&model.backend);
+            let mut loss = 0.0f32;
+            for (micro, indices) in group.iter().enumerate() {
+                let (batch, labels) = train.batch(indices);
+                let dropout_seed =
+                    rng::derive_seed(recipe.seed, (step * recipe.grad_accum + micro) as u64);
+                model.forward(
+                    &batch,
+                    ForwardMode {
+                        dropout_seed: Some(dropout_seed),
+                    },
+                )?;
+                let share = indices.len() as f32 / group_examples as f32;
+                loss += share * model.backward(&batch, &labels, None, share);
+            }
+            let grad_norm = model.params.grad_norm(&model.backend);
+            if !loss.is_finite() || !grad_norm.is_finite() {
+                return Err(Error::Invalid(format!(
+                    "non-finite {} at step {} (epoch {}); training stopped. The last good checkpoint in {} is intact. Try a lower --lr or --max-grad-norm.",
+                    if loss.is_finite() { "gradient" } else { "loss" },
+                    step + 1,
+                    epoch + 1,
+                    recipe.out.display()
+                )));
+            }
+            if grad_norm > recipe.max_grad_norm as f64 {
+                model.params.scale_grads(
+                    &model.backend,
+                    (recipe.max_grad_norm as f64 / grad_norm) as f32,
+                );
+            }
+            let lr = linear_schedule(recipe.lr, step, warmup, total_steps);
+            model.params.adamw_step(
+                &model.backend,
+                AdamW {
+                    lr,
+                    beta1: recipe.adam_beta1,
+                    beta2: recipe.adam_beta2,
+                    eps: recipe.adam_eps,
+                    weight_decay: recipe.weight_decay,
+                    step: step as u32 + 1,
+                },
+            );
+            samples_seen += group_examples;
+            let samples_per_s = group_examples as f64 / step_started.elapsed().as_secs_f64();
+            log.write(serde_json::json!({
+                "step": step + 1,
+                "epoch": epoch as f64 + (step % steps_per_epoch + 1) as f64 / steps_per_epoch as f64,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "samples_per_s": samples_per_s,
+            }))?;
+            progress.step(step, epoch + 1, loss, lr, samples_per_s);
+            step += 1;
+
+            let end_of_epoch = step % steps_per_epoch == 0;
+            let scheduled = recipe.eval_every.is_some_and(|n| step % n == 0);
+            if end_of_epoch || scheduled {
+                let evaluation = evaluate(&mut model, &valid, &label_names, recipe.batch_size * 2)?;
+                let score = evaluation.score(recipe.metric);
+                let improved = score > best_score;
+                log.write(serde_json::json!({"step": step, "epoch": epoch + 1, "eval": evaluation.to_json(), "improved": improved}))?;
+                progress.message(&format!(
+                    "eval at step {step}: loss {:.4} accuracy {:.4} macro_f1 {:.4}{}",
+                    evaluation.loss,
+                    evaluation.report.accuracy,
+                    evaluation.report.macro_f1,
+                    if improved { " (best, saved)" } else { "" }
+                ));
+                if improved {
+                    best_score = score;
+                    evals_without_improvement = 0;
+                    best = serde_json::json!({"step": step, "epoch": epoch + 1, "metric": recipe.metric, "dev": evaluation.to_json()});
+                    let meta = ArtifactMeta {
+                        format_version: artifact::FORMAT_VERSION,
+                        bertrt_version: crate::VERSION.into(),
+                        task: "sequence-classification".into(),
+                        labels: label_names.clone(),
+                        preprocessing: Preprocessing {
+                            max_length: recipe.max_length,
+                            truncation_side: "right".into(),
+                            truncation_strategy: "longest_first".into(),
+                            lowercase: tokenizer.lowercase(),
+                            pooling: recipe.pooling,
+                            text_pair: recipe.text_pair_column.is_some(),
+                        },
+                        temperature: 1.0,
+                        calibration: None,
+                        recipe: recipe_json.clone(),
+                        data: data_records.clone(),
+                        best: best.clone(),
+                    };
+                    let meta = if recipe.calibrate {
+                        calibrated(meta, &evaluation, &valid.labels)
+                    } else {
+                        meta
+                    };
+                    Artifact {
+                        config: &artifact::classifier_config(&base_config, &label_names),
+                        tensors: &model.params.export(&model.backend),
+                        tokenizer: &tokenizer,
+                        meta: &meta,
+                        extra: &[("metrics.jsonl", log.contents()?)],
+                    }
+                    .write(&recipe.out)?;
+                } else {
+                    evals_without_improvement += 1;
+                    if recipe
+                        .patience
+                        .is_some_and(|p| evals_without_improvement >= p)
+                    {
+                        progress.message(&format!(
+                            "early stop: no improvement in {evals_without_improvement} evaluations"
+                        ));
+                        stopped_early = true;
+                        break 'epochs;
+                    }
+                }
+            }
+        }
+    }
+    // The artifact holds the log now; the live copy is no longer needed.
+    let live_log = log.path.clone();
+    drop(log);
+    let _ = std::fs::remove_file(live_log);
+    Ok(TrainSummary {
+        out: recipe.out.clone(),
+        steps: step,
+        best,
+        samples_per_second: samples_seen as f64 / started.elapsed().as_secs_f64(),
+        stopped_early,
+    })
+}
+
+/// Temperature scaling on the dev logits (Guo et al. 2017).
+fn calibrated(meta: ArtifactMeta, evaluation: &Evaluation, gold: &[usize]) -> ArtifactMeta {
+    let classes = meta.labels.len();
+    let temperature = fit_temperature(&evaluation.logits, classes, gold);
+    let ece = |t: f32| {
+        let probs = softmax_with_temperature(&evaluation.logits, classes, t);
+        expected_calibration_error(&probs, classes, gold, 15)
+    };
+    ArtifactMeta {
+        temperature,
+        calibration: Some(Calibration {
+            method: "temperature scaling on dev".into(),
+            temperature,
+            dev_nll_before: nll(&evaluation.logits, classes, gold, 1.0),
+            dev_nll_after: nll(&evaluation.logits, classes, gold, temperature),
+            dev_ece_before: ece(1.0),
+            dev_ece_after: ece(temperature),
+        }),
+        ..meta
+    }
+}

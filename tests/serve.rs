@@ -1,0 +1,514 @@
+//! `bertrt serve` end to end: the real binary on an ephemeral loopback port,
+//! driven by a minimal HTTP/1.1 client over raw TCP.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use safetensors::Dtype;
+use serde_json::{json, Value};
+
+struct Response {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Response {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn error(&self) -> String {
+        self.json()["error"].as_str().unwrap().to_owned()
+    }
+}
+
+/// One request on its own connection (`Connection: close`).
+fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Response {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    // A server that refuses a large body early may close before reading it.
+    let _ = stream.write_all(body);
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("a complete response");
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|line| line.split_once(": "))
+        .map(|(n, v)| (n.to_owned(), v.to_owned()))
+        .collect();
+    Response {
+        status,
+        headers,
+        body: body.to_owned(),
+    }
+}
+
+fn post(addr: SocketAddr, path: &str, body: Value) -> Response {
+    http(addr, "POST", path, body.to_string().as_bytes())
+}
+
+fn get(addr: SocketAddr, path: &str) -> Response {
+    http(addr, "GET", path, b"")
+}
+
+/// A running `bertrt serve`, killed on drop unless it already exited.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    log: Arc<Mutex<String>>,
+}
+
+impl Server {
+    fn start(model: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_bertrt"))
+            .args(["serve", "--port", "0", "--model"])
+            .arg(model)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let line = line.unwrap();
+                if let Some(addr) = line.strip_prefix("listening on ") {
+                    let _ = addr_tx.send(addr.parse::<SocketAddr>().unwrap());
+                }
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let addr = addr_rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("server did not start: {}", log.lock().unwrap()));
+        let server = Server { child, addr, log };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while get(server.addr, "/health").status != 200 {
+            assert!(Instant::now() < deadline, "never healthy: {}", server.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "did not exit: {}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tiny_model() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = common::safetensors_bytes(&common::tiny_tensors(1), Dtype::F32);
+    common::write_tiny_model(dir.path(), &common::tiny_config(), &weights);
+    dir
+}
+
+fn vectors(response: &Response) -> Vec<Vec<f32>> {
+    assert_eq!(response.status, 200, "{}", response.body);
+    serde_json::from_str(&response.body).unwrap()
+}
+
+/// A text of about `words` wordpieces for MiniLM.
+fn long_text(words: usize) -> String {
+    let pool = [
+        "serving", "models", "with", "dynamic", "batching", "is", "fun", "and", "fast",
+    ];
+    (0..words)
+        .map(|i| pool[i % pool.len()])
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+fn every_route_answers_on_the_tiny_model() {
+    let model = tiny_model();
+    let server = Server::start(model.path(), &["--max-batch-requests", "8"]);
+    let addr = server.addr;
+
+    assert_eq!(get(addr, "/health").json()["status"], "ok");
+
+    let info = get(addr, "/info").json();
+    assert_eq!(info["max_input_length"], 64);
+    assert_eq!(info["max_batch_requests"], 8);
+    assert_eq!(info["hidden_size"], 16);
+    assert_eq!(info["model_dtype"], "float32");
+    assert_eq!(info["model_type"]["embedding"]["pooling"], "mean");
+    assert!(info["labels"].is_null());
+    assert_eq!(info["version"], env!("CARGO_PKG_VERSION"));
+
+    let tokens = post(
+        addr,
+        "/tokenize",
+        json!({"inputs": ["the cat sat", "dogs"]}),
+    )
+    .json();
+    let texts = |i: usize| -> Vec<String> {
+        tokens[i]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["text"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(texts(0), ["[CLS]", "the", "cat", "sat", "[SEP]"]);
+    assert_eq!(texts(1), ["[CLS]", "dog", "##s", "[SEP]"]);
+    assert_eq!(tokens[0][2]["id"], 6);
+
+    // One text, normalized by default.
+    let one = vectors(&post(addr, "/embed", json!({"inputs": "the cat sat"})));
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0].len(), 16);
+    let norm: f32 = one[0].iter().map(|x| x * x).sum::<f32>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-5, "norm {norm}");
+
+    // A list comes back in order and equals each text alone.
+    let texts = ["the dog ran fast", "a small cat", "the cat sat"];
+    let many = vectors(&post(addr, "/embed", json!({"inputs": texts})));
+    assert_eq!(many.len(), 3);
+    assert!(common::max_abs_diff(&many[2], &one[0]) < 1e-5);
+    for (text, vector) in texts.iter().zip(&many) {
+        let alone = vectors(&post(addr, "/embed", json!({"inputs": [text]})));
+        assert!(common::max_abs_diff(&alone[0], vector) < 1e-5);
+    }
+
+    let raw = vectors(&post(
+        addr,
+        "/embed",
+        json!({"inputs": ["the cat sat"], "normalize": false, "pooling": "cls"}),
+    ));
+    let raw_norm: f32 = raw[0].iter().map(|x| x * x).sum::<f32>().sqrt();
+    assert!((raw_norm - 1.0).abs() > 1e-3, "pooling cls, not normalized");
+    let pooler = vectors(&post(
+        addr,
+        "/embed",
+        json!({"inputs": "a", "pooling": "pooler"}),
+    ));
+    assert_eq!(pooler[0].len(), 16);
+
+    let predict = post(addr, "/predict", json!({"inputs": "the cat sat"}));
+    assert_eq!(predict.status, 422);
+    assert!(
+        predict.error().contains("no classification head"),
+        "{}",
+        predict.body
+    );
+    assert!(
+        predict.error().contains("bertrt finetune"),
+        "{}",
+        predict.body
+    );
+
+    let metrics = get(addr, "/metrics");
+    assert_eq!(metrics.status, 200);
+    assert!(metrics
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/plain"));
+    let text = metrics.body;
+    for needle in [
+        "bertrt_requests_total{route=\"/embed\",status=\"200\"} 7",
+        "bertrt_requests_total{route=\"/predict\",status=\"422\"} 1",
+        "bertrt_request_duration_seconds_bucket{route=\"/embed\",le=\"+Inf\"} 7",
+        "bertrt_queue_duration_seconds_count 7",
+        "bertrt_tokenization_duration_seconds_count 8",
+        "bertrt_batch_tokens_sum",
+        "bertrt_batch_size_bucket{le=\"1\"}",
+        "bertrt_input_length_tokens_bucket{le=\"8\"}",
+        "bertrt_inference_duration_seconds_bucket",
+        "bertrt_queue_depth 0",
+        "# TYPE bertrt_predictions_total counter",
+        "# TYPE bertrt_prediction_confidence histogram",
+    ] {
+        assert!(text.contains(needle), "metrics lack {needle}:\n{text}");
+    }
+}
+
+#[test]
+fn every_error_status() {
+    let model = tiny_model();
+    let server = Server::start(
+        model.path(),
+        &["--max-batch-requests", "4", "--max-body-bytes", "2048"],
+    );
+    let addr = server.addr;
+    let check = |response: Response, status: u16, needle: &str| {
+        assert_eq!(response.status, status, "{}", response.body);
+        assert_eq!(response.header("content-type"), Some("application/json"));
+        assert!(response.error().contains(needle), "{}", response.body);
+    };
+
+    check(
+        http(addr, "POST", "/embed", b"{\"inputs\": "),
+        400,
+        "not valid JSON",
+    );
+    check(
+        post(addr, "/embed", json!({"inputs": []})),
+        422,
+        "empty list",
+    );
+    check(
+        post(addr, "/embed", json!({"inputs": ["a", 7]})),
+        422,
+        "[1] is a number",
+    );
+    check(
+        post(addr, "/predict", json!({"inputs": {"text": "a"}})),
+        422,
+        "is an object",
+    );
+    check(
+        post(addr, "/tokenize", json!({"text": "a"})),
+        422,
+        "missing field \"inputs\"",
+    );
+    check(
+        post(addr, "/embed", json!({"inputs": ["a", "b", "c", "d", "e"]})),
+        422,
+        "limit of 4 per request (--max-batch-requests)",
+    );
+    check(
+        post(addr, "/embed", json!({"inputs": "a", "normalize": "yes"})),
+        422,
+        "normalize",
+    );
+    check(
+        post(addr, "/embed", json!({"inputs": "a", "pooling": "max"})),
+        422,
+        "pooling",
+    );
+    let big = json!({"inputs": "cat ".repeat(1000)});
+    check(post(addr, "/embed", big), 413, "length limit");
+    check(get(addr, "/nope"), 404, "no such route");
+    assert_eq!(get(addr, "/embed").status, 405);
+
+    // Over-long inputs are truncated to the model's 64 positions.
+    let long = "the cat sat on the mat ".repeat(20);
+    let tokens = post(addr, "/tokenize", json!({"inputs": long})).json();
+    assert_eq!(tokens[0].as_array().unwrap().len(), 64);
+    assert_eq!(
+        vectors(&post(addr, "/embed", json!({"inputs": long}))).len(),
+        1
+    );
+
+    let strict = Server::start(model.path(), &["--no-truncate", "--max-input-length", "8"]);
+    let refused = post(strict.addr, "/embed", json!({"inputs": ["a cat", long]}));
+    assert_eq!(refused.status, 422);
+    assert!(
+        refused.error().contains("input 1 is longer than 8 tokens"),
+        "{}",
+        refused.body
+    );
+    let fits = "the cat sat on the mat"; // 6 words + [CLS] [SEP] = 8 tokens
+    assert_eq!(
+        vectors(&post(strict.addr, "/embed", json!({"inputs": fits}))).len(),
+        1
+    );
+    assert_eq!(get(strict.addr, "/info").json()["truncate"], false);
+}
+
+#[test]
+fn int8_is_refused_until_it_exists() {
+    let model = tiny_model();
+    let out = Command::new(env!("CARGO_BIN_EXE_bertrt"))
+        .args(["serve", "--int8", "--port", "0", "--model"])
+        .arg(model.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--int8 is not available yet"), "{stderr}");
+    assert!(!stderr.contains("listening on"), "{stderr}");
+}
+
+#[test]
+fn flooded_queue_answers_429_with_retry_after() {
+    let server = Server::start(
+        &common::minilm_dir(),
+        &[
+            "--max-queue",
+            "1",
+            "--max-batch-requests",
+            "1",
+            "--threads",
+            "1",
+        ],
+    );
+    let addr = server.addr;
+    let body = json!({"inputs": long_text(200)});
+    let clients: Vec<_> = (0..24)
+        .map(|_| {
+            let body = body.clone();
+            std::thread::spawn(move || post(addr, "/embed", body))
+        })
+        .collect();
+    let responses: Vec<Response> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let ok = responses.iter().filter(|r| r.status == 200).count();
+    let refused: Vec<&Response> = responses.iter().filter(|r| r.status == 429).collect();
+    assert_eq!(ok + refused.len(), responses.len(), "only 200 or 429");
+    assert!(ok >= 1, "some requests are served");
+    assert!(!refused.is_empty(), "a flooded queue refuses some");
+    for response in refused {
+        assert_eq!(response.header("retry-after"), Some("1"));
+        assert!(
+            response.error().contains("queue is full"),
+            "{}",
+            response.body
+        );
+    }
+    let metrics = get(addr, "/metrics").body;
+    assert!(metrics.contains("bertrt_requests_total{route=\"/embed\",status=\"429\"}"));
+    // The server still serves after the flood.
+    assert_eq!(
+        vectors(&post(addr, "/embed", json!({"inputs": "still here"}))).len(),
+        1
+    );
+}
+
+#[test]
+fn sigterm_drains_in_flight_requests_then_exits_0() {
+    let mut server = Server::start(
+        &common::minilm_dir(),
+        &["--max-batch-requests", "16", "--threads", "1"],
+    );
+    let addr = server.addr;
+    let body = json!({"inputs": vec![long_text(120); 16]});
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let body = body.clone();
+            std::thread::spawn(move || post(addr, "/embed", body))
+        })
+        .collect();
+    // Let the requests arrive and queue behind each other, then stop.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !get(addr, "/metrics")
+        .body
+        .contains("bertrt_tokenization_duration_seconds_count 4")
+    {
+        assert!(Instant::now() < deadline, "requests never arrived");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    server.terminate();
+    let started = Instant::now();
+    for client in clients {
+        let response = client.join().unwrap();
+        assert_eq!(response.status, 200, "{}", response.body);
+        assert_eq!(vectors(&response).len(), 16);
+    }
+    let status = server.wait(Duration::from_secs(60));
+    assert!(status.success(), "exit status {status}: {}", server.log());
+    let log = server.log();
+    assert!(log.contains("draining") && log.contains("drained"), "{log}");
+    assert!(TcpStream::connect(addr).is_err(), "no longer listening");
+    eprintln!("drained in {:?}", started.elapsed());
+}
+
+#[test]
+fn minilm_embed_matches_the_cli() {
+    let model = common::minilm_dir();
+    let texts = [
+        "A man is playing a guitar.",
+        "The new movie is awesome!",
+        &long_text(300),
+    ];
+    let mut cli = Command::new(env!("CARGO_BIN_EXE_bertrt"))
+        .args(["embed", "--model"])
+        .arg(&model)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    cli.stdin
+        .take()
+        .unwrap()
+        .write_all((texts.join("\n") + "\n").as_bytes())
+        .unwrap();
+    let out = cli.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let expected: Vec<Vec<f32>> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            serde_json::from_str::<Value>(line).unwrap()["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        })
+        .collect();
+
+    let server = Server::start(&model, &[]);
+    let served = vectors(&post(
+        server.addr,
+        "/embed",
+        json!({"inputs": texts, "normalize": false}),
+    ));
+    assert_eq!(served.len(), expected.len());
+    for (a, b) in served.iter().zip(&expected) {
+        assert_eq!(a.len(), 384);
+        let cosine = common::cosine(a, b);
+        assert!(cosine >= 0.99999, "cosine {cosine}");
+    }
+}
