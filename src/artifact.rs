@@ -203,6 +203,15 @@ impl Artifact<'_> {
     }
 }
 
+/// Replaces one file of an existing model directory atomically (written
+/// beside it, then renamed over it).
+pub fn replace_file(dir: &Path, file: &str, bytes: &[u8]) -> Result<()> {
+    let path = dir.join(file);
+    let staging = dir.join(format!(".{file}.tmp-{}", std::process::id()));
+    std::fs::write(&staging, bytes).map_err(|e| Error::io(&staging, e))?;
+    std::fs::rename(&staging, &path).map_err(|e| Error::io(&path, e))
+}
+
 fn pretty(value: &serde_json::Value) -> Vec<u8> {
     let mut bytes = serde_json::to_vec_pretty(value).expect("serialisable");
     bytes.push(b'\n');

@@ -399,10 +399,14 @@ pub fn finetune<B: TrainBackend>(
             }
         }
     }
-    // The artifact holds the log now; the live copy is no longer needed.
+    // The saved model was the best, not necessarily the last: give it the
+    // whole log, then drop the live copy.
+    if !best.is_null() {
+        artifact::replace_file(&recipe.out, "metrics.jsonl", &log.contents()?)?;
+    }
     let live_log = log.path.clone();
     drop(log);
-    let _ = std::fs::remove_file(live_log);
+    std::fs::remove_file(&live_log).map_err(|e| Error::io(&live_log, e))?;
     Ok(TrainSummary {
         out: recipe.out.clone(),
         steps: step,

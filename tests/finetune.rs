@@ -1,0 +1,345 @@
+//! `bertrt finetune`, `eval` and `predict` end to end.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use safetensors::Dtype;
+
+fn bertrt(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_bertrt"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+fn write_jsonl(path: &Path, rows: &[(&str, &str)]) {
+    let text: String = rows
+        .iter()
+        .map(|(t, l)| serde_json::json!({"text": t, "label": l}).to_string() + "\n")
+        .collect();
+    std::fs::write(path, text).unwrap();
+}
+
+fn tiny_model(dir: &Path) -> PathBuf {
+    let model = dir.join("tiny");
+    common::write_tiny_model(
+        &model,
+        &common::tiny_config(),
+        &common::safetensors_bytes(&common::tiny_tensors(1), Dtype::F32),
+    );
+    model
+}
+
+const TINY_TRAIN: &[(&str, &str)] = &[
+    ("the cat sat on the mat", "cat"),
+    ("a big cat sat", "cat"),
+    ("the small cats sat on a mat", "cat"),
+    ("the dog ran fast", "dog"),
+    ("a big dog ran", "dog"),
+    ("the small dogs ran slow", "dog"),
+];
+
+fn tiny_run(dir: &Path, out: &str, extra: &[&str]) -> (bool, String, String) {
+    let model = tiny_model(dir);
+    let train = dir.join("train.jsonl");
+    let valid = dir.join("valid.jsonl");
+    write_jsonl(&train, TINY_TRAIN);
+    write_jsonl(&valid, &TINY_TRAIN[1..5]);
+    let out = dir.join(out);
+    let mut args = vec![
+        "finetune",
+        "--model",
+        model.to_str().unwrap(),
+        "--train",
+        train.to_str().unwrap(),
+        "--valid",
+        valid.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--batch-size",
+        "2",
+        "--epochs",
+        "2",
+        "--max-length",
+        "16",
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    bertrt(&args)
+}
+
+#[test]
+fn same_seed_same_model_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, _, err) = tiny_run(tmp.path(), "a", &["--seed", "7"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = tiny_run(tmp.path(), "b", &["--seed", "7"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = tiny_run(tmp.path(), "c", &["--seed", "8"]);
+    assert!(ok, "{err}");
+    let weights = |d: &str| std::fs::read(tmp.path().join(d).join("model.safetensors")).unwrap();
+    assert_eq!(weights("a"), weights("b"));
+    assert_ne!(weights("a"), weights("c"));
+}
+
+#[test]
+fn artifact_has_hf_files_and_recipe() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, stdout, err) = tiny_run(tmp.path(), "out", &[]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("\"steps\": 6"), "{stdout}");
+    let out = tmp.path().join("out");
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "bertrt.json",
+        "metrics.jsonl",
+    ] {
+        assert!(out.join(file).exists(), "{file} missing");
+    }
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["architectures"][0], "BertForSequenceClassification");
+    assert_eq!(config["id2label"]["0"], "cat");
+    assert_eq!(config["label2id"]["dog"], 1);
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("bertrt.json")).unwrap()).unwrap();
+    assert_eq!(meta["labels"], serde_json::json!(["cat", "dog"]));
+    assert_eq!(meta["recipe"]["lr"].as_f64().unwrap() as f32, 3e-5);
+    assert_eq!(
+        meta["recipe"]["weight_decay"].as_f64().unwrap() as f32,
+        0.01
+    );
+    assert_eq!(meta["preprocessing"]["max_length"], 16);
+    assert_eq!(meta["data"]["train"]["sha256"].as_str().unwrap().len(), 64);
+    assert!(meta["temperature"].as_f64().unwrap() > 0.0);
+    let names = safetensors_names(&out.join("model.safetensors"));
+    assert!(names.contains(&"bert.encoder.layer.1.attention.self.key.weight".to_string()));
+    assert!(names.contains(&"classifier.weight".to_string()));
+    // Every step is logged; the live log beside the output is gone.
+    let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let steps = log.lines().filter(|l| l.contains("\"grad_norm\"")).count();
+    assert_eq!(steps, 6);
+    assert!(!tmp.path().join("out.metrics.jsonl").exists());
+    // No staging directories left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+fn safetensors_names(path: &Path) -> Vec<String> {
+    let bytes = std::fs::read(path).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    meta.tensors().into_keys().collect()
+}
+
+#[test]
+fn toml_config_with_command_line_override() {
+    let tmp = tempfile::tempdir().unwrap();
+    let toml = tmp.path().join("train.toml");
+    std::fs::write(&toml, "epochs = 5\nlr = 1e-4\nseed = 3\n").unwrap();
+    let (ok, stdout, err) = tiny_run(tmp.path(), "out", &["--config", toml.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    // --epochs 2 on the command line beats the file's 5.
+    assert!(stdout.contains("\"steps\": 6"), "{stdout}");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("out/bertrt.json")).unwrap())
+            .unwrap();
+    assert_eq!(meta["recipe"]["seed"], 3);
+    assert_eq!(meta["recipe"]["lr"].as_f64().unwrap() as f32, 1e-4);
+}
+
+#[test]
+fn refuses_to_replace_a_directory_that_is_not_a_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir(tmp.path().join("precious")).unwrap();
+    std::fs::write(tmp.path().join("precious/notes.txt"), "keep me").unwrap();
+    let (ok, _, err) = tiny_run(tmp.path(), "precious", &[]);
+    assert!(!ok);
+    assert!(err.contains("refusing to replace"), "{err}");
+    assert!(tmp.path().join("precious/notes.txt").exists());
+}
+
+#[test]
+fn non_finite_loss_stops_and_keeps_the_last_good_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, _, err) = tiny_run(tmp.path(), "out", &[]);
+    assert!(ok, "{err}");
+    let before = std::fs::read(tmp.path().join("out/model.safetensors")).unwrap();
+    let (ok, _, err) = tiny_run(
+        tmp.path(),
+        "out",
+        &["--lr", "1e30", "--max-grad-norm", "1e30"],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("non-finite") && err.contains("intact"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(tmp.path().join("out/model.safetensors")).unwrap(),
+        before
+    );
+}
+
+#[test]
+fn unseen_dev_label_and_empty_text_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let train = tmp.path().join("train.jsonl");
+    let valid = tmp.path().join("valid.jsonl");
+    write_jsonl(&train, TINY_TRAIN);
+    write_jsonl(&valid, &[("the cat", "cat"), ("a bird", "bird")]);
+    let out = tmp.path().join("out");
+    let args = |valid: &Path| {
+        vec![
+            "finetune".to_string(),
+            "--model".into(),
+            model.display().to_string(),
+            "--train".into(),
+            train.display().to_string(),
+            "--valid".into(),
+            valid.display().to_string(),
+            "--out".into(),
+            out.display().to_string(),
+            "--max-length".into(),
+            "16".into(),
+            "--quiet".into(),
+        ]
+    };
+    let run = |a: Vec<String>| bertrt(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let (ok, _, err) = run(args(&valid));
+    assert!(!ok);
+    assert!(err.contains("bird") && err.contains("line 2"), "{err}");
+
+    write_jsonl(&valid, &[("the cat", "cat"), ("", "dog")]);
+    let (ok, _, err) = run(args(&valid));
+    assert!(!ok);
+    assert!(
+        err.contains("line 2") && err.contains("valid.jsonl"),
+        "{err}"
+    );
+    let mut skipping = args(&valid);
+    skipping.push("--skip-bad-rows".into());
+    let (ok, _, err) = run(skipping);
+    assert!(ok, "{err}");
+}
+
+/// The real path on a small slice of VADER with MiniLM: loss falls, the
+/// artifact reloads for eval and predict.
+#[test]
+fn minilm_on_a_vader_slice_learns_and_reloads() {
+    let model = common::minilm_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let texts = [
+        ("I love this movie, it is wonderful", "positive"),
+        ("What a fantastic, joyful experience", "positive"),
+        ("Absolutely brilliant and moving", "positive"),
+        ("The best purchase I have made all year", "positive"),
+        ("This is terrible, I hate it", "negative"),
+        ("An awful, boring waste of time", "negative"),
+        ("The worst product, it broke immediately", "negative"),
+        ("Disappointing and painfully dull", "negative"),
+    ];
+    let train = tmp.path().join("train.jsonl");
+    write_jsonl(&train, &texts);
+    let out = tmp.path().join("out");
+    let (ok, _, err) = bertrt(&[
+        "finetune",
+        "--model",
+        model.to_str().unwrap(),
+        "--train",
+        train.to_str().unwrap(),
+        "--valid",
+        train.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--epochs",
+        "4",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-4",
+        "--warmup-ratio",
+        "0",
+        "--quiet",
+    ]);
+    assert!(ok, "{err}");
+    let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let losses: Vec<f64> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| v["loss"].as_f64())
+        .collect();
+    assert_eq!(losses.len(), 8);
+    let first = (losses[0] + losses[1]) / 2.0;
+    let last = (losses[6] + losses[7]) / 2.0;
+    assert!(last < first, "loss did not fall: {losses:?}");
+
+    let (ok, stdout, err) = bertrt(&[
+        "eval",
+        "--model",
+        out.to_str().unwrap(),
+        "--data",
+        train.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(report["accuracy"].as_f64().unwrap() >= 0.75, "{report}");
+    assert_eq!(
+        report["confusion_matrix"]["labels"],
+        serde_json::json!(["negative", "positive"])
+    );
+
+    let (ok, _, err) = bertrt(&[
+        "eval",
+        "--model",
+        out.to_str().unwrap(),
+        "--data",
+        train.to_str().unwrap(),
+        "--report",
+    ]);
+    assert!(ok, "{err}");
+
+    let input = tmp.path().join("input.txt");
+    std::fs::write(
+        &input,
+        "Absolutely brilliant and moving\nAn awful, boring waste of time\n",
+    )
+    .unwrap();
+    let (ok, stdout, err) = bertrt(&[
+        "predict",
+        "--model",
+        out.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let rows: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    for row in &rows {
+        let sum: f64 = row["probs"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|p| p.as_f64().unwrap())
+            .sum();
+        assert!((sum - 1.0).abs() < 1e-5);
+    }
+    assert_eq!(rows[0]["label"], "positive");
+    assert_eq!(rows[1]["label"], "negative");
+}
