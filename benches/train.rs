@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bertrt::backend::cpu::CpuBackend;
+use bertrt::backend::Backend;
 use bertrt::backend::train::AdamW;
 use bertrt::checkpoint::Checkpoint;
 use bertrt::config::BertConfig;

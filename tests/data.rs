@@ -73,15 +73,22 @@ fn csv_with_crlf_bom_and_blank_lines() {
     let path = write(
         &dir,
         "a.CSV",
-        "\u{feff}text,label\r\nfirst,a\r\n\r\nsecond,b\r\n",
+        "\u{feff}text,label\r\nfirst,a\r\n\r\n\"two\r\nlines\",b\r\nlast,c\r\n",
     );
     let d = read(&path);
-    assert_eq!(d.examples.len(), 2);
+    let rows: Vec<(&str, &str, usize)> = d
+        .examples
+        .iter()
+        .map(|e| (e.text.as_str(), e.label.as_str(), e.line))
+        .collect();
     assert_eq!(
-        (d.examples[0].text.as_str(), d.examples[0].label.as_str()),
-        ("first", "a")
+        rows,
+        [
+            ("first", "a", 2),
+            ("two\r\nlines", "b", 4),
+            ("last", "c", 6)
+        ]
     );
-    assert_eq!((d.examples[1].line, d.examples[1].label.as_str()), (4, "b"));
 }
 
 #[test]
@@ -319,7 +326,7 @@ fn invalid_json_names_the_line() {
     );
     assert_mentions(
         &error(&path, &skipping()),
-        &["bad.jsonl", "line 2", "invalid JSON"],
+        &["bad.jsonl", "line 2", "invalid JSON at column 14"],
     );
 
     let array = write(&dir, "arr.json", "[{\"text\": \"a\", \"label\": \"x\"}]\n");
@@ -396,7 +403,12 @@ fn skipping_every_row_explains_the_first() {
     let message = error(&path, &skipping());
     assert_mentions(
         &message,
-        &["w.jsonl", "all 2 rows", "line 1", "\"sentence\""],
+        &[
+            "w.jsonl",
+            "every row (2)",
+            "the first, line 1",
+            "\"sentence\"",
+        ],
     );
 }
 

@@ -38,7 +38,14 @@ fn object(rows: &Rows, line: usize, raw: &str) -> Result<Map<String, Value>> {
             } else {
                 "each line must hold one complete JSON object (pretty-printed JSON spanning several lines is not JSON Lines)"
             };
-            Err(Error::Invalid(format!("{at}: invalid JSON ({e}); {hint}")))
+            // serde_json's message ends in " at line 1 column N", which
+            // would contradict the file line; keep the column only.
+            let message = e.to_string();
+            let reason = message.split(" at line ").next().unwrap_or_default();
+            Err(Error::Invalid(format!(
+                "{at}: invalid JSON at column {}: {reason}; {hint}",
+                e.column()
+            )))
         }
     }
 }

@@ -45,10 +45,11 @@ impl<'a> Rows<'a> {
         match row {
             Ok(example) => self.examples.push(example),
             Err(why) => {
-                let at = format!("{} line {line}: {why}", self.path.display());
+                let at = format!("line {line}: {why}");
                 if !self.skip_bad_rows {
                     return Err(Error::Invalid(format!(
-                        "{at}; fix or remove the row, or pass --skip-bad-rows to skip such rows"
+                        "{} {at}; fix or remove the row, or pass --skip-bad-rows to skip such rows",
+                        self.path.display()
                     )));
                 }
                 self.skipped += 1;
@@ -65,7 +66,7 @@ impl<'a> Rows<'a> {
         }
         Err(Error::Invalid(match self.first_skipped {
             Some(first) => format!(
-                "{}: no usable examples: all {} rows were skipped as bad; the first: {first}",
+                "{}: no usable examples: every row ({}) was skipped as bad; the first, {first}",
                 self.path.display(),
                 self.skipped
             ),

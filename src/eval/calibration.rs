@@ -52,7 +52,7 @@ fn log_sum_exp(row: &[f32], temperature: f64) -> f64 {
 pub fn softmax_with_temperature(logits: &[f32], num_labels: usize, temperature: f32) -> Vec<f32> {
     assert!(num_labels > 0, "num_labels must be at least 1");
     assert!(
-        logits.len() % num_labels == 0,
+        logits.len().is_multiple_of(num_labels),
         "logits are not a whole number of rows"
     );
     assert!(

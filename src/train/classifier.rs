@@ -358,7 +358,7 @@ impl<B: TrainBackend> SequenceClassifier<B> {
             )));
         }
         let p = &self.params;
-        let mut acts = std::mem::replace(&mut self.acts.layers, Vec::new());
+        let mut acts = std::mem::take(&mut self.acts.layers);
 
         be.resize(&mut self.acts.embedding_sum, t * h);
         be.resize(&mut self.acts.embedding_mean, t);
