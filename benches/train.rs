@@ -6,8 +6,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bertrt::backend::cpu::CpuBackend;
-use bertrt::backend::Backend;
 use bertrt::backend::train::AdamW;
+use bertrt::backend::Backend;
 use bertrt::checkpoint::Checkpoint;
 use bertrt::config::BertConfig;
 use bertrt::model::{Pooling, TokenBatch};
@@ -19,10 +19,22 @@ const SEQ: usize = 128;
 
 fn train_step(c: &mut Criterion) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/models/all-MiniLM-L6-v2");
-    let config = BertConfig::from_file(&dir.join("config.json")).expect("run scripts/fetch-assets.sh first");
+    let config =
+        BertConfig::from_file(&dir.join("config.json")).expect("run scripts/fetch-assets.sh first");
     let ckpt = Checkpoint::open(&dir.join("model.safetensors")).unwrap();
-    let mut model = SequenceClassifier::new(CpuBackend::new(0), config, &ckpt, Pooling::Pooler, 3, 0.1, 1).unwrap();
-    let ids: Vec<u32> = (0..BATCH * SEQ).map(|i| 2000 + (i * 7919 % 20_000) as u32).collect();
+    let mut model = SequenceClassifier::new(
+        CpuBackend::new(0),
+        config,
+        &ckpt,
+        Pooling::Pooler,
+        3,
+        0.1,
+        1,
+    )
+    .unwrap();
+    let ids: Vec<u32> = (0..BATCH * SEQ)
+        .map(|i| 2000 + (i * 7919 % 20_000) as u32)
+        .collect();
     let batch = TokenBatch {
         type_ids: vec![0; ids.len()],
         ids,
@@ -32,7 +44,10 @@ fn train_step(c: &mut Criterion) {
     let mut step = 0u32;
     let mut samples = Vec::new();
     let mut group = c.benchmark_group("minilm_l6_train_step");
-    group.sample_size(10).warm_up_time(Duration::from_secs(2)).measurement_time(Duration::from_secs(20));
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(2))
+        .measurement_time(Duration::from_secs(20));
     group.bench_function(format!("{BATCH}x{SEQ}"), |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
@@ -40,11 +55,25 @@ fn train_step(c: &mut Criterion) {
                 let start = Instant::now();
                 step += 1;
                 model.params.zero_grads(&model.backend);
-                model.forward(&batch, ForwardMode { dropout_seed: Some(step as u64) }).unwrap();
+                model
+                    .forward(
+                        &batch,
+                        ForwardMode {
+                            dropout_seed: Some(step as u64),
+                        },
+                    )
+                    .unwrap();
                 model.backward(&batch, &labels, None, 1.0);
                 model.params.adamw_step(
                     &model.backend,
-                    AdamW { lr: 3e-5, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step },
+                    AdamW {
+                        lr: 3e-5,
+                        beta1: 0.9,
+                        beta2: 0.999,
+                        eps: 1e-8,
+                        weight_decay: 0.01,
+                        step,
+                    },
                 );
                 let took = start.elapsed();
                 samples.push(took);

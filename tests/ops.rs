@@ -44,7 +44,10 @@ fn matmul_with_bias_and_gelu() {
                 let mut out = vec![0.0; TOKENS * n];
                 be.matmul(&mut out, &input, TOKENS, &layer, activation);
                 let diff = max_abs_diff(&out, &want);
-                assert!(diff < 1e-4 * (k as f32).sqrt(), "{isa:?} {n}x{k} {activation:?}: {diff}");
+                assert!(
+                    diff < 1e-4 * (k as f32).sqrt(),
+                    "{isa:?} {n}x{k} {activation:?}: {diff}"
+                );
             }
         }
     }
@@ -100,7 +103,16 @@ fn small_ops<B: Backend<Tensor = Vec<f32>, Param = HostTensor>>(be: &B) -> [Vec<
     let types: Vec<u32> = (0..TOKENS).map(|t| (t % 3 == 0) as u32).collect();
     let states = rng.vec(TOKENS * hidden, 1.0);
     let mut embedded = vec![0.0; TOKENS * hidden];
-    be.embedding(&mut embedded, &ids, &types, &OFFSETS, &word, &position, &token_type, hidden);
+    be.embedding(
+        &mut embedded,
+        &ids,
+        &types,
+        &OFFSETS,
+        &word,
+        &position,
+        &token_type,
+        hidden,
+    );
     let mut pooled = vec![0.0; (OFFSETS.len() - 1) * hidden];
     be.mean_pool(&mut pooled, &states, &OFFSETS, hidden);
     let mut probs = rng.vec(13 * 31, 20.0);
@@ -115,7 +127,10 @@ fn embedding_pooling_softmax_tanh() {
     let want = small_ops(&ReferenceBackend);
     for (isa, be) in backends() {
         let got = small_ops(&be);
-        for (what, (g, w)) in ["embedding", "mean_pool", "softmax", "tanh"].iter().zip(got.iter().zip(&want)) {
+        for (what, (g, w)) in ["embedding", "mean_pool", "softmax", "tanh"]
+            .iter()
+            .zip(got.iter().zip(&want))
+        {
             let diff = max_abs_diff(g, w);
             assert!(diff < 2e-6, "{isa:?} {what}: {diff}");
         }
