@@ -343,3 +343,114 @@ fn minilm_on_a_vader_slice_learns_and_reloads() {
     assert_eq!(rows[0]["label"], "positive");
     assert_eq!(rows[1]["label"], "negative");
 }
+
+fn tensors(path: &Path) -> std::collections::HashMap<String, Vec<u8>> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            (
+                name.trim_start_matches("bert.").to_string(),
+                view.data().to_vec(),
+            )
+        })
+        .collect()
+}
+
+/// Which tensors changed from the base model, by name.
+fn moved(dir: &Path, out: &str) -> Vec<String> {
+    let base = tensors(&dir.join("tiny/model.safetensors"));
+    let trained = tensors(&dir.join(out).join("model.safetensors"));
+    let mut moved: Vec<String> = trained
+        .iter()
+        .filter(|(name, data)| base.get(*name) != Some(data))
+        .map(|(name, _)| name.clone())
+        .collect();
+    moved.sort();
+    moved
+}
+
+#[test]
+fn freeze_bottom_keeps_lower_layers_bit_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, _, err) = tiny_run(tmp.path(), "out", &["--freeze-bottom", "1", "--lr", "1e-3"]);
+    assert!(ok, "{err}");
+    let moved = moved(tmp.path(), "out");
+    assert!(
+        moved
+            .iter()
+            .all(|n| !n.starts_with("embeddings.") && !n.starts_with("encoder.layer.0.")),
+        "{moved:?}"
+    );
+    assert!(
+        moved.iter().any(|n| n.starts_with("encoder.layer.1.")),
+        "{moved:?}"
+    );
+    assert!(moved.contains(&"classifier.weight".to_string()));
+}
+
+#[test]
+fn freeze_embeddings_and_head_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, _, err) = tiny_run(tmp.path(), "emb", &["--freeze-embeddings", "--lr", "1e-3"]);
+    assert!(ok, "{err}");
+    let moved_emb = moved(tmp.path(), "emb");
+    assert!(
+        moved_emb.iter().all(|n| !n.starts_with("embeddings.")),
+        "{moved_emb:?}"
+    );
+    assert!(
+        moved_emb.iter().any(|n| n.starts_with("encoder.layer.0.")),
+        "{moved_emb:?}"
+    );
+
+    let (ok, _, err) = tiny_run(tmp.path(), "head", &["--head-only", "--lr", "1e-3"]);
+    assert!(ok, "{err}");
+    let moved_head = moved(tmp.path(), "head");
+    assert_eq!(
+        moved_head,
+        [
+            "classifier.bias",
+            "classifier.weight",
+            "pooler.dense.bias",
+            "pooler.dense.weight"
+        ]
+    );
+}
+
+#[test]
+fn layer_lr_decay_and_class_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, _, err) = tiny_run(
+        tmp.path(),
+        "out",
+        &[
+            "--layer-lr-decay",
+            "0.5",
+            "--head-lr",
+            "1e-3",
+            "--class-weights",
+            "balanced",
+        ],
+    );
+    assert!(ok, "{err}");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("out/bertrt.json")).unwrap())
+            .unwrap();
+    assert_eq!(meta["recipe"]["class_weights"], "balanced");
+    assert_eq!(meta["recipe"]["layer_lr_decay"].as_f64().unwrap(), 0.5);
+
+    let weights = tmp.path().join("weights.json");
+    std::fs::write(&weights, r#"{"cat": 1.0}"#).unwrap();
+    let (ok, _, err) = tiny_run(
+        tmp.path(),
+        "out2",
+        &["--class-weights", weights.to_str().unwrap()],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("weights.json") && err.contains("\"dog\""),
+        "{err}"
+    );
+}

@@ -72,7 +72,7 @@ fn linear_backward() {
     let mut d_x = vec![0.0; rows * k];
     let mut d_w = vec![0.0; n * k];
     let mut d_b = vec![0.0; n];
-    be.linear_backward(Some(&mut d_x), &mut d_w, &mut d_b, &r, &x, &w, rows);
+    be.linear_backward(Some(&mut d_x), Some((&mut d_w, &mut d_b)), &r, &x, &w, rows);
     check("d_input", &x, &d_x, 100, |x| forward(x, &w, &b));
     check("d_weight", &w, &d_w, 100, |w| forward(&x, w, &b));
     check("d_bias", &b, &d_b, 100, |b| forward(&x, &w, b));
@@ -117,7 +117,15 @@ fn layer_norm_backward() {
     };
     let (_, mean, rstd) = forward(&x, &gamma, &beta);
     let (mut d_x, mut d_g, mut d_b) = (vec![0.0; rows * cols], vec![0.0; cols], vec![0.0; cols]);
-    be.layer_norm_backward(&mut d_x, &mut d_g, &mut d_b, &r, &x, &gamma, &mean, &rstd);
+    be.layer_norm_backward(
+        &mut d_x,
+        Some((&mut d_g, &mut d_b)),
+        &r,
+        &x,
+        &gamma,
+        &mean,
+        &rstd,
+    );
     check("d_x", &x, &d_x, 100, |x| forward(x, &gamma, &beta).0);
     check("d_gamma", &gamma, &d_g, 100, |g| forward(&x, g, &beta).0);
     check("d_beta", &beta, &d_b, 100, |b| forward(&x, &gamma, b).0);

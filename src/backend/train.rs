@@ -75,14 +75,13 @@ pub trait TrainBackend: Backend {
         rows: usize,
     );
 
-    /// Gradients of [`Self::linear_forward`]: `d_weight += d_outᵀ·input`,
-    /// `d_bias += Σ d_out`, `d_input = d_out·weight` (when wanted).
-    #[allow(clippy::too_many_arguments)]
+    /// Gradients of [`Self::linear_forward`]: `d_input = d_out·weight` and,
+    /// unless the layer is frozen (`param_grads` None), `d_weight +=
+    /// d_outᵀ·input`, `d_bias += Σ d_out`.
     fn linear_backward(
         &self,
         d_input: Option<&mut Self::Tensor>,
-        d_weight: &mut Self::Tensor,
-        d_bias: &mut Self::Tensor,
+        param_grads: Option<(&mut Self::Tensor, &mut Self::Tensor)>,
         d_out: &Self::Tensor,
         input: &Self::Tensor,
         weight: &Self::Tensor,
@@ -107,12 +106,13 @@ pub trait TrainBackend: Backend {
         rstd: &mut Self::Tensor,
     );
 
+    /// `d_x`, and unless frozen (`param_grads` None) the accumulated
+    /// gradients of gamma and beta.
     #[allow(clippy::too_many_arguments)]
     fn layer_norm_backward(
         &self,
         d_x: &mut Self::Tensor,
-        d_gamma: &mut Self::Tensor,
-        d_beta: &mut Self::Tensor,
+        param_grads: Option<(&mut Self::Tensor, &mut Self::Tensor)>,
         d_out: &Self::Tensor,
         x: &Self::Tensor,
         gamma: &Self::Tensor,
@@ -207,8 +207,6 @@ pub trait TrainBackend: Backend {
 
     fn sum_squares(&self, x: &Self::Tensor) -> f64;
     fn scale(&self, x: &mut Self::Tensor, factor: f32);
-    /// Whether every element is finite.
-    fn all_finite(&self, x: &Self::Tensor) -> bool;
 
     fn adamw(
         &self,

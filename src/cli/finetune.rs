@@ -94,6 +94,26 @@ pub struct Args {
     /// CPU threads (0: one per core).
     #[arg(long)]
     threads: Option<usize>,
+    /// Keep the embeddings fixed.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
+    freeze_embeddings: bool,
+    /// Keep the embeddings and the lowest N layers fixed.
+    #[arg(long)]
+    freeze_bottom: Option<usize>,
+    /// Train only the pooler and classifier (frozen encoder).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
+    head_only: bool,
+    /// Layer l of L gets lr * decay^(L-l); the head the full lr.
+    #[arg(long)]
+    layer_lr_decay: Option<f32>,
+    /// Learning rate of the pooler and classifier [default: --lr].
+    #[arg(long)]
+    head_lr: Option<f32>,
+    /// Loss weights per class: "balanced" or a JSON file {label: weight}.
+    #[arg(long)]
+    class_weights: Option<String>,
     /// No progress output.
     #[arg(long)]
     #[serde(skip)]

@@ -519,7 +519,82 @@ impl<B: TrainBackend> SequenceClassifier<B> {
     }
 }
 
+/// Parameters that are frozen or given a learning rate together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Group {
+    Embeddings,
+    Layer(usize),
+    /// Pooler and classifier.
+    Head,
+}
+
 impl<B: TrainBackend> SequenceClassifier<B> {
+    fn group(&self, group: Group) -> Vec<ParamId> {
+        match group {
+            Group::Embeddings => vec![
+                self.word_embeddings,
+                self.position_embeddings,
+                self.token_type_embeddings,
+                self.embedding_norm_weight,
+                self.embedding_norm_bias,
+            ],
+            Group::Layer(l) => {
+                let lp = &self.layers[l];
+                vec![
+                    lp.qkv_weight,
+                    lp.qkv_bias,
+                    lp.attention_output_weight,
+                    lp.attention_output_bias,
+                    lp.attention_norm_weight,
+                    lp.attention_norm_bias,
+                    lp.intermediate_weight,
+                    lp.intermediate_bias,
+                    lp.output_weight,
+                    lp.output_bias,
+                    lp.output_norm_weight,
+                    lp.output_norm_bias,
+                ]
+            }
+            Group::Head => {
+                let mut ids = vec![self.classifier_weight, self.classifier_bias];
+                if let Some((w, b)) = self.pooler {
+                    ids.extend([w, b]);
+                }
+                ids
+            }
+        }
+    }
+
+    /// Every group, bottom to top.
+    pub fn groups(&self) -> Vec<Group> {
+        std::iter::once(Group::Embeddings)
+            .chain((0..self.layers.len()).map(Group::Layer))
+            .chain(std::iter::once(Group::Head))
+            .collect()
+    }
+
+    pub fn set_trainable(&mut self, group: Group, trainable: bool) {
+        for id in self.group(group) {
+            self.params[id].trainable = trainable;
+        }
+    }
+
+    pub fn set_lr_scale(&mut self, group: Group, scale: f32) {
+        for id in self.group(group) {
+            self.params[id].lr_scale = scale;
+        }
+    }
+
+    /// The lowest layer backward must reach: below it nothing trains.
+    fn lowest_trained_layer(&self) -> usize {
+        if self.params.is_trainable(self.word_embeddings) {
+            return 0;
+        }
+        (0..self.layers.len())
+            .find(|&l| self.params.is_trainable(self.layers[l].qkv_weight))
+            .unwrap_or(self.layers.len())
+    }
+
     /// Cross-entropy of the last [`Self::forward`] against `labels`, and its
     /// gradients, times `grad_scale`, added to the parameters' gradients.
     /// Returns the (unscaled, weighted-mean) loss.
@@ -530,6 +605,7 @@ impl<B: TrainBackend> SequenceClassifier<B> {
         class_weights: Option<&[f32]>,
         grad_scale: f32,
     ) -> f32 {
+        let lowest = self.lowest_trained_layer();
         let Self {
             backend: be,
             config: c,
@@ -559,8 +635,7 @@ impl<B: TrainBackend> SequenceClassifier<B> {
         let (weight, grads) = weight_and_grads(p, w, b);
         be.linear_backward(
             Some(&mut acts.d_head_input),
-            grads.0,
-            grads.1,
+            grads,
             &acts.d_logits,
             &acts.head_input,
             weight,
@@ -568,6 +643,7 @@ impl<B: TrainBackend> SequenceClassifier<B> {
         );
         let dropout_of = |site| dropout_for(c, self.head_dropout, self.dropouts, site);
         be.dropout(&mut acts.d_head_input, dropout_of(Site::Head));
+        let encoder_trains = lowest < layers.len();
 
         // Pooling.
         be.resize(&mut acts.d_hidden, t * h);
@@ -587,21 +663,25 @@ impl<B: TrainBackend> SequenceClassifier<B> {
                 be.resize(&mut acts.d_cls, sequences * h);
                 let (weight, grads) = weight_and_grads(p, w, b);
                 be.linear_backward(
-                    Some(&mut acts.d_cls),
-                    grads.0,
-                    grads.1,
+                    encoder_trains.then_some(&mut acts.d_cls),
+                    grads,
                     &acts.d_head_input,
                     &acts.cls,
                     weight,
                     sequences,
                 );
-                be.scatter_rows(
-                    &mut acts.d_hidden,
-                    &acts.d_cls,
-                    &batch.offsets[..sequences],
-                    h,
-                );
+                if encoder_trains {
+                    be.scatter_rows(
+                        &mut acts.d_hidden,
+                        &acts.d_cls,
+                        &batch.offsets[..sequences],
+                        h,
+                    );
+                }
             }
+        }
+        if !encoder_trains {
+            return loss;
         }
 
         // Layers, last to first. `d_hidden` holds the gradient of the
@@ -610,14 +690,13 @@ impl<B: TrainBackend> SequenceClassifier<B> {
         be.resize(&mut acts.d_sum, t * h);
         be.resize(&mut acts.d_wide, t * inter);
         be.resize(&mut acts.d_qkv, t * 3 * h);
-        for (l, lp) in layers.iter().enumerate().rev() {
+        for (l, lp) in layers.iter().enumerate().skip(lowest).rev() {
             let a = &acts.layers[l];
             // Output LayerNorm over (dropout(dense(intermediate)) + attention_normed).
             let (gamma, grads) = weight_and_grads(p, lp.output_norm_weight, lp.output_norm_bias);
             be.layer_norm_backward(
                 &mut acts.d_sum,
-                grads.0,
-                grads.1,
+                grads,
                 &acts.d_hidden,
                 &a.output_sum,
                 gamma,
@@ -629,8 +708,7 @@ impl<B: TrainBackend> SequenceClassifier<B> {
             let (weight, grads) = weight_and_grads(p, lp.output_weight, lp.output_bias);
             be.linear_backward(
                 Some(&mut acts.d_wide),
-                grads.0,
-                grads.1,
+                grads,
                 &acts.d_branch,
                 &a.intermediate,
                 weight,
@@ -640,8 +718,7 @@ impl<B: TrainBackend> SequenceClassifier<B> {
             let (weight, grads) = weight_and_grads(p, lp.intermediate_weight, lp.intermediate_bias);
             be.linear_backward(
                 Some(&mut acts.d_hidden),
-                grads.0,
-                grads.1,
+                grads,
                 &acts.d_wide,
                 &a.attention_normed,
                 weight,
@@ -655,8 +732,7 @@ impl<B: TrainBackend> SequenceClassifier<B> {
                 weight_and_grads(p, lp.attention_norm_weight, lp.attention_norm_bias);
             be.layer_norm_backward(
                 &mut acts.d_sum,
-                grads.0,
-                grads.1,
+                grads,
                 &acts.d_hidden,
                 &a.attention_sum,
                 gamma,
@@ -670,8 +746,7 @@ impl<B: TrainBackend> SequenceClassifier<B> {
             // d_hidden is free again: use it for d_context.
             be.linear_backward(
                 Some(&mut acts.d_hidden),
-                grads.0,
-                grads.1,
+                grads,
                 &acts.d_branch,
                 &a.context,
                 weight,
@@ -690,8 +765,7 @@ impl<B: TrainBackend> SequenceClassifier<B> {
             let (weight, grads) = weight_and_grads(p, lp.qkv_weight, lp.qkv_bias);
             be.linear_backward(
                 Some(&mut acts.d_hidden),
-                grads.0,
-                grads.1,
+                grads,
                 &acts.d_qkv,
                 &a.input,
                 weight,
@@ -706,19 +780,21 @@ impl<B: TrainBackend> SequenceClassifier<B> {
             weight_and_grads(p, self.embedding_norm_weight, self.embedding_norm_bias);
         be.layer_norm_backward(
             &mut acts.d_sum,
-            grads.0,
-            grads.1,
+            grads,
             &acts.d_hidden,
             &acts.embedding_sum,
             gamma,
             &acts.embedding_mean,
             &acts.embedding_rstd,
         );
-        let [word, position, token_type] = p.grads_mut([
+        let tables = p.grads_mut([
             self.word_embeddings,
             self.position_embeddings,
             self.token_type_embeddings,
         ]);
+        let Some([word, position, token_type]) = tables else {
+            return loss;
+        };
         be.embedding_backward(
             word,
             position,
@@ -732,12 +808,13 @@ impl<B: TrainBackend> SequenceClassifier<B> {
     }
 }
 
-/// A layer's weight (read) and the gradients of its weight and bias (written).
+/// A layer's weight (read) and the gradients of its weight and bias
+/// (written; None when frozen).
 fn weight_and_grads<B: TrainBackend>(
     p: &mut ParamStore<B>,
     weight: ParamId,
     bias: ParamId,
-) -> (&B::Tensor, (&mut B::Tensor, &mut B::Tensor)) {
+) -> (&B::Tensor, Option<(&mut B::Tensor, &mut B::Tensor)>) {
     p.weight_and_grads(weight, bias)
 }
 

@@ -20,11 +20,15 @@ pub struct Param<B: TrainBackend> {
     pub parts: Vec<(String, Range<usize>)>,
     /// Weight decay applies (not to biases or LayerNorm parameters).
     pub decay: bool,
+    /// Frozen parameters get no gradient, no optimizer state, no update.
     pub trainable: bool,
+    /// Multiplies the learning rate (discriminative learning rates).
+    pub lr_scale: f32,
     pub value: B::Tensor,
-    pub grad: B::Tensor,
-    m: B::Tensor,
-    v: B::Tensor,
+    /// Allocated on first use, for trainable parameters only.
+    pub grad: Option<B::Tensor>,
+    m: Option<B::Tensor>,
+    v: Option<B::Tensor>,
 }
 
 impl<B: TrainBackend> Param<B> {
@@ -79,17 +83,17 @@ impl<B: TrainBackend> ParamStore<B> {
     ) -> ParamId {
         let len = shape.iter().product::<usize>();
         assert_eq!(data.len(), len, "{name}: data length");
-        let zeros = vec![0.0; len];
         self.params.push(Param {
             name: name.into(),
             shape: shape.to_vec(),
             decay: !Param::<B>::exempt_from_decay(name),
             trainable: true,
+            lr_scale: 1.0,
             parts,
             value: backend.upload(data),
-            grad: backend.upload(&zeros),
-            m: backend.upload(&zeros),
-            v: backend.upload(&zeros),
+            grad: None,
+            m: None,
+            v: None,
         });
         ParamId(self.params.len() - 1)
     }
@@ -135,23 +139,38 @@ impl<B: TrainBackend> ParamStore<B> {
 
     /// `weight`'s value with the gradients of `weight` and `bias`: what a
     /// linear or LayerNorm backward reads and writes.
+    /// `weight`'s value with the gradients of `weight` and `bias` (None
+    /// when frozen): what a linear or LayerNorm backward reads and writes.
     pub fn weight_and_grads(
         &mut self,
         weight: ParamId,
         bias: ParamId,
-    ) -> (&B::Tensor, (&mut B::Tensor, &mut B::Tensor)) {
+    ) -> (&B::Tensor, Option<(&mut B::Tensor, &mut B::Tensor)>) {
         assert!(weight.0 < bias.0, "bias follows its weight");
         let (head, tail) = self.params.split_at_mut(bias.0);
         let w = &mut head[weight.0];
-        (&w.value, (&mut w.grad, &mut tail[0].grad))
+        let grads = match (w.grad.as_mut(), tail[0].grad.as_mut()) {
+            (Some(w_grad), Some(b_grad)) => Some((w_grad, b_grad)),
+            _ => None,
+        };
+        (&w.value, grads)
     }
 
-    /// Gradients of distinct parameters, all writable at once.
-    pub fn grads_mut<const N: usize>(&mut self, ids: [ParamId; N]) -> [&mut B::Tensor; N] {
-        self.params
+    /// Gradients of distinct parameters, all writable at once; None if any
+    /// of them is frozen.
+    pub fn grads_mut<const N: usize>(&mut self, ids: [ParamId; N]) -> Option<[&mut B::Tensor; N]> {
+        let params = self
+            .params
             .get_disjoint_mut(ids.map(|id| id.0))
-            .expect("distinct parameters")
-            .map(|p| &mut p.grad)
+            .expect("distinct parameters");
+        if params.iter().any(|p| p.grad.is_none()) {
+            return None;
+        }
+        Some(params.map(|p| p.grad.as_mut().expect("checked above")))
+    }
+
+    pub fn is_trainable(&self, id: ParamId) -> bool {
+        self.params[id.0].trainable
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Param<B>> {
@@ -162,44 +181,65 @@ impl<B: TrainBackend> ParamStore<B> {
         self.params.iter_mut()
     }
 
+    /// Zeroes the gradients of trainable parameters (allocating them on
+    /// first use) and drops those of frozen ones.
     pub fn zero_grads(&mut self, backend: &B) {
         for p in &mut self.params {
-            backend.zero(&mut p.grad);
+            if !p.trainable {
+                p.grad = None;
+                continue;
+            }
+            match &mut p.grad {
+                Some(grad) => backend.zero(grad),
+                None => p.grad = Some(backend.upload(&vec![0.0; p.len()])),
+            }
         }
+    }
+
+    fn trainable_grads(&self) -> impl Iterator<Item = &B::Tensor> {
+        self.params
+            .iter()
+            .filter(|p| p.trainable)
+            .filter_map(|p| p.grad.as_ref())
     }
 
     /// Global L2 norm of all trainable gradients.
     pub fn grad_norm(&self, backend: &B) -> f64 {
-        self.params
-            .iter()
-            .filter(|p| p.trainable)
-            .map(|p| backend.sum_squares(&p.grad))
+        self.trainable_grads()
+            .map(|g| backend.sum_squares(g))
             .sum::<f64>()
             .sqrt()
     }
 
-    pub fn grads_finite(&self, backend: &B) -> bool {
-        self.params
-            .iter()
-            .filter(|p| p.trainable)
-            .all(|p| backend.all_finite(&p.grad))
-    }
-
     pub fn scale_grads(&mut self, backend: &B, factor: f32) {
-        for p in self.params.iter_mut().filter(|p| p.trainable) {
-            backend.scale(&mut p.grad, factor);
+        for grad in self
+            .params
+            .iter_mut()
+            .filter(|p| p.trainable)
+            .filter_map(|p| p.grad.as_mut())
+        {
+            backend.scale(grad, factor);
         }
     }
 
-    /// One AdamW step on every trainable parameter; decay only where
-    /// [`Param::decay`] says so.
+    /// One AdamW step on every trainable parameter, at its scaled learning
+    /// rate; decay only where [`Param::decay`] says so. Moments are
+    /// allocated on a parameter's first step.
     pub fn adamw_step(&mut self, backend: &B, update: AdamW) {
         for p in self.params.iter_mut().filter(|p| p.trainable) {
+            let Some(grad) = &p.grad else {
+                continue;
+            };
             let update = AdamW {
+                lr: update.lr * p.lr_scale,
                 weight_decay: if p.decay { update.weight_decay } else { 0.0 },
                 ..update
             };
-            backend.adamw(&mut p.value, &p.grad, &mut p.m, &mut p.v, update);
+            let len = p.len();
+            let zeros = || backend.upload(&vec![0.0; len]);
+            let m = p.m.get_or_insert_with(zeros);
+            let v = p.v.get_or_insert_with(zeros);
+            backend.adamw(&mut p.value, grad, m, v, update);
         }
     }
 
@@ -228,7 +268,10 @@ impl<B: TrainBackend> ParamStore<B> {
         self.params.iter().find_map(|p| {
             let (_, rows) = p.parts.iter().find(|(n, _)| n == name)?;
             let row_len = p.shape[1..].iter().product::<usize>().max(1);
-            Some(backend.to_host(&p.grad)[rows.start * row_len..rows.end * row_len].to_vec())
+            Some(
+                backend.to_host(p.grad.as_ref()?)[rows.start * row_len..rows.end * row_len]
+                    .to_vec(),
+            )
         })
     }
 

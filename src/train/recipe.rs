@@ -83,6 +83,26 @@ pub struct TrainRecipe {
     /// CPU threads (0: one per core).
     #[serde(default)]
     pub threads: usize,
+    /// Keep the embeddings fixed.
+    #[serde(default)]
+    pub freeze_embeddings: bool,
+    /// Keep the embeddings and the lowest N encoder layers fixed.
+    #[serde(default)]
+    pub freeze_bottom: usize,
+    /// Train only the pooler and classifier on a frozen encoder.
+    #[serde(default)]
+    pub head_only: bool,
+    /// Discriminative learning rates: layer l of L gets lr · decay^(L−l),
+    /// the embeddings lr · decay^L, the head the full lr.
+    #[serde(default)]
+    pub layer_lr_decay: Option<f32>,
+    /// Learning rate of the pooler and classifier [default: lr].
+    #[serde(default)]
+    pub head_lr: Option<f32>,
+    /// Loss weights per class: "balanced" (n / (classes · count)) or a JSON
+    /// file mapping label to weight.
+    #[serde(default)]
+    pub class_weights: Option<String>,
 }
 
 mod defaults {
@@ -200,6 +220,14 @@ impl TrainRecipe {
         check(self.max_length >= 2, "max_length must be at least 2")?;
         check(self.eval_every != Some(0), "eval_every must be at least 1")?;
         check(self.patience != Some(0), "patience must be at least 1")?;
+        check(
+            self.layer_lr_decay.is_none_or(|d| d > 0.0 && d <= 1.0),
+            "layer_lr_decay must be in (0, 1]",
+        )?;
+        check(
+            self.head_lr.is_none_or(|lr| lr > 0.0),
+            "head_lr must be positive",
+        )?;
         Ok(())
     }
 }

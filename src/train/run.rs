@@ -19,7 +19,7 @@ use crate::eval::ClassificationReport;
 use crate::model::{ModelFiles, TokenBatch};
 use crate::rng;
 use crate::tokenize::{BertTokenizer, Encoded};
-use crate::train::classifier::{ForwardMode, SequenceClassifier};
+use crate::train::classifier::{ForwardMode, Group, SequenceClassifier};
 use crate::train::progress::Progress;
 use crate::train::recipe::{linear_schedule, Metric, TrainRecipe};
 
@@ -235,6 +235,12 @@ pub fn finetune<B: TrainBackend>(
         recipe.seed,
     )?;
     drop(ckpt);
+    apply_strategies(&mut model, recipe)?;
+    let class_weights = recipe
+        .class_weights
+        .as_deref()
+        .map(|spec| class_weights(spec, &label_set, &train.labels))
+        .transpose()?;
 
     let micro_batches_per_epoch = train.encoded.len().div_ceil(recipe.batch_size);
     let steps_per_epoch = micro_batches_per_epoch.div_ceil(recipe.grad_accum);
@@ -290,7 +296,7 @@ pub fn finetune<B: TrainBackend>(
                     },
                 )?;
                 let share = indices.len() as f32 / group_examples as f32;
-                loss += share * model.backward(&batch, &labels, None, share);
+                loss += share * model.backward(&batch, &labels, class_weights.as_deref(), share);
             }
             let grad_norm = model.params.grad_norm(&model.backend);
             if !loss.is_finite() || !grad_norm.is_finite() {
@@ -414,6 +420,79 @@ pub fn finetune<B: TrainBackend>(
         samples_per_second: samples_seen as f64 / started.elapsed().as_secs_f64(),
         stopped_early,
     })
+}
+
+/// Freezing and per-group learning rates from the recipe.
+fn apply_strategies<B: TrainBackend>(
+    model: &mut SequenceClassifier<B>,
+    recipe: &TrainRecipe,
+) -> Result<()> {
+    let layers = model.config.num_hidden_layers;
+    if recipe.freeze_bottom > layers {
+        return Err(Error::Invalid(format!(
+            "--freeze-bottom {} exceeds the model's {layers} layers",
+            recipe.freeze_bottom
+        )));
+    }
+    let frozen_layers = if recipe.head_only {
+        layers
+    } else {
+        recipe.freeze_bottom
+    };
+    let embeddings_frozen =
+        recipe.head_only || recipe.freeze_embeddings || recipe.freeze_bottom > 0;
+    for group in model.groups() {
+        let (trainable, depth) = match group {
+            Group::Embeddings => (!embeddings_frozen, layers),
+            Group::Layer(l) => (l >= frozen_layers, layers - 1 - l),
+            Group::Head => (true, 0),
+        };
+        model.set_trainable(group, trainable);
+        let mut scale = recipe.layer_lr_decay.map_or(1.0, |d| d.powi(depth as i32));
+        if group == Group::Head {
+            scale = recipe.head_lr.map_or(1.0, |head_lr| head_lr / recipe.lr);
+        }
+        model.set_lr_scale(group, scale);
+    }
+    Ok(())
+}
+
+/// Per-class loss weights: "balanced" gives class c the weight
+/// `n / (classes · count_c)` (scikit-learn's definition); otherwise `spec`
+/// is a JSON file `{label: weight}` covering every label.
+fn class_weights(spec: &str, labels: &LabelSet, train_labels: &[usize]) -> Result<Vec<f32>> {
+    if spec == "balanced" {
+        let mut counts = vec![0usize; labels.len()];
+        train_labels.iter().for_each(|&l| counts[l] += 1);
+        let n = train_labels.len() as f32;
+        return Ok(counts
+            .iter()
+            .map(|&c| n / (labels.len() as f32 * c.max(1) as f32))
+            .collect());
+    }
+    let path = Path::new(spec);
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let map: BTreeMap<String, f32> = serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: path.into(),
+        message: format!(
+            "class weights must be a JSON object {{label: weight}} (or use \"balanced\"): {e}"
+        ),
+    })?;
+    labels
+        .labels()
+        .iter()
+        .map(|label| match map.get(label) {
+            Some(&w) if w > 0.0 && w.is_finite() => Ok(w),
+            Some(w) => Err(Error::Config {
+                path: path.into(),
+                message: format!("weight {w} for label {label:?} must be positive"),
+            }),
+            None => Err(Error::Config {
+                path: path.into(),
+                message: format!("no weight for label {label:?}"),
+            }),
+        })
+        .collect()
 }
 
 /// Temperature scaling on the dev logits (Guo et al. 2017).

@@ -236,14 +236,13 @@ impl TrainBackend for CpuBackend {
     fn linear_backward(
         &self,
         d_input: Option<&mut Vec<f32>>,
-        d_weight: &mut Vec<f32>,
-        d_bias: &mut Vec<f32>,
+        param_grads: Option<(&mut Vec<f32>, &mut Vec<f32>)>,
         d_out: &Vec<f32>,
         input: &Vec<f32>,
         weight: &Vec<f32>,
         rows: usize,
     ) {
-        let n = d_bias.len();
+        let n = d_out.len() / rows;
         let k = weight.len() / n;
         let d_out = &d_out[..rows * n];
         let input = &input[..rows * k];
@@ -258,6 +257,9 @@ impl TrainBackend for CpuBackend {
                         matmul_nn(m, k, n, d_o, weight, d_in, false);
                     });
             }
+            let Some((d_weight, d_bias)) = param_grads else {
+                return;
+            };
             // d_weight[n, k] += d_outᵀ[n, rows] · input[rows, k], split by
             // output features.
             let mut d_out_t = Vec::new();
@@ -322,8 +324,7 @@ impl TrainBackend for CpuBackend {
     fn layer_norm_backward(
         &self,
         d_x: &mut Vec<f32>,
-        d_gamma: &mut Vec<f32>,
-        d_beta: &mut Vec<f32>,
+        param_grads: Option<(&mut Vec<f32>, &mut Vec<f32>)>,
         d_out: &Vec<f32>,
         x: &Vec<f32>,
         gamma: &Vec<f32>,
@@ -367,9 +368,11 @@ impl TrainBackend for CpuBackend {
                 })
                 .collect()
         });
-        for (d_g, d_b) in partials {
-            d_gamma.iter_mut().zip(&d_g).for_each(|(a, b)| *a += b);
-            d_beta.iter_mut().zip(&d_b).for_each(|(a, b)| *a += b);
+        if let Some((d_gamma, d_beta)) = param_grads {
+            for (d_g, d_b) in partials {
+                d_gamma.iter_mut().zip(&d_g).for_each(|(a, b)| *a += b);
+                d_beta.iter_mut().zip(&d_b).for_each(|(a, b)| *a += b);
+            }
         }
     }
 
@@ -602,10 +605,6 @@ impl TrainBackend for CpuBackend {
 
     fn scale(&self, x: &mut Vec<f32>, factor: f32) {
         x.iter_mut().for_each(|v| *v *= factor);
-    }
-
-    fn all_finite(&self, x: &Vec<f32>) -> bool {
-        x.iter().all(|v| v.is_finite())
     }
 
     fn adamw(

@@ -19,6 +19,7 @@ pub(super) static KERNEL: Kernel = Kernel {
     mc: 96,
     tile,
     pack_a,
+    pack_b,
     gelu: gelu_slice,
 };
 
@@ -192,9 +193,8 @@ unsafe fn gelu_slice(x: &mut [f32]) {
 }
 
 /// Packs A into `mr`-row panels like [`super::pack::pack_a`], transposing
-/// 8 × 8 and 4 × 8 blocks in registers (the scalar version's strided stores
-/// cost a sixth of the GEMM time when M is large). Also used by the AVX-512
-/// kernel, whose 12-row panels split into 8 + 4.
+/// in registers (the scalar version's strided stores cost a sixth of the
+/// GEMM time when M is large). Also used by the AVX-512 kernel.
 ///
 /// # Safety
 /// The host must support AVX2.
@@ -213,27 +213,82 @@ pub(super) unsafe fn pack_a(
     );
     for (r, panel) in dst[..mc * kc].chunks_mut(mr * kc).enumerate() {
         let rows = panel.len() / kc;
-        let block = &src[r * mr * lda..];
-        let mut i = 0;
-        while i + 8 <= rows {
-            // SAFETY: rows `i..i + 8` of the panel exist in `src` (asserted
-            // above) and the panel holds `kc * rows` floats.
-            unsafe {
-                transpose_rows::<8>(&block[i * lda..], lda, kc, &mut panel[i..], rows, mr * lda)
-            };
-            i += 8;
-        }
-        if i + 4 <= rows {
-            // SAFETY: as above for rows `i..i + 4`.
-            unsafe {
-                transpose_rows::<4>(&block[i * lda..], lda, kc, &mut panel[i..], rows, mr * lda)
-            };
-            i += 4;
-        }
-        for ii in i..rows {
-            for (p, &v) in block[ii * lda..][..kc].iter().enumerate() {
-                panel[p * rows + ii] = v;
+        // SAFETY: the panel's rows exist in `src` (asserted above) and the
+        // panel holds `kc * rows` floats.
+        unsafe { transpose_block(&src[r * mr * lda..], lda, rows, kc, panel, rows, mr * lda) };
+    }
+}
+
+/// Packs B into `nr`-column panels like [`super::pack::pack_b`]; the
+/// transposed case (weights, Kᵀ in attention) transposes in registers.
+///
+/// # Safety
+/// The host must support AVX2.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn pack_b(
+    src: &[f32],
+    ldb: usize,
+    transposed: bool,
+    k: usize,
+    n: usize,
+    nr: usize,
+    dst: &mut [f32],
+) {
+    if !transposed || k == 0 {
+        // Row-major B packs by plain row copies already.
+        return super::pack::pack_b(src, ldb, transposed, k, n, nr, dst);
+    }
+    assert!(n == 0 || src.len() >= (n - 1) * ldb + k, "B out of bounds");
+    let panel_len = k * nr;
+    for (q, panel) in dst[..n.div_ceil(nr) * panel_len]
+        .chunks_exact_mut(panel_len)
+        .enumerate()
+    {
+        let cols = nr.min(n - q * nr);
+        // SAFETY: the panel's source rows exist (asserted above) and the
+        // panel holds `k * nr` floats.
+        unsafe { transpose_block(&src[q * nr * ldb..], ldb, cols, k, panel, nr, nr * ldb) };
+        if cols < nr {
+            for out in panel.chunks_exact_mut(nr) {
+                out[cols..].fill(0.0);
             }
+        }
+    }
+}
+
+/// Writes `rows` rows of `kc` floats from `src` (row stride `ld`) column by
+/// column: element `(i, p)` goes to `dst[p * stride + i]`. Rows go 8, then
+/// 4 at a time through registers, the last 0..3 one by one. `ahead` is the
+/// prefetch distance: the same columns of the rows one panel further down.
+///
+/// # Safety
+/// `src` must hold `(rows - 1) * ld + kc` floats and `dst`
+/// `(kc - 1) * stride + rows`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn transpose_block(
+    src: &[f32],
+    ld: usize,
+    rows: usize,
+    kc: usize,
+    dst: &mut [f32],
+    stride: usize,
+    ahead: usize,
+) {
+    let mut i = 0;
+    while i + 8 <= rows {
+        // SAFETY: rows `i..i + 8` exist; forwarded bounds.
+        unsafe { transpose_rows::<8>(&src[i * ld..], ld, kc, &mut dst[i..], stride, ahead) };
+        i += 8;
+    }
+    if i + 4 <= rows {
+        // SAFETY: rows `i..i + 4` exist; forwarded bounds.
+        unsafe { transpose_rows::<4>(&src[i * ld..], ld, kc, &mut dst[i..], stride, ahead) };
+        i += 4;
+    }
+    for ii in i..rows {
+        for (p, &v) in src[ii * ld..][..kc].iter().enumerate() {
+            dst[p * stride + ii] = v;
         }
     }
 }
@@ -282,19 +337,19 @@ unsafe fn transpose_rows<const R: usize>(
         let lo = quads(row(0), row(1), row(2), row(3));
         if R == 8 {
             let hi = quads(row(4), row(5), row(6), row(7));
-            for q in 0..4 {
+            for (q, (&l, &h)) in lo.iter().zip(&hi).enumerate() {
                 // SAFETY: see `out`; 8 floats fit because `R == 8`.
                 unsafe {
-                    _mm256_storeu_ps(out(q), _mm256_permute2f128_ps::<0x20>(lo[q], hi[q]));
-                    _mm256_storeu_ps(out(q + 4), _mm256_permute2f128_ps::<0x31>(lo[q], hi[q]));
+                    _mm256_storeu_ps(out(q), _mm256_permute2f128_ps::<0x20>(l, h));
+                    _mm256_storeu_ps(out(q + 4), _mm256_permute2f128_ps::<0x31>(l, h));
                 }
             }
         } else {
-            for q in 0..4 {
+            for (q, &l) in lo.iter().enumerate() {
                 // SAFETY: see `out`; 4 floats.
                 unsafe {
-                    _mm_storeu_ps(out(q), _mm256_castps256_ps128(lo[q]));
-                    _mm_storeu_ps(out(q + 4), _mm256_extractf128_ps::<1>(lo[q]));
+                    _mm_storeu_ps(out(q), _mm256_castps256_ps128(l));
+                    _mm_storeu_ps(out(q + 4), _mm256_extractf128_ps::<1>(l));
                 }
             }
         }

@@ -15,10 +15,11 @@ const NR: usize = 32;
 pub(super) static KERNEL: Kernel = Kernel {
     mr: MR,
     nr: NR,
-    kc: 256,
+    kc: 512,
     mc: 144,
     tile,
     pack_a: super::avx2::pack_a,
+    pack_b: super::avx2::pack_b,
     gelu: gelu_slice,
 };
 

@@ -182,7 +182,7 @@ mod tests {
             let mut t_cur = vec![0.0; N];
             t_prev[0] = 1.0;
             t_cur[1] = 1.0;
-            let mut mono = vec![0.0; N];
+            let mut mono = [0.0; N];
             mono[0] += cheb[0];
             for d in 0..N {
                 mono[d] += cheb[1] * t_cur[d];

@@ -83,6 +83,11 @@ pub(crate) struct Tile {
     pub gelu: bool,
 }
 
+/// Packs an A block: `(src, lda, mc, kc, mr, dst)`, see [`pack::pack_a`].
+type PackAFn = unsafe fn(&[f32], usize, usize, usize, usize, &mut [f32]);
+/// Packs B: `(src, ldb, transposed, k, n, nr, dst)`, see [`pack::pack_b`].
+type PackBFn = unsafe fn(&[f32], usize, bool, usize, usize, usize, &mut [f32]);
+
 /// A micro-kernel and the blocking that suits it.
 pub(crate) struct Kernel {
     /// Tile rows (A panel height).
@@ -95,8 +100,8 @@ pub(crate) struct Kernel {
     pub mc: usize,
     /// Computes one [`Tile`]; `1 <= rows <= mr`, `1 <= cols <= nr`.
     pub tile: unsafe fn(&Tile),
-    /// Packs an A block: `(src, lda, mc, kc, mr, dst)`, see [`pack::pack_a`].
-    pub pack_a: unsafe fn(&[f32], usize, usize, usize, usize, &mut [f32]),
+    pub pack_a: PackAFn,
+    pub pack_b: PackBFn,
     /// GELU over a slice.
     pub gelu: unsafe fn(&mut [f32]),
 }
@@ -159,16 +164,8 @@ unsafe fn gemm_block(
 ) {
     let (mr, nr) = (kern.mr, kern.nr);
     // Even blocks: 385 must not become 384 + 1.
-    let kcmax: usize = std::env::var("KC")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(kern.kc);
-    let mcmax: usize = std::env::var("MC")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(kern.mc);
-    let kc_step = k.div_ceil(k.div_ceil(kcmax));
-    let mc_step = m.div_ceil(m.div_ceil(mcmax)).next_multiple_of(mr);
+    let kc_step = k.div_ceil(k.div_ceil(kern.kc));
+    let mc_step = m.div_ceil(m.div_ceil(kern.mc)).next_multiple_of(mr);
     let apack = apack.get_mut(mc_step.min(m) * kc_step);
     let mut tile = Tile {
         a: std::ptr::null(),
@@ -248,6 +245,13 @@ unsafe fn no_k(kern: &Kernel, m: usize, n: usize, out: Out) {
 /// rectangle of C.
 #[derive(Clone, Copy)]
 struct SharedOut(Out);
+
+impl SharedOut {
+    /// By method, so closures capture the `Sync` wrapper, not the raw field.
+    fn get(self) -> Out {
+        self.0
+    }
+}
 // SAFETY: tasks only write disjoint regions of C and read bias; see `linear`.
 unsafe impl Send for SharedOut {}
 // SAFETY: as above.
@@ -277,7 +281,7 @@ fn thread_grid(kern: &Kernel, m: usize, n: usize, threads: usize) -> (usize, usi
     // Prefer splitting N on ties: each thread then streams only its share
     // of the weight, which is what stays in its own L2.
     for tn in (1..=threads).rev() {
-        if threads % tn != 0 {
+        if !threads.is_multiple_of(tn) {
             continue;
         }
         let tm = threads / tn;
@@ -350,12 +354,11 @@ pub fn linear(
     let panels = n.div_ceil(kern.nr);
     let shared = SharedOut(region);
     let run = |t: usize| {
-        let shared = shared;
         let rows = split(m_tiles, tm, t / tn);
         let cols = split(panels, tn, t % tn);
         let (i0, j0) = (rows.start * kern.mr, cols.start * kern.nr);
         let (i1, j1) = ((rows.end * kern.mr).min(m), (cols.end * kern.nr).min(n));
-        let mut sub = shared.0;
+        let mut sub = shared.get();
         // SAFETY: `(i0, j0)` is inside `out` (and `j0` inside `bias`); the
         // sub-regions of different `t` are disjoint.
         unsafe {
@@ -471,7 +474,8 @@ fn sgemm_strided_isa(
     SCRATCH.with(|s| {
         let s = &mut *s.borrow_mut();
         let bpack = s.b.get_mut(n.div_ceil(kern.nr) * k * kern.nr);
-        pack::pack_b(b, ldb, b_transposed, k, n, kern.nr, bpack);
+        // SAFETY: the kernel's instruction set runs on this host.
+        unsafe { (kern.pack_b)(b, ldb, b_transposed, k, n, kern.nr, bpack) };
         // SAFETY: `c` holds the region (checked above) and is borrowed
         // mutably; `a` and the packed B are sized for the shape.
         unsafe { gemm_block(kern, a, lda, bpack, m, n, k, out, &mut s.a) };

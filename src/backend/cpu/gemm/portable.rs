@@ -14,6 +14,7 @@ pub(super) static KERNEL: Kernel = Kernel {
     mc: 128,
     tile,
     pack_a: super::pack::pack_a,
+    pack_b: super::pack::pack_b,
     gelu: gelu::gelu_slice_scalar,
 };
 

@@ -6,10 +6,7 @@
 
 use super::Epilogue;
 
-/// `2 / sqrt(pi)`.
-const TWO_OVER_SQRT_PI: f64 = 1.128_379_167_095_512_6;
-/// `1 / sqrt(pi)`.
-const ONE_OVER_SQRT_PI: f64 = 0.564_189_583_547_756_3;
+use std::f64::consts::FRAC_2_SQRT_PI;
 
 /// Below this the positive-term series is used, above it the continued
 /// fraction; both converge quickly at the switch point.
@@ -55,7 +52,7 @@ fn erf_series(x: f64) -> f64 {
         term *= 2.0 * x2 / (2.0 * n + 1.0);
         sum += term;
     }
-    TWO_OVER_SQRT_PI * (-x2).exp() * sum
+    FRAC_2_SQRT_PI * (-x2).exp() * sum
 }
 
 /// `erfc(x) = exp(-x^2)/sqrt(pi) * 1/(x + (1/2)/(x + 1/(x + (3/2)/(x + ...))))`
@@ -69,7 +66,7 @@ fn erfc_continued_fraction(x: f64) -> f64 {
     for n in (1..=120).rev() {
         tail = x + (n as f64 * 0.5) / tail;
     }
-    ONE_OVER_SQRT_PI * (-x * x).exp() / tail
+    0.5 * FRAC_2_SQRT_PI * (-x * x).exp() / tail
 }
 
 /// Exact GELU in double precision: `0.5 * x * (1 + erf(x / sqrt(2)))`, written
