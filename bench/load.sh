@@ -53,6 +53,7 @@ printf '{"inputs": "%s"}' "$TEXT" >"$work/body.json"
 # start_server FLAGS...: starts the server, sets pid and addr; fails (status
 # 1, log in $work/server.log) when the server refuses to start.
 start_server() {
+    : >"$work/server.log"
     # shellcheck disable=SC2086
     "$BIN" serve --model "$MODEL" --port 0 --threads "$THREADS" $SERVE_ARGS "$@" \
         2>"$work/server.log" &

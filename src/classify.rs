@@ -79,15 +79,26 @@ impl<B: Backend> Classifier<B> {
 
     /// Raw logits `[inputs, labels]` for already tokenized inputs.
     pub fn logits_encoded(&mut self, encoded: &[Encoded]) -> Result<Vec<f32>> {
-        let batch = TokenBatch::from_encoded(encoded);
-        self.model.forward(&batch, &mut self.workspace)?;
+        self.logits(&TokenBatch::from_encoded(encoded))
+    }
+
+    /// Raw logits `[sequences, labels]` of a token batch.
+    pub fn logits(&mut self, batch: &TokenBatch) -> Result<Vec<f32>> {
+        self.model.forward(batch, &mut self.workspace)?;
         self.model.classify(
-            &batch,
+            batch,
             &mut self.workspace,
             self.pooling,
             &self.head,
             self.labels.len(),
         )
+    }
+
+    /// Pooled encoder output `[sequences, hidden]` of a token batch (the
+    /// fine-tuned encoder used as an embedder).
+    pub fn pooled(&mut self, batch: &TokenBatch, pooling: Pooling) -> Result<Vec<f32>> {
+        self.model.forward(batch, &mut self.workspace)?;
+        self.model.pool(batch, &mut self.workspace, pooling)
     }
 
     /// Calibrated probabilities, one row per input.

@@ -512,3 +512,93 @@ fn minilm_embed_matches_the_cli() {
         assert!(cosine >= 0.99999, "cosine {cosine}");
     }
 }
+
+/// A fine-tuned classifier serves /predict: labels sorted by calibrated
+/// probability, equal to `bertrt predict`, and raw scores on request.
+#[test]
+fn predict_on_a_fine_tuned_model_matches_the_cli() {
+    let dir = tiny_model();
+    let data = dir.path().join("train.jsonl");
+    let rows = [
+        ("the cat sat", "cat"),
+        ("a cat sat on a mat", "cat"),
+        ("the dog ran", "dog"),
+        ("a big dog ran fast", "dog"),
+    ];
+    let text: String = rows
+        .iter()
+        .map(|(t, l)| json!({"text": t, "label": l}).to_string() + "\n")
+        .collect();
+    std::fs::write(&data, text).unwrap();
+    let trained = dir.path().join("trained");
+    let status = Command::new(env!("CARGO_BIN_EXE_bertrt"))
+        .args(["finetune", "--model"])
+        .arg(dir.path())
+        .arg("--train")
+        .arg(&data)
+        .arg("--valid")
+        .arg(&data)
+        .arg("--out")
+        .arg(&trained)
+        .args([
+            "--max-length",
+            "16",
+            "--epochs",
+            "2",
+            "--lr",
+            "1e-3",
+            "--quiet",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+
+    let cli = Command::new(env!("CARGO_BIN_EXE_bertrt"))
+        .args(["predict", "--model"])
+        .arg(&trained)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    cli.stdin
+        .as_ref()
+        .unwrap()
+        .write_all(b"the dog ran\n")
+        .unwrap();
+    let cli = cli.wait_with_output().unwrap();
+    let cli: Value = serde_json::from_slice(&cli.stdout).unwrap();
+
+    let server = Server::start(&trained, &[]);
+    let addr = server.addr;
+    let info = get(addr, "/info").json();
+    assert_eq!(info["max_input_length"], 16, "{info}");
+    let predict = post(
+        addr,
+        "/predict",
+        json!({"inputs": ["the dog ran", "the cat sat"]}),
+    );
+    assert_eq!(predict.status, 200, "{}", predict.body);
+    let body = predict.json();
+    let first = body[0].as_array().unwrap();
+    assert_eq!(first.len(), 2);
+    assert!(first[0]["score"].as_f64().unwrap() >= first[1]["score"].as_f64().unwrap());
+    for entry in first {
+        let label = entry["label"].as_str().unwrap();
+        let want = cli["probs"][label].as_f64().unwrap();
+        assert!(
+            (entry["score"].as_f64().unwrap() - want).abs() < 1e-5,
+            "{label}: {entry} vs {cli}"
+        );
+    }
+    let raw = post(
+        addr,
+        "/predict",
+        json!({"inputs": "the dog ran", "raw_scores": true}),
+    );
+    assert_eq!(raw.status, 200, "{}", raw.body);
+}

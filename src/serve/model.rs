@@ -10,6 +10,8 @@ use std::path::Path;
 
 use crate::backend::Backend;
 use crate::checkpoint::Checkpoint;
+use crate::classify::Classifier;
+use crate::config::BertConfig;
 use crate::error::{Error, Result};
 use crate::model::{BertModel, ModelFiles, Pooling, TokenBatch, Workspace};
 use crate::tokenize::BertTokenizer;
@@ -93,22 +95,94 @@ impl<B: Backend> Model for Encoder<B> {
     }
 }
 
+impl<B: Backend> Model for Classifier<B> {
+    fn embed(&mut self, batch: &TokenBatch, pooling: Pooling) -> Result<Vec<Vec<f32>>> {
+        let hidden = self.model.config().hidden_size;
+        let pooled = self.pooled(batch, pooling)?;
+        Ok(pooled.chunks_exact(hidden).map(<[f32]>::to_vec).collect())
+    }
+
+    fn classify(&mut self, batch: &TokenBatch) -> Result<Vec<Vec<f32>>> {
+        let classes = self.labels.len();
+        let logits = self.logits(batch)?;
+        Ok(logits.chunks_exact(classes).map(<[f32]>::to_vec).collect())
+    }
+}
+
+/// Replicas of one model and what [`ModelInfo`] needs from the first.
+struct Replicas {
+    models: Vec<Box<dyn Model>>,
+    config: BertConfig,
+    has_pooler: bool,
+    backend: String,
+    head: Option<ClassifierHead>,
+    /// The max length a fine-tuned model was trained with.
+    trained_length: Option<usize>,
+}
+
+fn classifier_replicas<B: Backend + 'static>(
+    dir: &Path,
+    count: usize,
+    backend: &mut impl FnMut() -> B,
+) -> Result<Replicas> {
+    let classifiers = (0..count)
+        .map(|_| Classifier::load(backend(), dir))
+        .collect::<Result<Vec<_>>>()?;
+    let first = &classifiers[0];
+    Ok(Replicas {
+        config: first.model.config().clone(),
+        has_pooler: first.model.has_pooler(),
+        backend: first.model.backend_description(),
+        head: Some(ClassifierHead {
+            labels: first.labels.clone(),
+            temperature: Some(first.temperature),
+        }),
+        trained_length: Some(first.tokenizer.max_length()),
+        models: classifiers
+            .into_iter()
+            .map(|c| Box::new(c) as Box<dyn Model>)
+            .collect(),
+    })
+}
+
+fn encoder_replicas<B: Backend + 'static>(
+    files: &ModelFiles,
+    count: usize,
+    backend: &mut impl FnMut() -> B,
+) -> Result<Replicas> {
+    let models = (0..count)
+        .map(|_| BertModel::load(backend(), files))
+        .collect::<Result<Vec<_>>>()?;
+    let first = &models[0];
+    Ok(Replicas {
+        config: first.config().clone(),
+        has_pooler: first.has_pooler(),
+        backend: first.backend_description(),
+        head: None,
+        trained_length: None,
+        models: models
+            .into_iter()
+            .map(|model| Box::new(Encoder::new(model)) as Box<dyn Model>)
+            .collect(),
+    })
+}
+
 /// Why `/predict` is refused on a plain encoder, and how to get a model that
 /// accepts it.
 pub const NO_HEAD: &str = "this model has no classification head (it is a plain encoder, \
      usable with /embed); `bertrt finetune` produces a model with one";
 
-/// The model directory loaded `replicas` times, each on its own backend from
-/// `backend()`, with the tokenizer and the shared description.
+/// The replicas of one model directory, its tokenizer and their shared
+/// description.
 pub struct Loaded {
     pub info: ModelInfo,
     pub tokenizer: BertTokenizer,
     pub replicas: Vec<Box<dyn Model>>,
 }
 
-/// Loads `dir`. `max_length` defaults to the model's position limit;
-/// `tokenizer_limit` is where the tokenizer truncates (one past
-/// `max_length` lets the caller detect over-long inputs instead).
+/// Loads `dir` once per replica, each on a fresh `backend()`. `max_length`
+/// defaults to the model's position limit; with `truncate` off, inputs over
+/// it are left for the caller to refuse instead of being cut.
 pub fn load<B: Backend + 'static>(
     dir: &Path,
     replicas: usize,
@@ -117,15 +191,35 @@ pub fn load<B: Backend + 'static>(
     mut backend: impl FnMut() -> B,
 ) -> Result<Loaded> {
     let files = ModelFiles::locate(dir)?;
-    let weights_dtype = Checkpoint::open(&files.weights)?.dominant_dtype();
-    let models = (0..replicas)
-        .map(|_| BertModel::load(backend(), &files))
-        .collect::<Result<Vec<_>>>()?;
-    let first = models
-        .first()
-        .ok_or_else(|| Error::Invalid("--workers must be at least 1".into()))?;
-    let limit = first.config().max_position_embeddings;
-    let max_input_length = max_length.unwrap_or(limit);
+    if replicas == 0 {
+        return Err(Error::Invalid("--workers must be at least 1".into()));
+    }
+    let ckpt = Checkpoint::open(&files.weights)?;
+    let weights_dtype = ckpt.dominant_dtype();
+    // A fine-tuned classifier (bertrt artifact or HF
+    // BertForSequenceClassification) serves /predict as well as /embed.
+    let is_classifier = ckpt.contains("classifier.weight");
+    drop(ckpt);
+    let default_pooling = files
+        .sentence_transformers_pooling()
+        .unwrap_or(Pooling::Mean);
+    let built = if is_classifier {
+        classifier_replicas(dir, replicas, &mut backend)?
+    } else {
+        encoder_replicas(&files, replicas, &mut backend)?
+    };
+    let Replicas {
+        models: replicas,
+        config: first_config,
+        has_pooler,
+        backend: backend_description,
+        head,
+        trained_length,
+    } = built;
+    let limit = first_config.max_position_embeddings;
+    // A fine-tuned model was trained at its artifact's max length: serve
+    // with the same preprocessing unless told otherwise.
+    let max_input_length = max_length.or(trained_length).unwrap_or(limit);
     if max_input_length > limit || max_input_length < 2 {
         return Err(Error::Invalid(format!(
             "--max-input-length {max_input_length} is outside 2..={limit} (the model's max_position_embeddings)"
@@ -139,18 +233,12 @@ pub fn load<B: Backend + 'static>(
         id: dir.display().to_string(),
         weights_dtype,
         max_input_length,
-        hidden_size: first.config().hidden_size,
-        pooling: files
-            .sentence_transformers_pooling()
-            .unwrap_or(Pooling::Mean),
-        has_pooler: first.has_pooler(),
-        head: None,
-        backend: first.backend_description(),
+        hidden_size: first_config.hidden_size,
+        pooling: default_pooling,
+        has_pooler,
+        head,
+        backend: backend_description,
     };
-    let replicas = models
-        .into_iter()
-        .map(|model| Box::new(Encoder::new(model)) as Box<dyn Model>)
-        .collect();
     Ok(Loaded {
         info,
         tokenizer,
