@@ -454,3 +454,20 @@ fn layer_lr_decay_and_class_weights() {
         "{err}"
     );
 }
+
+#[test]
+fn several_seeds_report_mean_and_std() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, stdout, err) = tiny_run(tmp.path(), "runs", &["--seeds", "1,2"]);
+    assert!(ok, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["seeds"], serde_json::json!([1, 2]));
+    assert!(report["dev"]["macro_f1"]["mean"].is_number(), "{report}");
+    assert!(report["dev"]["macro_f1"]["std"].as_f64().unwrap() >= 0.0);
+    for seed in [1, 2] {
+        assert!(tmp
+            .path()
+            .join(format!("runs/seed-{seed}/bertrt.json"))
+            .exists());
+    }
+}

@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use bertrt::backend::cpu::CpuBackend;
 use bertrt::model::Pooling;
-use bertrt::train::{finetune, Metric, TrainRecipe};
+use bertrt::train::{finetune, finetune_seeds, Metric, TrainRecipe};
 
 /// Every setting may also come from `--config train.toml` (same names, with
 /// underscores); flags given here override the file. Defaults: see
@@ -72,8 +72,13 @@ pub struct Args {
     #[arg(long)]
     head_dropout: Option<f32>,
     /// [default: 42]
-    #[arg(long)]
+    #[arg(long, conflicts_with = "seeds")]
     seed: Option<u64>,
+    /// Train once per seed into OUT/seed-N and report dev metrics as mean
+    /// and standard deviation.
+    #[arg(long, value_delimiter = ',')]
+    #[serde(skip)]
+    seeds: Option<Vec<u64>>,
     /// Also evaluate every N optimizer steps.
     #[arg(long)]
     eval_every: Option<usize>,
@@ -133,6 +138,16 @@ pub fn run(args: Args) -> Result<()> {
         overrides["calibrate"] = false.into();
     }
     let recipe = TrainRecipe::resolve(args.config.as_deref(), overrides)?;
+    if let Some(seeds) = &args.seeds {
+        let report = finetune_seeds(
+            || CpuBackend::new(recipe.threads),
+            &recipe,
+            seeds,
+            args.quiet,
+        )?;
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
     let summary = finetune(CpuBackend::new(recipe.threads), &recipe, args.quiet)?;
     let report = serde_json::json!({
         "out": summary.out,

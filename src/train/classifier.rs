@@ -632,7 +632,7 @@ impl<B: TrainBackend> SequenceClassifier<B> {
         // Classifier and head dropout.
         be.resize(&mut acts.d_head_input, sequences * h);
         let (w, b) = (self.classifier_weight, self.classifier_bias);
-        let (weight, grads) = weight_and_grads(p, w, b);
+        let (weight, grads) = p.weight_and_grads(w, b);
         be.linear_backward(
             Some(&mut acts.d_head_input),
             grads,
@@ -661,7 +661,7 @@ impl<B: TrainBackend> SequenceClassifier<B> {
                 let (w, b) = self.pooler.expect("checked at construction");
                 be.tanh_backward(&mut acts.d_head_input, &acts.pooled);
                 be.resize(&mut acts.d_cls, sequences * h);
-                let (weight, grads) = weight_and_grads(p, w, b);
+                let (weight, grads) = p.weight_and_grads(w, b);
                 be.linear_backward(
                     encoder_trains.then_some(&mut acts.d_cls),
                     grads,
@@ -693,7 +693,7 @@ impl<B: TrainBackend> SequenceClassifier<B> {
         for (l, lp) in layers.iter().enumerate().skip(lowest).rev() {
             let a = &acts.layers[l];
             // Output LayerNorm over (dropout(dense(intermediate)) + attention_normed).
-            let (gamma, grads) = weight_and_grads(p, lp.output_norm_weight, lp.output_norm_bias);
+            let (gamma, grads) = p.weight_and_grads(lp.output_norm_weight, lp.output_norm_bias);
             be.layer_norm_backward(
                 &mut acts.d_sum,
                 grads,
@@ -705,7 +705,7 @@ impl<B: TrainBackend> SequenceClassifier<B> {
             );
             be.copy(&mut acts.d_branch, &acts.d_sum);
             be.dropout(&mut acts.d_branch, dropout_of(Site::Output(l)));
-            let (weight, grads) = weight_and_grads(p, lp.output_weight, lp.output_bias);
+            let (weight, grads) = p.weight_and_grads(lp.output_weight, lp.output_bias);
             be.linear_backward(
                 Some(&mut acts.d_wide),
                 grads,
@@ -715,7 +715,7 @@ impl<B: TrainBackend> SequenceClassifier<B> {
                 t,
             );
             be.gelu_backward(&mut acts.d_wide, &a.intermediate_pre);
-            let (weight, grads) = weight_and_grads(p, lp.intermediate_weight, lp.intermediate_bias);
+            let (weight, grads) = p.weight_and_grads(lp.intermediate_weight, lp.intermediate_bias);
             be.linear_backward(
                 Some(&mut acts.d_hidden),
                 grads,
@@ -729,7 +729,7 @@ impl<B: TrainBackend> SequenceClassifier<B> {
 
             // Attention LayerNorm over (dropout(dense(context)) + input).
             let (gamma, grads) =
-                weight_and_grads(p, lp.attention_norm_weight, lp.attention_norm_bias);
+                p.weight_and_grads(lp.attention_norm_weight, lp.attention_norm_bias);
             be.layer_norm_backward(
                 &mut acts.d_sum,
                 grads,
@@ -742,7 +742,7 @@ impl<B: TrainBackend> SequenceClassifier<B> {
             be.copy(&mut acts.d_branch, &acts.d_sum);
             be.dropout(&mut acts.d_branch, dropout_of(Site::AttentionOutput(l)));
             let (weight, grads) =
-                weight_and_grads(p, lp.attention_output_weight, lp.attention_output_bias);
+                p.weight_and_grads(lp.attention_output_weight, lp.attention_output_bias);
             // d_hidden is free again: use it for d_context.
             be.linear_backward(
                 Some(&mut acts.d_hidden),
@@ -762,7 +762,7 @@ impl<B: TrainBackend> SequenceClassifier<B> {
                 c.head_dim(),
                 dropout_of(Site::AttentionProbs(l)),
             );
-            let (weight, grads) = weight_and_grads(p, lp.qkv_weight, lp.qkv_bias);
+            let (weight, grads) = p.weight_and_grads(lp.qkv_weight, lp.qkv_bias);
             be.linear_backward(
                 Some(&mut acts.d_hidden),
                 grads,
@@ -777,7 +777,7 @@ impl<B: TrainBackend> SequenceClassifier<B> {
         // Embeddings: dropout, LayerNorm, lookup.
         be.dropout(&mut acts.d_hidden, dropout_of(Site::Embeddings));
         let (gamma, grads) =
-            weight_and_grads(p, self.embedding_norm_weight, self.embedding_norm_bias);
+            p.weight_and_grads(self.embedding_norm_weight, self.embedding_norm_bias);
         be.layer_norm_backward(
             &mut acts.d_sum,
             grads,
@@ -806,16 +806,6 @@ impl<B: TrainBackend> SequenceClassifier<B> {
         );
         loss
     }
-}
-
-/// A layer's weight (read) and the gradients of its weight and bias
-/// (written; None when frozen).
-fn weight_and_grads<B: TrainBackend>(
-    p: &mut ParamStore<B>,
-    weight: ParamId,
-    bias: ParamId,
-) -> (&B::Tensor, Option<(&mut B::Tensor, &mut B::Tensor)>) {
-    p.weight_and_grads(weight, bias)
 }
 
 fn dropout_for(config: &BertConfig, head_dropout: f32, seed: Option<u64>, site: Site) -> Dropout {

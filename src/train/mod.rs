@@ -8,4 +8,4 @@ pub mod recipe;
 mod run;
 
 pub use recipe::{Metric, TrainRecipe};
-pub use run::{finetune, Evaluation, TrainSummary};
+pub use run::{finetune, finetune_seeds, Evaluation, TrainSummary};

@@ -3,7 +3,7 @@
 
 use std::ops::Range;
 
-use crate::backend::train::{AdamW, TrainBackend};
+use crate::backend::train::{AdamW, ParamGrads, TrainBackend};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 
@@ -145,7 +145,7 @@ impl<B: TrainBackend> ParamStore<B> {
         &mut self,
         weight: ParamId,
         bias: ParamId,
-    ) -> (&B::Tensor, Option<(&mut B::Tensor, &mut B::Tensor)>) {
+    ) -> (&B::Tensor, ParamGrads<'_, B::Tensor>) {
         assert!(weight.0 < bias.0, "bias follows its weight");
         let (head, tail) = self.params.split_at_mut(bias.0);
         let w = &mut head[weight.0];

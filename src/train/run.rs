@@ -171,6 +171,9 @@ impl MetricsLog {
         let mut name = out.file_name().unwrap_or_default().to_os_string();
         name.push(".metrics.jsonl");
         let path = out.with_file_name(name);
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
         let file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
         Ok(MetricsLog { path, file })
     }
@@ -420,6 +423,58 @@ pub fn finetune<B: TrainBackend>(
         samples_per_second: samples_seen as f64 / started.elapsed().as_secs_f64(),
         stopped_early,
     })
+}
+
+/// Runs `recipe` once per seed (the "single-run trap": one seed's score is
+/// not a result), each into `OUT/seed-N`, and reports every dev metric of
+/// the best checkpoints as mean and sample standard deviation.
+pub fn finetune_seeds<B: TrainBackend>(
+    mut backend: impl FnMut() -> B,
+    recipe: &TrainRecipe,
+    seeds: &[u64],
+    quiet: bool,
+) -> Result<serde_json::Value> {
+    let mut runs = Vec::new();
+    for &seed in seeds {
+        let run = TrainRecipe {
+            seed,
+            out: recipe.out.join(format!("seed-{seed}")),
+            ..recipe.clone()
+        };
+        runs.push(finetune(backend(), &run, quiet)?);
+    }
+    let metric_names: Vec<String> = runs
+        .first()
+        .and_then(|r| r.best["dev"].as_object())
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
+    let stats: serde_json::Map<String, serde_json::Value> = metric_names
+        .into_iter()
+        .map(|name| {
+            let values: Vec<f64> = runs
+                .iter()
+                .filter_map(|r| r.best["dev"][&name].as_f64())
+                .collect();
+            let (mean, std) = mean_and_std(&values);
+            (name, serde_json::json!({"mean": mean, "std": std}))
+        })
+        .collect();
+    Ok(serde_json::json!({
+        "seeds": seeds,
+        "dev": stats,
+        "runs": runs.iter().map(|r| serde_json::json!({"out": r.out, "best": r.best, "steps": r.steps})).collect::<Vec<_>>(),
+    }))
+}
+
+/// Mean and sample standard deviation (0 for a single value).
+fn mean_and_std(values: &[f64]) -> (f64, f64) {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    if values.len() < 2 {
+        return (mean, 0.0);
+    }
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, var.sqrt())
 }
 
 /// Freezing and per-group learning rates from the recipe.
