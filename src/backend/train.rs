@@ -36,6 +36,9 @@ pub struct AdamW {
     pub step: u32,
 }
 
+/// The gradients of a layer's weight and bias, or None when it is frozen.
+pub type ParamGrads<'a, T> = Option<(&'a mut T, &'a mut T)>;
+
 /// Length of the probabilities buffer of [`TrainBackend::attention_forward`]:
 /// for each sequence, for each head, `len × len`, in that order.
 pub fn attention_probs_len(offsets: &[usize], heads: usize) -> usize {
@@ -81,7 +84,7 @@ pub trait TrainBackend: Backend {
     fn linear_backward(
         &self,
         d_input: Option<&mut Self::Tensor>,
-        param_grads: Option<(&mut Self::Tensor, &mut Self::Tensor)>,
+        param_grads: ParamGrads<Self::Tensor>,
         d_out: &Self::Tensor,
         input: &Self::Tensor,
         weight: &Self::Tensor,
@@ -112,7 +115,7 @@ pub trait TrainBackend: Backend {
     fn layer_norm_backward(
         &self,
         d_x: &mut Self::Tensor,
-        param_grads: Option<(&mut Self::Tensor, &mut Self::Tensor)>,
+        param_grads: ParamGrads<Self::Tensor>,
         d_out: &Self::Tensor,
         x: &Self::Tensor,
         gamma: &Self::Tensor,

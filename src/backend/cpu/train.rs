@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use super::gemm::{self, PackedWeight};
 use super::simd::{self, multiversion};
 use super::{ops, reference, CpuBackend};
-use crate::backend::train::{AdamW, Dropout, TrainBackend};
+use crate::backend::train::{AdamW, Dropout, ParamGrads, TrainBackend};
 use crate::rng;
 
 /// Rows per task for threaded row-wise loops.
@@ -236,7 +236,7 @@ impl TrainBackend for CpuBackend {
     fn linear_backward(
         &self,
         d_input: Option<&mut Vec<f32>>,
-        param_grads: Option<(&mut Vec<f32>, &mut Vec<f32>)>,
+        param_grads: ParamGrads<Vec<f32>>,
         d_out: &Vec<f32>,
         input: &Vec<f32>,
         weight: &Vec<f32>,
@@ -324,7 +324,7 @@ impl TrainBackend for CpuBackend {
     fn layer_norm_backward(
         &self,
         d_x: &mut Vec<f32>,
-        param_grads: Option<(&mut Vec<f32>, &mut Vec<f32>)>,
+        param_grads: ParamGrads<Vec<f32>>,
         d_out: &Vec<f32>,
         x: &Vec<f32>,
         gamma: &Vec<f32>,
