@@ -11,7 +11,7 @@ use bertrt::backend::Backend;
 use bertrt::checkpoint::Checkpoint;
 use bertrt::config::BertConfig;
 use bertrt::model::{Pooling, TokenBatch};
-use bertrt::train::classifier::{ForwardMode, SequenceClassifier};
+use bertrt::train::classifier::{ForwardMode, SequenceClassifier, Targets};
 use criterion::{criterion_group, criterion_main, Criterion};
 
 const BATCH: usize = 16;
@@ -63,7 +63,14 @@ fn train_step(c: &mut Criterion) {
                         },
                     )
                     .unwrap();
-                model.backward(&batch, &labels, None, 1.0);
+                model.backward(
+                    &batch,
+                    Targets::Classes {
+                        labels: &labels,
+                        class_weights: None,
+                    },
+                    1.0,
+                );
                 model.params.adamw_step(
                     &model.backend,
                     AdamW {

@@ -96,8 +96,13 @@ impl ArtifactMeta {
     }
 }
 
-/// `config.json` for a sequence classifier, from the base model's.
-pub fn classifier_config(base: &serde_json::Value, labels: &[String]) -> serde_json::Value {
+/// `config.json` for a sequence classifier (or, with `regression`, a
+/// one-output regressor), from the base model's.
+pub fn classifier_config(
+    base: &serde_json::Value,
+    labels: &[String],
+    regression: bool,
+) -> serde_json::Value {
     let mut config = base.clone();
     let id2label: serde_json::Map<String, serde_json::Value> = labels
         .iter()
@@ -112,7 +117,12 @@ pub fn classifier_config(base: &serde_json::Value, labels: &[String]) -> serde_j
     config["architectures"] = serde_json::json!(["BertForSequenceClassification"]);
     config["id2label"] = id2label.into();
     config["label2id"] = label2id.into();
-    config["problem_type"] = "single_label_classification".into();
+    config["problem_type"] = if regression {
+        "regression"
+    } else {
+        "single_label_classification"
+    }
+    .into();
     config
 }
 

@@ -27,6 +27,8 @@ pub struct Classifier<B: Backend> {
     pub pooling: Pooling,
     /// Divides logits before softmax (from calibration; 1 if none).
     pub temperature: f32,
+    /// One numeric output (`problem_type` regression) instead of classes.
+    pub regression: bool,
     pub meta: Option<ArtifactMeta>,
     workspace: Workspace<B>,
 }
@@ -36,8 +38,8 @@ impl<B: Backend> Classifier<B> {
         let files = ModelFiles::locate(dir)?;
         let config = BertConfig::from_file(&files.config)?;
         let meta = ArtifactMeta::read(dir)?;
-        let labels = match &meta {
-            Some(meta) => meta.labels.clone(),
+        let (labels, regression) = match &meta {
+            Some(meta) => (meta.labels.clone(), meta.task == "regression"),
             None => labels_from_config(&files.config)?,
         };
         let ckpt = Checkpoint::open(&files.weights)?;
@@ -60,6 +62,7 @@ impl<B: Backend> Classifier<B> {
             labels,
             pooling,
             temperature,
+            regression,
             meta,
             workspace,
         })
@@ -113,8 +116,9 @@ impl<B: Backend> Classifier<B> {
     }
 }
 
-/// Labels in id order from a Hugging Face `config.json`'s `id2label`.
-fn labels_from_config(path: &Path) -> Result<Vec<String>> {
+/// Labels in id order from a Hugging Face `config.json`'s `id2label`, and
+/// whether its `problem_type` is regression.
+fn labels_from_config(path: &Path) -> Result<(Vec<String>, bool)> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config {
         path: path.into(),
@@ -138,5 +142,9 @@ fn labels_from_config(path: &Path) -> Result<Vec<String>> {
             })?;
         *slot = Some(label.as_str().unwrap_or_default().to_string());
     }
-    Ok(labels.into_iter().map(Option::unwrap_or_default).collect())
+    let regression = json["problem_type"] == "regression";
+    Ok((
+        labels.into_iter().map(Option::unwrap_or_default).collect(),
+        regression,
+    ))
 }

@@ -471,3 +471,89 @@ fn several_seeds_report_mean_and_std() {
             .exists());
     }
 }
+
+#[test]
+fn regression_task_trains_saves_and_predicts_scores() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let data = tmp.path().join("scores.csv");
+    std::fs::write(
+        &data,
+        "text,score\nthe cat sat,1.5\na big cat sat on a mat,2.0\nthe dog ran,-1.0\na big dog ran fast,-2.5\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("out");
+    let base = [
+        "finetune",
+        "--model",
+        model.to_str().unwrap(),
+        "--train",
+        data.to_str().unwrap(),
+        "--valid",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--task",
+        "regression",
+        "--label-column",
+        "score",
+        "--max-length",
+        "16",
+        "--epochs",
+        "3",
+        "--lr",
+        "1e-3",
+        "--quiet",
+    ];
+    let (ok, stdout, err) = bertrt(&base);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("\"pearson\""), "{stdout}");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["problem_type"], "regression");
+    assert_eq!(config["id2label"]["0"], "score");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("bertrt.json")).unwrap()).unwrap();
+    assert_eq!(meta["task"], "regression");
+    assert!(meta["calibration"].is_null());
+
+    let input = tmp.path().join("in.txt");
+    std::fs::write(&input, "the cat sat\n").unwrap();
+    let (ok, stdout, err) = bertrt(&[
+        "predict",
+        "--model",
+        out.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let row: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert!(row["score"].is_number(), "{row}");
+
+    let (ok, stdout, err) = bertrt(&[
+        "eval",
+        "--model",
+        out.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--label-column",
+        "score",
+    ]);
+    assert!(ok, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(
+        report["spearman"].is_number() && report["rmse"].is_number(),
+        "{report}"
+    );
+
+    // A label that is not a number is named with its line.
+    std::fs::write(&data, "text,score\nthe cat sat,1.5\nthe dog ran,high\n").unwrap();
+    let (ok, _, err) = bertrt(&base);
+    assert!(!ok);
+    assert!(err.contains("line 3") && err.contains("\"high\""), "{err}");
+    // Classification metrics do not fit regression.
+    let mut wrong = base.to_vec();
+    wrong.extend(["--metric", "macro-f1"]);
+    let (ok, _, err) = bertrt(&wrong);
+    assert!(!ok && err.contains("metric does not fit"), "{err}");
+}

@@ -11,7 +11,7 @@ use bertrt::backend::Backend;
 use bertrt::checkpoint::Checkpoint;
 use bertrt::config::BertConfig;
 use bertrt::model::{Pooling, TokenBatch};
-use bertrt::train::classifier::{ForwardMode, SequenceClassifier};
+use bertrt::train::classifier::{ForwardMode, SequenceClassifier, Targets};
 use common::Rng;
 
 fn backend() -> CpuBackend {
@@ -301,7 +301,14 @@ fn tiny_classifier_end_to_end() {
         };
         model.forward(&batch, mode).unwrap();
         model.params.zero_grads(&model.backend);
-        model.backward(&batch, &labels, Some(&[1.0, 2.0, 0.5]), 1.0);
+        model.backward(
+            &batch,
+            Targets::Classes {
+                labels: &labels,
+                class_weights: Some(&[1.0, 2.0, 0.5]),
+            },
+            1.0,
+        );
         let names: Vec<String> = model
             .params
             .export(&model.backend)
@@ -327,6 +334,61 @@ fn tiny_classifier_end_to_end() {
                 weighted_cross_entropy(&logits, &labels, &[1.0, 2.0, 0.5])
             });
         }
+    }
+}
+
+/// Regression head (one output, MSE): gradients of a sample of parameters.
+#[test]
+fn tiny_regressor_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = common::tiny_config();
+    config["hidden_size"] = 32.into();
+    config["intermediate_size"] = 48.into();
+    let tensors = tiny_tensors_32(12);
+    common::write_tiny_model(
+        tmp.path(),
+        &config,
+        &common::safetensors_bytes(&tensors, safetensors::Dtype::F32),
+    );
+    let config = BertConfig::from_file(&tmp.path().join("config.json")).unwrap();
+    let ckpt = Checkpoint::open(&tmp.path().join("model.safetensors")).unwrap();
+    let batch = TokenBatch {
+        ids: vec![2, 5, 6, 3, 2, 10, 11, 12, 3],
+        type_ids: vec![0; 9],
+        offsets: vec![0, 4, 9],
+    };
+    let targets = [0.7f32, -1.3];
+    let mut model =
+        SequenceClassifier::new(backend(), config, &ckpt, Pooling::Mean, 1, 0.1, 3).unwrap();
+    let mode = ForwardMode {
+        dropout_seed: Some(5),
+    };
+    model.forward(&batch, mode).unwrap();
+    model.params.zero_grads(&model.backend);
+    model.backward(&batch, Targets::Values(&targets), 1.0);
+    for name in [
+        "classifier.weight",
+        "bert.encoder.layer.1.output.dense.weight",
+        "bert.embeddings.LayerNorm.weight",
+    ] {
+        let grad = model.params.grad_of(&model.backend, name).unwrap();
+        let value = model
+            .params
+            .export(&model.backend)
+            .into_iter()
+            .find(|(n, _, _)| n == name)
+            .unwrap()
+            .2;
+        check(name, &value, &grad, 16, |v| {
+            model.params.set(&model.backend, name, v).unwrap();
+            let out = model.forward(&batch, mode).unwrap();
+            model.params.set(&model.backend, name, &value).unwrap();
+            out.iter()
+                .zip(&targets)
+                .map(|(p, t)| ((p - t) as f64).powi(2))
+                .sum::<f64>()
+                / targets.len() as f64
+        });
     }
 }
 

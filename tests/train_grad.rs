@@ -8,7 +8,7 @@ use bertrt::checkpoint::Checkpoint;
 use bertrt::config::BertConfig;
 use bertrt::model::{Pooling, TokenBatch};
 use bertrt::tokenize::BertTokenizer;
-use bertrt::train::classifier::{ForwardMode, SequenceClassifier};
+use bertrt::train::classifier::{ForwardMode, SequenceClassifier, Targets};
 use common::{max_abs_diff, Fixture};
 
 fn l2(x: &[f32]) -> f64 {
@@ -58,7 +58,14 @@ fn loss_logits_and_gradients_match_pytorch() {
     assert!(diff <= 1e-4, "logits max abs diff {diff}");
 
     model.params.zero_grads(&model.backend);
-    let loss = model.backward(&batch, &labels, None, 1.0);
+    let loss = model.backward(
+        &batch,
+        Targets::Classes {
+            labels: &labels,
+            class_weights: None,
+        },
+        1.0,
+    );
     let want_loss = json["loss"].as_f64().unwrap();
     assert!(
         (loss as f64 - want_loss).abs() <= 1e-5,

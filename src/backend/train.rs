@@ -208,6 +208,15 @@ pub trait TrainBackend: Backend {
         classes: usize,
     ) -> f32;
 
+    /// Mean squared error of `predictions` (one per row) against `targets`;
+    /// writes its gradient.
+    fn mse(
+        &self,
+        d_predictions: &mut Self::Tensor,
+        predictions: &Self::Tensor,
+        targets: &[f32],
+    ) -> f32;
+
     fn sum_squares(&self, x: &Self::Tensor) -> f64;
     fn scale(&self, x: &mut Self::Tensor, factor: f32);
 

@@ -6,7 +6,7 @@ use bertrt::backend::cpu::CpuBackend;
 use bertrt::classify::{Classifier, Input};
 use bertrt::data::{self, DataSpec, LabelSet};
 use bertrt::eval::calibration::{expected_calibration_error, nll, softmax_with_temperature};
-use bertrt::eval::ClassificationReport;
+use bertrt::eval::{ClassificationReport, RegressionReport};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -41,7 +41,6 @@ pub fn run(args: Args) -> Result<()> {
         skip_bad_rows: false,
     };
     let dataset = data::read_dataset(&args.data, &spec)?;
-    let gold = LabelSet::from_labels(classifier.labels.clone())?.encode(&dataset)?;
     let classes = classifier.labels.len();
     let mut logits = Vec::with_capacity(dataset.examples.len() * classes);
     for chunk in dataset.examples.chunks(args.batch_size.max(1)) {
@@ -55,6 +54,33 @@ pub fn run(args: Args) -> Result<()> {
         let encoded = classifier.encode(&inputs)?;
         logits.extend(classifier.logits_encoded(&encoded)?);
     }
+    if classifier.regression {
+        let gold = dataset
+            .examples
+            .iter()
+            .map(|e| {
+                e.label.trim().parse::<f32>().map_err(|_| {
+                    anyhow::anyhow!(
+                        "{} line {}: label {:?} is not a number (this is a regression model)",
+                        dataset.path.display(),
+                        e.line,
+                        e.label
+                    )
+                })
+            })
+            .collect::<Result<Vec<f32>>>()?;
+        let report = RegressionReport::compute(&gold, &logits);
+        if args.report {
+            println!(
+                "n {}  rmse {:.4}  mae {:.4}  pearson {:.4}  spearman {:.4}",
+                report.n, report.rmse, report.mae, report.pearson, report.spearman
+            );
+        } else {
+            println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+        }
+        return Ok(());
+    }
+    let gold = LabelSet::from_labels(classifier.labels.clone())?.encode(&dataset)?;
     let predictions: Vec<usize> = logits
         .chunks_exact(classes)
         .map(|row| {

@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use bertrt::backend::cpu::CpuBackend;
 use bertrt::model::Pooling;
-use bertrt::train::{finetune, finetune_seeds, Metric, TrainRecipe};
+use bertrt::train::{finetune, finetune_seeds, Metric, Task, TrainRecipe};
 
 /// Every setting may also come from `--config train.toml` (same names, with
 /// underscores); flags given here override the file. Defaults: see
@@ -28,6 +28,10 @@ pub struct Args {
     /// Output model directory (replaced atomically at each improvement).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// classification (one label per text) or regression (numeric labels)
+    /// [default: classification].
+    #[arg(long, value_enum)]
+    task: Option<Task>,
     /// Column (CSV/TSV) or key (JSONL) of the text [default: text].
     #[arg(long)]
     text_column: Option<String>,
@@ -85,7 +89,7 @@ pub struct Args {
     /// Stop after N evaluations without improvement.
     #[arg(long)]
     patience: Option<usize>,
-    /// Selects the best checkpoint [default: macro-f1].
+    /// Selects the best checkpoint [default: macro-f1; regression: pearson].
     #[arg(long, value_enum)]
     metric: Option<Metric>,
     /// Batch examples in random order instead of grouping similar lengths.

@@ -41,6 +41,13 @@ pub fn run(args: Args) -> Result<()> {
                 pair: None,
             })
             .collect();
+        if classifier.regression {
+            let encoded = classifier.encode(&inputs)?;
+            for score in classifier.logits_encoded(&encoded)? {
+                writeln!(out, "{}", serde_json::json!({ "score": score }))?;
+            }
+            continue;
+        }
         for probs in classifier.probabilities(&inputs)? {
             let best = (0..probs.len())
                 .max_by(|&a, &b| probs[a].total_cmp(&probs[b]))

@@ -50,6 +50,8 @@ pub struct ClassifierHead {
     pub labels: Vec<String>,
     /// Calibration temperature: probabilities are `softmax(logits / T)`.
     pub temperature: Option<f32>,
+    /// One numeric output, returned as is (no softmax).
+    pub regression: bool,
 }
 
 /// Facts about the served model, shared by all replicas.
@@ -135,7 +137,8 @@ fn classifier_replicas<B: Backend + 'static>(
         backend: first.model.backend_description(),
         head: Some(ClassifierHead {
             labels: first.labels.clone(),
-            temperature: Some(first.temperature),
+            temperature: (!first.regression).then_some(first.temperature),
+            regression: first.regression,
         }),
         trained_length: Some(first.tokenizer.max_length()),
         models: classifiers

@@ -26,6 +26,7 @@ use super::model::{ModelInfo, Task, NO_HEAD};
 use super::queue::{Job, Queue, Rejected};
 use super::request::{self, Inputs};
 use crate::embed::l2_normalize;
+use crate::eval::calibration::softmax_with_temperature;
 use crate::model::{Pooling, TokenBatch};
 use crate::tokenize::{BertTokenizer, Encoded};
 
@@ -176,7 +177,14 @@ async fn predict(
     let per_input: Vec<Vec<Score>> = logits
         .iter()
         .map(|row| {
-            let probs = softmax(row, temperature);
+            if head.regression {
+                // One output, a number: nothing to normalise.
+                return vec![Score {
+                    label: &head.labels[0],
+                    score: row[0],
+                }];
+            }
+            let probs = softmax_with_temperature(row, row.len(), temperature);
             let top = argmax(&probs);
             app.metrics.record_prediction(&head.labels[top], probs[top]);
             let values = if request.raw_scores { row } else { &probs };
@@ -283,15 +291,6 @@ async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
     )
 }
 
-/// Probabilities of `logits / temperature`, computed stably.
-fn softmax(logits: &[f32], temperature: f32) -> Vec<f32> {
-    let scaled: Vec<f32> = logits.iter().map(|x| x / temperature).collect();
-    let max = scaled.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let exps: Vec<f32> = scaled.iter().map(|x| (x - max).exp()).collect();
-    let total: f32 = exps.iter().sum();
-    exps.iter().map(|e| e / total).collect()
-}
-
 fn argmax(values: &[f32]) -> usize {
     values
         .iter()
@@ -305,12 +304,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn softmax_applies_the_temperature() {
-        let plain = softmax(&[1.0, 2.0, 3.0], 1.0);
-        assert!((plain.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-        let flatter = softmax(&[1.0, 2.0, 3.0], 2.0);
-        assert!(flatter[2] < plain[2] && flatter[0] > plain[0]);
-        assert_eq!(argmax(&plain), 2);
-        assert!(softmax(&[1000.0, 0.0], 1.0)[0].is_finite());
+    fn argmax_picks_the_largest() {
+        assert_eq!(argmax(&[0.1, 0.7, 0.2]), 1);
+        assert_eq!(argmax(&[f32::NEG_INFINITY, -1.0]), 1);
     }
 }

@@ -113,6 +113,19 @@ impl Site {
     }
 }
 
+/// What the head is trained to predict, for one batch.
+#[derive(Clone, Copy, Debug)]
+pub enum Targets<'a> {
+    /// Single-label classification: cross-entropy, optionally weighted per
+    /// class.
+    Classes {
+        labels: &'a [usize],
+        class_weights: Option<&'a [f32]>,
+    },
+    /// Regression on one output: mean squared error.
+    Values(&'a [f32]),
+}
+
 /// Training-time settings of the forward pass.
 #[derive(Clone, Copy, Debug)]
 pub struct ForwardMode {
@@ -595,16 +608,10 @@ impl<B: TrainBackend> SequenceClassifier<B> {
             .unwrap_or(self.layers.len())
     }
 
-    /// Cross-entropy of the last [`Self::forward`] against `labels`, and its
+    /// The loss of the last [`Self::forward`] against `targets`, and its
     /// gradients, times `grad_scale`, added to the parameters' gradients.
-    /// Returns the (unscaled, weighted-mean) loss.
-    pub fn backward(
-        &mut self,
-        batch: &TokenBatch,
-        labels: &[usize],
-        class_weights: Option<&[f32]>,
-        grad_scale: f32,
-    ) -> f32 {
+    /// Returns the (unscaled) loss.
+    pub fn backward(&mut self, batch: &TokenBatch, targets: Targets, grad_scale: f32) -> f32 {
         let lowest = self.lowest_trained_layer();
         let Self {
             backend: be,
@@ -616,17 +623,24 @@ impl<B: TrainBackend> SequenceClassifier<B> {
         } = self;
         let (t, h, inter) = (batch.tokens(), c.hidden_size, c.intermediate_size);
         let sequences = batch.sequences();
-        let weights: Option<Vec<f32>> =
-            class_weights.map(|w| labels.iter().map(|&l| w[l]).collect());
-
         be.resize(&mut acts.d_logits, sequences * self.num_labels);
-        let loss = be.cross_entropy(
-            &mut acts.d_logits,
-            &acts.logits,
-            labels,
-            weights.as_deref(),
-            self.num_labels,
-        );
+        let loss = match targets {
+            Targets::Classes {
+                labels,
+                class_weights,
+            } => {
+                let weights: Option<Vec<f32>> =
+                    class_weights.map(|w| labels.iter().map(|&l| w[l]).collect());
+                be.cross_entropy(
+                    &mut acts.d_logits,
+                    &acts.logits,
+                    labels,
+                    weights.as_deref(),
+                    self.num_labels,
+                )
+            }
+            Targets::Values(values) => be.mse(&mut acts.d_logits, &acts.logits, values),
+        };
         be.scale(&mut acts.d_logits, grad_scale);
 
         // Classifier and head dropout.

@@ -7,5 +7,5 @@ mod progress;
 pub mod recipe;
 mod run;
 
-pub use recipe::{Metric, TrainRecipe};
-pub use run::{finetune, finetune_seeds, Evaluation, TrainSummary};
+pub use recipe::{Metric, Task, TrainRecipe};
+pub use run::{finetune, finetune_seeds, Evaluation, Report, TrainSummary};

@@ -14,6 +14,16 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::model::Pooling;
 
+/// What the model learns to predict.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Task {
+    /// One label per text, softmax + cross-entropy.
+    Classification,
+    /// One number per text (the label column holds numbers), MSE.
+    Regression,
+}
+
 /// What "better" means for early stopping and checkpoint selection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -21,6 +31,19 @@ pub enum Metric {
     MacroF1,
     Accuracy,
     Loss,
+    Pearson,
+    Spearman,
+    Rmse,
+}
+
+impl Metric {
+    fn fits(self, task: Task) -> bool {
+        match self {
+            Metric::Loss => true,
+            Metric::MacroF1 | Metric::Accuracy => task == Task::Classification,
+            Metric::Pearson | Metric::Spearman | Metric::Rmse => task == Task::Regression,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -72,8 +95,11 @@ pub struct TrainRecipe {
     /// Stop after this many evaluations without improvement.
     #[serde(default)]
     pub patience: Option<usize>,
-    #[serde(default = "defaults::metric")]
-    pub metric: Metric,
+    #[serde(default = "defaults::task")]
+    pub task: Task,
+    /// [default: macro_f1 for classification, pearson for regression]
+    #[serde(default)]
+    pub metric: Option<Metric>,
     /// Batch examples of similar length together (less attention work).
     #[serde(default = "defaults::yes")]
     pub bucket_by_length: bool,
@@ -107,7 +133,7 @@ pub struct TrainRecipe {
 
 mod defaults {
     use crate::model::Pooling;
-    use crate::train::recipe::Metric;
+    use crate::train::recipe::Task;
     pub fn text_column() -> String {
         "text".into()
     }
@@ -156,8 +182,8 @@ mod defaults {
     pub fn seed() -> u64 {
         42
     }
-    pub fn metric() -> Metric {
-        Metric::MacroF1
+    pub fn task() -> Task {
+        Task::Classification
     }
     pub fn yes() -> bool {
         true
@@ -195,6 +221,14 @@ impl TrainRecipe {
         Ok(recipe)
     }
 
+    /// The selection metric, defaulted per task.
+    pub fn selection_metric(&self) -> Metric {
+        self.metric.unwrap_or(match self.task {
+            Task::Classification => Metric::MacroF1,
+            Task::Regression => Metric::Pearson,
+        })
+    }
+
     fn validate(&self) -> Result<()> {
         let check = |ok: bool, message: &str| {
             if ok {
@@ -227,6 +261,14 @@ impl TrainRecipe {
         check(
             self.head_lr.is_none_or(|lr| lr > 0.0),
             "head_lr must be positive",
+        )?;
+        check(
+            self.selection_metric().fits(self.task),
+            "metric does not fit the task (classification: macro_f1, accuracy, loss; regression: pearson, spearman, rmse, loss)",
+        )?;
+        check(
+            self.task == Task::Classification || self.class_weights.is_none(),
+            "class_weights apply to classification only",
         )?;
         Ok(())
     }

@@ -15,13 +15,13 @@ use crate::error::{Error, Result};
 use crate::eval::calibration::{
     expected_calibration_error, fit_temperature, nll, softmax_with_temperature,
 };
-use crate::eval::ClassificationReport;
+use crate::eval::{ClassificationReport, RegressionReport};
 use crate::model::{ModelFiles, TokenBatch};
 use crate::rng;
 use crate::tokenize::{BertTokenizer, Encoded};
-use crate::train::classifier::{ForwardMode, Group, SequenceClassifier};
+use crate::train::classifier::{ForwardMode, Group, SequenceClassifier, Targets};
 use crate::train::progress::Progress;
-use crate::train::recipe::{linear_schedule, Metric, TrainRecipe};
+use crate::train::recipe::{linear_schedule, Metric, Task, TrainRecipe};
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
@@ -33,11 +33,19 @@ pub struct TrainSummary {
     pub stopped_early: bool,
 }
 
-/// A tokenized split with its label ids.
+/// The gold answers of a split.
+enum Gold {
+    /// Label ids, for classification.
+    Classes(Vec<usize>),
+    /// Numbers, for regression.
+    Values(Vec<f32>),
+}
+
+/// A tokenized split with its gold answers.
 struct Split {
     dataset: Dataset,
     encoded: Vec<Encoded>,
-    labels: Vec<usize>,
+    gold: Gold,
 }
 
 impl Split {
@@ -45,14 +53,10 @@ impl Split {
         path: &Path,
         spec: &DataSpec,
         tokenizer: &BertTokenizer,
-        label_set: Option<&LabelSet>,
-    ) -> Result<(Self, LabelSet)> {
+        gold: impl FnOnce(&Dataset) -> Result<Gold>,
+    ) -> Result<Self> {
         let dataset = data::read_dataset(path, spec)?;
-        let label_set = match label_set {
-            Some(set) => set.clone(),
-            None => LabelSet::from_training(&dataset),
-        };
-        let labels = label_set.encode(&dataset)?;
+        let gold = gold(&dataset)?;
         let encoded = if spec.text_pair_column.is_some() {
             let pairs: Vec<(&str, &str)> = dataset
                 .examples
@@ -64,25 +68,29 @@ impl Split {
             let texts: Vec<&str> = dataset.examples.iter().map(|e| e.text.as_str()).collect();
             tokenizer.encode_batch(&texts)?
         };
-        Ok((
-            Split {
-                dataset,
-                encoded,
-                labels,
-            },
-            label_set,
-        ))
+        Ok(Split {
+            dataset,
+            encoded,
+            gold,
+        })
     }
 
     fn lengths(&self) -> Vec<usize> {
         self.encoded.iter().map(|e| e.ids.len()).collect()
     }
 
-    fn batch(&self, indices: &[usize]) -> (TokenBatch, Vec<usize>) {
-        (
-            TokenBatch::from_encoded(indices.iter().map(|&i| &self.encoded[i])),
-            indices.iter().map(|&i| self.labels[i]).collect(),
-        )
+    fn tokens(&self, indices: &[usize]) -> TokenBatch {
+        TokenBatch::from_encoded(indices.iter().map(|&i| &self.encoded[i]))
+    }
+
+    /// The gold answers of `indices`, owned, for [`BatchGold::targets`].
+    fn batch_gold(&self, indices: &[usize]) -> BatchGold {
+        match &self.gold {
+            Gold::Classes(labels) => {
+                BatchGold::Classes(indices.iter().map(|&i| labels[i]).collect())
+            }
+            Gold::Values(values) => BatchGold::Values(indices.iter().map(|&i| values[i]).collect()),
+        }
     }
 
     fn record(&self) -> DataFile {
@@ -95,30 +103,96 @@ impl Split {
     }
 }
 
+enum BatchGold {
+    Classes(Vec<usize>),
+    Values(Vec<f32>),
+}
+
+impl BatchGold {
+    fn targets<'a>(&'a self, class_weights: Option<&'a [f32]>) -> Targets<'a> {
+        match self {
+            BatchGold::Classes(labels) => Targets::Classes {
+                labels,
+                class_weights,
+            },
+            BatchGold::Values(values) => Targets::Values(values),
+        }
+    }
+}
+
+/// Numbers from the label column, for regression.
+fn regression_values(dataset: &Dataset) -> Result<Vec<f32>> {
+    dataset
+        .examples
+        .iter()
+        .map(|e| {
+            e.label.trim().parse::<f32>().ok().filter(|v| v.is_finite()).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{} line {}: label {:?} is not a number; --task regression needs numeric labels",
+                    dataset.path.display(),
+                    e.line,
+                    e.label
+                ))
+            })
+        })
+        .collect()
+}
+
 /// Dev-set evaluation of the current parameters.
 pub struct Evaluation {
     pub loss: f64,
-    pub report: ClassificationReport,
-    /// `[examples, labels]`, in dev order.
+    pub report: Report,
+    /// `[examples, outputs]`, in dev order.
     pub logits: Vec<f32>,
+}
+
+pub enum Report {
+    Classification(ClassificationReport),
+    Regression(RegressionReport),
 }
 
 impl Evaluation {
     fn score(&self, metric: Metric) -> f64 {
-        match metric {
-            Metric::MacroF1 => self.report.macro_f1,
-            Metric::Accuracy => self.report.accuracy,
-            Metric::Loss => -self.loss,
+        match (&self.report, metric) {
+            (_, Metric::Loss) => -self.loss,
+            (Report::Classification(r), Metric::MacroF1) => r.macro_f1,
+            (Report::Classification(r), Metric::Accuracy) => r.accuracy,
+            (Report::Regression(r), Metric::Pearson) => r.pearson,
+            (Report::Regression(r), Metric::Spearman) => r.spearman,
+            (Report::Regression(r), Metric::Rmse) => -r.rmse,
+            _ => unreachable!("the recipe checks that the metric fits the task"),
         }
     }
 
     fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "loss": self.loss,
-            "accuracy": self.report.accuracy,
-            "macro_f1": self.report.macro_f1,
-            "weighted_f1": self.report.weighted_f1,
-        })
+        match &self.report {
+            Report::Classification(r) => serde_json::json!({
+                "loss": self.loss,
+                "accuracy": r.accuracy,
+                "macro_f1": r.macro_f1,
+                "weighted_f1": r.weighted_f1,
+            }),
+            Report::Regression(r) => serde_json::json!({
+                "loss": self.loss,
+                "rmse": r.rmse,
+                "mae": r.mae,
+                "pearson": r.pearson,
+                "spearman": r.spearman,
+            }),
+        }
+    }
+
+    fn summary(&self) -> String {
+        match &self.report {
+            Report::Classification(r) => format!(
+                "loss {:.4} accuracy {:.4} macro_f1 {:.4}",
+                self.loss, r.accuracy, r.macro_f1
+            ),
+            Report::Regression(r) => format!(
+                "loss {:.4} rmse {:.4} pearson {:.4} spearman {:.4}",
+                self.loss, r.rmse, r.pearson, r.spearman
+            ),
+        }
     }
 }
 
@@ -128,34 +202,43 @@ fn evaluate<B: TrainBackend>(
     label_names: &[String],
     batch_size: usize,
 ) -> Result<Evaluation> {
-    let classes = label_names.len();
-    let mut logits = vec![0.0f32; split.encoded.len() * classes];
+    let outputs = model.num_labels;
+    let mut logits = vec![0.0f32; split.encoded.len() * outputs];
     for indices in data::eval_batches(&split.lengths(), batch_size) {
-        let (batch, _) = split.batch(&indices);
-        let batch_logits = model.forward(&batch, ForwardMode { dropout_seed: None })?;
-        for (row, &i) in batch_logits.chunks_exact(classes).zip(&indices) {
-            logits[i * classes..(i + 1) * classes].copy_from_slice(row);
+        let batch_logits =
+            model.forward(&split.tokens(&indices), ForwardMode { dropout_seed: None })?;
+        for (row, &i) in batch_logits.chunks_exact(outputs).zip(&indices) {
+            logits[i * outputs..(i + 1) * outputs].copy_from_slice(row);
         }
     }
-    let predictions: Vec<usize> = logits
-        .chunks_exact(classes)
-        .map(|row| {
-            row.iter()
-                .enumerate()
-                .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
-                    if v > best.1 {
-                        (i, v)
-                    } else {
-                        best
-                    }
+    Ok(match &split.gold {
+        Gold::Classes(labels) => {
+            let predictions: Vec<usize> = logits
+                .chunks_exact(outputs)
+                .map(|row| {
+                    (0..outputs)
+                        .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+                        .unwrap_or(0)
                 })
-                .0
-        })
-        .collect();
-    Ok(Evaluation {
-        loss: nll(&logits, classes, &split.labels, 1.0),
-        report: ClassificationReport::compute(label_names, &split.labels, &predictions),
-        logits,
+                .collect();
+            Evaluation {
+                loss: nll(&logits, outputs, labels, 1.0),
+                report: Report::Classification(ClassificationReport::compute(
+                    label_names,
+                    labels,
+                    &predictions,
+                )),
+                logits,
+            }
+        }
+        Gold::Values(values) => {
+            let report = RegressionReport::compute(values, &logits);
+            Evaluation {
+                loss: report.rmse.powi(2),
+                report: Report::Regression(report),
+                logits,
+            }
+        }
     })
 }
 
@@ -216,10 +299,34 @@ pub fn finetune<B: TrainBackend>(
         text_pair_column: recipe.text_pair_column.clone(),
         skip_bad_rows: recipe.skip_bad_rows,
     };
-    let (train, label_set) = Split::load(&recipe.train, &spec, &tokenizer, None)?;
-    let (valid, _) = Split::load(&recipe.valid, &spec, &tokenizer, Some(&label_set))?;
-    let label_names = label_set.labels().to_vec();
-    if label_names.len() < 2 {
+    let (train, valid, label_set) = match recipe.task {
+        Task::Classification => {
+            let mut label_set = None;
+            let train = Split::load(&recipe.train, &spec, &tokenizer, |d| {
+                let set = LabelSet::from_training(d);
+                let ids = set.encode(d)?;
+                label_set = Some(set);
+                Ok(Gold::Classes(ids))
+            })?;
+            let label_set = label_set.expect("set while loading the training split");
+            let valid = Split::load(&recipe.valid, &spec, &tokenizer, |d| {
+                Ok(Gold::Classes(label_set.encode(d)?))
+            })?;
+            (train, valid, Some(label_set))
+        }
+        Task::Regression => {
+            let values = |d: &Dataset| Ok(Gold::Values(regression_values(d)?));
+            let train = Split::load(&recipe.train, &spec, &tokenizer, values)?;
+            let valid = Split::load(&recipe.valid, &spec, &tokenizer, values)?;
+            (train, valid, None)
+        }
+    };
+    // Regression has one output, named after the label column.
+    let label_names = match &label_set {
+        Some(set) => set.labels().to_vec(),
+        None => vec![recipe.label_column.clone()],
+    };
+    if recipe.task == Task::Classification && label_names.len() < 2 {
         return Err(Error::Invalid(format!(
             "{}: only one label ({:?}) in the training data; classification needs at least two",
             recipe.train.display(),
@@ -239,11 +346,10 @@ pub fn finetune<B: TrainBackend>(
     )?;
     drop(ckpt);
     apply_strategies(&mut model, recipe)?;
-    let class_weights = recipe
-        .class_weights
-        .as_deref()
-        .map(|spec| class_weights(spec, &label_set, &train.labels))
-        .transpose()?;
+    let class_weights = match (&recipe.class_weights, &label_set, &train.gold) {
+        (Some(spec), Some(set), Gold::Classes(labels)) => Some(class_weights(spec, set, labels)?),
+        _ => None,
+    };
 
     let micro_batches_per_epoch = train.encoded.len().div_ceil(recipe.batch_size);
     let steps_per_epoch = micro_batches_per_epoch.div_ceil(recipe.grad_accum);
@@ -267,6 +373,7 @@ pub fn finetune<B: TrainBackend>(
         ("train".to_string(), train.record()),
         ("valid".to_string(), valid.record()),
     ]);
+    let metric = recipe.selection_metric();
     let mut best_score = f64::NEG_INFINITY;
     let mut best = serde_json::Value::Null;
     let mut evals_without_improvement = 0;
@@ -289,7 +396,7 @@ pub fn finetune<B: TrainBackend>(
             model.params.zero_grads(&model.backend);
             let mut loss = 0.0f32;
             for (micro, indices) in group.iter().enumerate() {
-                let (batch, labels) = train.batch(indices);
+                let (batch, gold) = (train.tokens(indices), train.batch_gold(indices));
                 let dropout_seed =
                     rng::derive_seed(recipe.seed, (step * recipe.grad_accum + micro) as u64);
                 model.forward(
@@ -299,7 +406,8 @@ pub fn finetune<B: TrainBackend>(
                     },
                 )?;
                 let share = indices.len() as f32 / group_examples as f32;
-                loss += share * model.backward(&batch, &labels, class_weights.as_deref(), share);
+                loss +=
+                    share * model.backward(&batch, gold.targets(class_weights.as_deref()), share);
             }
             let grad_norm = model.params.grad_norm(&model.backend);
             if !loss.is_finite() || !grad_norm.is_finite() {
@@ -346,24 +454,26 @@ pub fn finetune<B: TrainBackend>(
             let scheduled = recipe.eval_every.is_some_and(|n| step % n == 0);
             if end_of_epoch || scheduled {
                 let evaluation = evaluate(&mut model, &valid, &label_names, recipe.batch_size * 2)?;
-                let score = evaluation.score(recipe.metric);
+                let score = evaluation.score(metric);
                 let improved = score > best_score;
                 log.write(serde_json::json!({"step": step, "epoch": epoch + 1, "eval": evaluation.to_json(), "improved": improved}))?;
                 progress.message(&format!(
-                    "eval at step {step}: loss {:.4} accuracy {:.4} macro_f1 {:.4}{}",
-                    evaluation.loss,
-                    evaluation.report.accuracy,
-                    evaluation.report.macro_f1,
+                    "eval at step {step}: {}{}",
+                    evaluation.summary(),
                     if improved { " (best, saved)" } else { "" }
                 ));
                 if improved {
                     best_score = score;
                     evals_without_improvement = 0;
-                    best = serde_json::json!({"step": step, "epoch": epoch + 1, "metric": recipe.metric, "dev": evaluation.to_json()});
+                    best = serde_json::json!({"step": step, "epoch": epoch + 1, "metric": metric, "dev": evaluation.to_json()});
                     let meta = ArtifactMeta {
                         format_version: artifact::FORMAT_VERSION,
                         bertrt_version: crate::VERSION.into(),
-                        task: "sequence-classification".into(),
+                        task: match recipe.task {
+                            Task::Classification => "sequence-classification",
+                            Task::Regression => "regression",
+                        }
+                        .into(),
                         labels: label_names.clone(),
                         preprocessing: Preprocessing {
                             max_length: recipe.max_length,
@@ -379,13 +489,18 @@ pub fn finetune<B: TrainBackend>(
                         data: data_records.clone(),
                         best: best.clone(),
                     };
-                    let meta = if recipe.calibrate {
-                        calibrated(meta, &evaluation, &valid.labels)
-                    } else {
-                        meta
+                    let meta = match &valid.gold {
+                        Gold::Classes(labels) if recipe.calibrate => {
+                            calibrated(meta, &evaluation, labels)
+                        }
+                        _ => meta,
                     };
                     Artifact {
-                        config: &artifact::classifier_config(&base_config, &label_names),
+                        config: &artifact::classifier_config(
+                            &base_config,
+                            &label_names,
+                            recipe.task == Task::Regression,
+                        ),
                         tensors: &model.params.export(&model.backend),
                         tokenizer: &tokenizer,
                         meta: &meta,

@@ -599,6 +599,17 @@ impl TrainBackend for CpuBackend {
         (loss / total as f64) as f32
     }
 
+    fn mse(&self, d_predictions: &mut Vec<f32>, predictions: &Vec<f32>, targets: &[f32]) -> f32 {
+        let n = targets.len() as f32;
+        let mut loss = 0.0f64;
+        for ((d, &p), &t) in d_predictions.iter_mut().zip(predictions).zip(targets) {
+            let error = p - t;
+            loss += (error as f64).powi(2);
+            *d = 2.0 * error / n;
+        }
+        (loss / n as f64) as f32
+    }
+
     fn sum_squares(&self, x: &Vec<f32>) -> f64 {
         x.iter().map(|&v| (v as f64) * (v as f64)).sum()
     }
