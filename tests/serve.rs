@@ -602,3 +602,67 @@ fn predict_on_a_fine_tuned_model_matches_the_cli() {
     );
     assert_eq!(raw.status, 200, "{}", raw.body);
 }
+
+/// A regression model answers /predict with its one raw output, equal to
+/// `bertrt predict`'s score.
+#[test]
+fn predict_on_a_regression_model_returns_the_raw_score() {
+    let dir = tiny_model();
+    let data = dir.path().join("scores.csv");
+    std::fs::write(
+        &data,
+        "text,score\nthe cat sat,1.5\nthe dog ran,-1.0\na big dog ran,-2.0\n",
+    )
+    .unwrap();
+    let trained = dir.path().join("trained");
+    let status = Command::new(env!("CARGO_BIN_EXE_bertrt"))
+        .args([
+            "finetune",
+            "--task",
+            "regression",
+            "--label-column",
+            "score",
+            "--model",
+        ])
+        .arg(dir.path())
+        .arg("--train")
+        .arg(&data)
+        .arg("--valid")
+        .arg(&data)
+        .arg("--out")
+        .arg(&trained)
+        .args(["--max-length", "16", "--epochs", "1", "--quiet"])
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let cli = Command::new(env!("CARGO_BIN_EXE_bertrt"))
+        .args(["predict", "--model"])
+        .arg(&trained)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    cli.stdin
+        .as_ref()
+        .unwrap()
+        .write_all(b"the dog ran\n")
+        .unwrap();
+    let cli: Value = serde_json::from_slice(&cli.wait_with_output().unwrap().stdout).unwrap();
+
+    let server = Server::start(&trained, &[]);
+    let predict = post(server.addr, "/predict", json!({"inputs": "the dog ran"}));
+    assert_eq!(predict.status, 200, "{}", predict.body);
+    let body = predict.json();
+    assert_eq!(body.as_array().unwrap().len(), 1, "{body}");
+    assert_eq!(body[0]["label"], "score");
+    let want = cli["score"].as_f64().unwrap();
+    assert!(
+        (body[0]["score"].as_f64().unwrap() - want).abs() < 1e-5,
+        "{body} vs {cli}"
+    );
+}
