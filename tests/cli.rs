@@ -30,11 +30,7 @@ fn bertrt(args: &[&str], stdin: &str) -> (bool, String, String) {
 }
 
 fn fixture_texts() -> Vec<String> {
-    let json: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(common::fixture("forward.json")).unwrap()).unwrap();
-    json["sentences"]
-        .as_array()
-        .unwrap()
+    common::fixture_sentences()
         .iter()
         .map(|s| s["text"].as_str().unwrap().to_string())
         .collect()

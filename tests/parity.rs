@@ -21,11 +21,7 @@ struct Sentence {
 }
 
 fn sentences() -> Vec<Sentence> {
-    let json: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(common::fixture("forward.json")).unwrap()).unwrap();
-    json["sentences"]
-        .as_array()
-        .unwrap()
+    common::fixture_sentences()
         .iter()
         .map(|s| Sentence {
             text: s["text"].as_str().unwrap().to_string(),

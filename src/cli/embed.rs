@@ -1,5 +1,3 @@
-use std::io::Write;
-
 use anyhow::{bail, Result};
 use serde::Serialize;
 
@@ -7,7 +5,7 @@ use bertrt::backend::cpu::CpuBackend;
 use bertrt::embed::Embedder;
 use bertrt::model::Pooling;
 
-use super::input::{InputArgs, Texts};
+use super::input::{for_each_chunk, InputArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -46,24 +44,17 @@ pub fn run(args: Args) -> Result<()> {
         args.pooling,
         args.normalize,
     )?;
-    let mut texts_in = Texts::open(&args.input)?;
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    loop {
-        let chunk = texts_in.next_chunk(args.batch_size)?;
-        if chunk.is_empty() {
-            break;
-        }
-        let texts: Vec<&str> = chunk.iter().map(String::as_str).collect();
-        for embedding in embedder.embed(&texts)? {
+    for_each_chunk(&args.input, args.batch_size, |texts, out| {
+        for embedding in embedder.embed(texts)? {
             serde_json::to_writer(
-                &mut out,
+                &mut *out,
                 &Line {
                     embedding: &embedding,
                 },
             )?;
             out.write_all(b"\n")?;
         }
-    }
-    out.flush()?;
+        Ok(())
+    })?;
     Ok(())
 }

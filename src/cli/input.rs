@@ -81,6 +81,28 @@ impl Texts {
     }
 }
 
+/// Runs `handle` on successive chunks of up to `chunk` texts from `input`,
+/// giving it buffered stdout to write JSON lines to; output order follows
+/// input order and memory stays bounded on any input size.
+pub fn for_each_chunk(
+    input: &InputArgs,
+    chunk: usize,
+    mut handle: impl FnMut(&[&str], &mut dyn std::io::Write) -> Result<()>,
+) -> Result<()> {
+    let mut texts = Texts::open(input)?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    loop {
+        let owned = texts.next_chunk(chunk)?;
+        if owned.is_empty() {
+            break;
+        }
+        let borrowed: Vec<&str> = owned.iter().map(String::as_str).collect();
+        handle(&borrowed, &mut out)?;
+    }
+    std::io::Write::flush(&mut out)?;
+    Ok(())
+}
+
 /// Where texts come from.
 #[derive(clap::Args)]
 pub struct InputArgs {

@@ -1,4 +1,3 @@
-use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
@@ -6,7 +5,7 @@ use anyhow::{bail, Result};
 use bertrt::backend::cpu::CpuBackend;
 use bertrt::classify::{Classifier, Input};
 
-use super::input::{InputArgs, Texts};
+use super::input::{for_each_chunk, InputArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -27,26 +26,17 @@ pub fn run(args: Args) -> Result<()> {
         bail!("--batch-size must be at least 1");
     }
     let mut classifier = Classifier::load(CpuBackend::new(args.threads), &args.model)?;
-    let mut texts = Texts::open(&args.input)?;
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    loop {
-        let chunk = texts.next_chunk(args.batch_size)?;
-        if chunk.is_empty() {
-            break;
-        }
-        let inputs: Vec<Input> = chunk
+    for_each_chunk(&args.input, args.batch_size, |texts, out| {
+        let inputs: Vec<Input> = texts
             .iter()
-            .map(|t| Input {
-                text: t,
-                pair: None,
-            })
+            .map(|&text| Input { text, pair: None })
             .collect();
         if classifier.regression {
             let encoded = classifier.encode(&inputs)?;
             for score in classifier.logits_encoded(&encoded)? {
                 writeln!(out, "{}", serde_json::json!({ "score": score }))?;
             }
-            continue;
+            return Ok(());
         }
         for probs in classifier.probabilities(&inputs)? {
             let best = (0..probs.len())
@@ -61,7 +51,7 @@ pub fn run(args: Args) -> Result<()> {
             let line = serde_json::json!({"label": classifier.labels[best], "probs": by_label});
             writeln!(out, "{line}")?;
         }
-    }
-    out.flush()?;
+        Ok(())
+    })?;
     Ok(())
 }

@@ -1,5 +1,3 @@
-use std::io::Write;
-
 use anyhow::Result;
 use serde::Serialize;
 
@@ -7,7 +5,7 @@ use bertrt::config::BertConfig;
 use bertrt::model::ModelFiles;
 use bertrt::tokenize::BertTokenizer;
 
-use super::input::{InputArgs, Texts};
+use super::input::{for_each_chunk, InputArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -31,25 +29,16 @@ pub fn run(args: Args) -> Result<()> {
         .max_length
         .unwrap_or(config.max_position_embeddings);
     let tokenizer = BertTokenizer::from_dir(&files.dir, max_length)?;
-    let mut texts_in = Texts::open(&args.input)?;
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    loop {
-        let chunk = texts_in.next_chunk(1024)?;
-        if chunk.is_empty() {
-            break;
-        }
-        let texts: Vec<&str> = chunk.iter().map(String::as_str).collect();
-        for encoded in tokenizer.encode_batch(&texts)? {
-            serde_json::to_writer(
-                &mut out,
-                &Line {
-                    ids: &encoded.ids,
-                    tokens: &encoded.tokens,
-                },
-            )?;
+    for_each_chunk(&args.input, 1024, |texts, out| {
+        for encoded in tokenizer.encode_batch(texts)? {
+            let line = Line {
+                ids: &encoded.ids,
+                tokens: &encoded.tokens,
+            };
+            serde_json::to_writer(&mut *out, &line)?;
             out.write_all(b"\n")?;
         }
-    }
-    out.flush()?;
+        Ok(())
+    })?;
     Ok(())
 }

@@ -14,6 +14,13 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// The sentences of `forward.json`, as JSON objects (text, n_tokens, tokens).
+pub fn fixture_sentences() -> Vec<serde_json::Value> {
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture("forward.json")).unwrap()).unwrap();
+    json["sentences"].as_array().unwrap().clone()
+}
+
 /// The all-MiniLM-L6-v2 directory that `scripts/fetch-assets.sh` unpacks.
 pub fn minilm_dir() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/models/all-MiniLM-L6-v2");
