@@ -12,6 +12,7 @@
 //! pad positions, so an input gives the same result alone or in any batch.
 
 pub mod cpu;
+pub mod cuda;
 pub mod train;
 
 use crate::checkpoint::HostTensor;
