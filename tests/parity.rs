@@ -90,7 +90,8 @@ fn check_each_sentence_alone<B: Backend>(backend: B, sentences: std::ops::Range<
     let fixture = Fixture::open("forward.safetensors");
     let (model, tokenizer) = load(backend);
     let encoded = encode_all(&tokenizer);
-    for i in sentences {
+    let mut worst = 0.0f32;
+    for i in sentences.clone() {
         let out = run(&model, &[&encoded[i]]);
         let diffs = [
             (
@@ -114,8 +115,13 @@ fn check_each_sentence_alone<B: Backend>(backend: B, sentences: std::ops::Range<
                 diff <= TOLERANCE,
                 "sentence {i} {what}: max abs diff {diff}"
             );
+            worst = worst.max(diff);
         }
     }
+    eprintln!(
+        "{}, sentences {sentences:?}: worst max abs diff {worst:e}",
+        model.backend_description()
+    );
 }
 
 #[test]
