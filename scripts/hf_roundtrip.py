@@ -1,0 +1,184 @@
+#!/usr/bin/env python3
+"""Check that a bertrt-written model directory loads in Hugging Face
+transformers and predicts what bertrt predicts.
+
+Usage: scripts/hf_roundtrip.py MODEL_DIR [TEXTS_FILE]
+
+  MODEL_DIR   a `bertrt finetune` output: config.json (id2label/label2id),
+              model.safetensors (bert.* / classifier.*), tokenizer.json, bertrt.json
+  TEXTS_FILE  texts to compare: one per line, or, for a .jsonl file, one JSON
+              string or {"text": ...} per line. Default: a built-in list
+              (empty string, unicode, a text longer than max_length, ...).
+
+Loads the directory with transformers.BertForSequenceClassification and
+AutoTokenizer, runs each text alone (no padding), and compares
+softmax(hf_logits / T) -- T = bertrt.json "temperature" -- with the
+probabilities of `$BERTRT predict --model MODEL_DIR --jsonl` (BERTRT defaults to
+target/release/bertrt). Also compares token ids with `$BERTRT tokenize`.
+Fails (exit 1) when loading reports missing/unexpected/mismatched weights, when
+a max abs probability difference exceeds TOL (env HF_ROUNDTRIP_TOL, default
+1e-4), when the argmax labels differ, or when the token ids differ. Needs bench/.venv (bench/setup-venv.sh).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+DEFAULT_TEXTS = [
+    "",
+    "I absolutely loved this movie, the acting was superb!",
+    "This is the worst purchase I have ever made. Do not buy.",
+    "The package arrived on Tuesday.",
+    "Héllo wörld! Ça va? Naïve café, Straße, ÅNGSTRÖM",
+    "你好，世界。これは日本語です。안녕하세요",
+    "great product 🙂👍🏽 would buy again!!! :-)",
+    "   leading and trailing   whitespace\tand\ttabs   ",
+    "line one\nline two\r\nline three",
+    "ALL CAPS SHOUTING ABOUT A TERRIBLE, HORRIBLE DAY",
+    "don't won't can't isn't it's 3.14 $100 #hashtag @user http://example.com/a?b=c",
+    " ".join(["The plot meanders for a long while, but the final act is genuinely moving "
+              "and the soundtrack is wonderful."] * 20),
+]
+
+TOL = float(os.environ.get("HF_ROUNDTRIP_TOL", "1e-4"))
+# Buffers some transformers versions save/expect that carry no weights.
+IGNORABLE_KEYS = {"bert.embeddings.position_ids"}
+
+
+def fail(msg):
+    print(f"hf_roundtrip: FAIL: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def read_texts(path):
+    with open(path, encoding="utf-8") as f:
+        data = f.read()
+    lines = data.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if not path.endswith(".jsonl"):
+        return lines
+    texts = []
+    for i, line in enumerate(lines, 1):
+        v = json.loads(line)
+        if isinstance(v, dict):
+            v = v["text"]
+        if not isinstance(v, str):
+            fail(f"{path}:{i}: expected a JSON string or {{\"text\": ...}}")
+        texts.append(v)
+    return texts
+
+
+def run_bertrt(bertrt, args, texts):
+    inp = "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in texts)
+    try:
+        p = subprocess.run([bertrt, *args, "--jsonl"], input=inp.encode("utf-8"),
+                           capture_output=True, check=False)
+    except OSError as e:
+        fail(f"cannot run {bertrt}: {e} (set BERTRT)")
+    if p.returncode != 0:
+        fail(f"{bertrt} {' '.join(args)} exited {p.returncode}:\n{p.stderr.decode(errors='replace')}")
+    out = [json.loads(l) for l in p.stdout.decode("utf-8").splitlines() if l.strip()]
+    if len(out) != len(texts):
+        fail(f"{bertrt} {' '.join(args)}: {len(out)} output lines for {len(texts)} texts")
+    return out
+
+
+def main():
+    if len(sys.argv) not in (2, 3) or sys.argv[1] in ("-h", "--help"):
+        print(__doc__)
+        sys.exit(2)
+    model_dir = sys.argv[1]
+    texts = read_texts(sys.argv[2]) if len(sys.argv) == 3 else DEFAULT_TEXTS
+    if not texts:
+        fail("no texts")
+    bertrt = os.environ.get("BERTRT", "target/release/bertrt")
+
+    with open(os.path.join(model_dir, "bertrt.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    pre = meta.get("preprocessing", {})
+    max_len = int(pre.get("max_length", 512))
+    temperature = float(meta.get("temperature", meta.get("calibration", {}).get("temperature", 1.0)))
+    if pre.get("pooling", "pooler") != "pooler":
+        fail(f"bertrt.json pooling is {pre.get('pooling')!r}: only 'pooler' models are "
+             "BertForSequenceClassification-compatible")
+    if pre.get("text_pair"):
+        fail("sentence-pair models are not supported by this check")
+
+    import numpy as np
+    import torch
+    import transformers
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    torch.set_num_threads(int(os.environ.get("TORCH_THREADS", "2")))
+    transformers.logging.set_verbosity_error()  # we check loading_info ourselves
+    transformers.logging.disable_progress_bar()
+
+    model, info = BertForSequenceClassification.from_pretrained(model_dir, output_loading_info=True)
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        keys = [k for k in info.get(kind, []) if not (isinstance(k, str) and k in IGNORABLE_KEYS)]
+        if keys:
+            problems.append(f"{kind}: {keys}")
+    if problems:
+        fail("transformers loading reported:\n  " + "\n  ".join(problems))
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    id2label = {int(k): v for k, v in model.config.id2label.items()}
+    labels = [id2label[i] for i in range(len(id2label))]
+    if meta.get("labels") and list(meta["labels"]) != labels:
+        fail(f"config.json id2label {labels} != bertrt.json labels {meta['labels']}")
+
+    preds = run_bertrt(bertrt, ["predict", "--model", model_dir], texts)
+    toks = run_bertrt(bertrt, ["tokenize", "--model", model_dir, "--max-length", str(max_len)], texts)
+
+    print(f"model     {model_dir}")
+    print(f"versions  torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"loading   ok (no missing/unexpected/mismatched keys); labels {labels}")
+    print(f"T         {temperature:.6g}   max_length {max_len}   tolerance {TOL:g}")
+    print()
+    hdr = f"{'#':>2}  {'text':<34} {'ntok':>4} {'ids':>4}  {'hf':<9} {'bertrt':<9} {'max|dp|':>9} {'max|dlogit|':>11}  ok"
+    print(hdr)
+    print("-" * len(hdr))
+
+    failures = 0
+    worst = 0.0
+    for i, text in enumerate(texts):
+        enc = tok(text, truncation=True, max_length=max_len, return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**enc).logits[0].double().numpy()
+        z = logits / temperature
+        p_hf = np.exp(z - z.max())
+        p_hf /= p_hf.sum()
+        probs = preds[i]["probs"]
+        if set(probs) != set(labels):
+            fail(f"bertrt labels {sorted(probs)} != {labels}")
+        p_rt = np.array([probs[l] for l in labels], dtype=np.float64)
+        dp = float(np.abs(p_hf - p_rt).max())
+        # bertrt's probs -> logits up to a constant, comparable to HF's logits / T * T
+        lr = np.log(np.maximum(p_rt, 1e-300)) * temperature
+        dl = float(np.abs((lr - lr.mean()) - (logits - logits.mean())).max())
+        hf_label = labels[int(np.argmax(p_hf))]
+        rt_label = preds[i]["label"]
+        ids_hf = enc["input_ids"][0].tolist()
+        ids_ok = ids_hf == toks[i]["ids"]
+        ok = dp <= TOL and hf_label == rt_label and ids_ok
+        worst = max(worst, dp)
+        failures += not ok
+        shown = json.dumps(text, ensure_ascii=False)
+        shown = shown if len(shown) <= 34 else shown[:31] + "..."
+        print(f"{i:>2}  {shown:<34} {len(ids_hf):>4} {'same' if ids_ok else 'DIFF':>4}  "
+              f"{hf_label:<9} {rt_label:<9} {dp:>9.2e} {dl:>11.2e}  {'ok' if ok else 'FAIL'}")
+        if not ids_ok:
+            print(f"    token ids differ: hf {ids_hf[:24]}... bertrt {toks[i]['ids'][:24]}...")
+
+    print()
+    print(f"{len(texts) - failures}/{len(texts)} passed; worst max|dp| {worst:.2e} (tolerance {TOL:g})")
+    if failures:
+        fail(f"{failures} of {len(texts)} texts differ")
+    print("hf_roundtrip: PASS")
+
+
+if __name__ == "__main__":
+    main()
