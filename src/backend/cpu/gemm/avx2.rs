@@ -15,6 +15,8 @@ const NR: usize = 16;
 pub(super) static KERNEL: Kernel = Kernel {
     mr: MR,
     nr: NR,
+    // A 256 × 16 B micro-panel (16 KiB) stays in L1 across the row loop,
+    // and a 96 × 256 A block (96 KiB) in L2.
     kc: 256,
     mc: 96,
     tile,
@@ -320,8 +322,8 @@ unsafe fn transpose_rows<const R: usize>(
         // Column `p + q` goes to `d[(p + q) * stride..]`.
         // SAFETY: `(p + q) * stride + R <= (kc - 1) * stride + R`.
         let out = |q: usize| unsafe { d.add((p + q) * stride) };
-        // Interleave pairs, then quads: `s[j]` holds columns `j` and `j + 4`
-        // of rows 0..4 in its two 128-bit halves.
+        // Interleave pairs, then quads: element `j` of the result holds
+        // columns `j` and `j + 4` of the four rows in its 128-bit halves.
         let quads = |r0, r1, r2, r3| {
             let t0 = _mm256_unpacklo_ps(r0, r1);
             let t1 = _mm256_unpackhi_ps(r0, r1);
