@@ -98,19 +98,36 @@ unsafe fn scatter_block(
     }
 }
 
+/// `dst[cols, rows] = src[rows, cols]ᵀ`, in square tiles so both sides stay
+/// in cache.
 fn transpose(dst: &mut Vec<f32>, src: &[f32], rows: usize, cols: usize) {
+    const TILE: usize = 32;
     dst.resize(rows * cols, 0.0);
-    for r in 0..rows {
-        for c in 0..cols {
-            dst[c * rows + r] = src[r * cols + c];
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                for c in c0..(c0 + TILE).min(cols) {
+                    dst[c * rows + r] = src[r * cols + c];
+                }
+            }
         }
     }
 }
 
-/// `c[m, n] (= or +=) a[m, k] · b[k, n]`, all contiguous.
-fn matmul_nn(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
-    let beta = if accumulate { 1.0 } else { 0.0 };
-    gemm::sgemm_strided(m, n, k, 1.0, a, k, b, n, false, beta, c, n);
+/// Packs `matrix` (`[rows, cols]`) so that [`gemm::linear`], which computes
+/// `x · weightᵀ`, computes `x · matrix`: backward GEMMs multiply by a weight
+/// or an activation untransposed, and this lets them use the threaded,
+/// packed kernel.
+fn pack_transposed(matrix: &[f32], rows: usize, cols: usize, isa: super::isa::Isa) -> PackedWeight {
+    let mut transposed = Vec::new();
+    transpose(&mut transposed, matrix, rows, cols);
+    PackedWeight::pack_for(&transposed, cols, rows, isa)
+}
+
+/// `c[m, n] = a[m, k] · b[k, n]`, all contiguous (single-threaded: called
+/// from parallel attention tasks).
+fn matmul_nn(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+    gemm::sgemm_strided(m, n, k, 1.0, a, k, b, n, false, 0.0, c, n);
 }
 
 /// `c[m, n] = alpha · a[m, k] · b[n, k]ᵀ`.
@@ -248,34 +265,34 @@ impl TrainBackend for CpuBackend {
         let input = &input[..rows * k];
         self.threaded(|| {
             if let Some(d_input) = d_input {
-                // d_input[rows, k] = d_out[rows, n] · W[n, k], split by rows.
-                d_input[..rows * k]
-                    .par_chunks_mut(ROWS_PER_TASK * k)
-                    .zip(d_out.par_chunks(ROWS_PER_TASK * n))
-                    .for_each(|(d_in, d_o)| {
-                        let m = d_o.len() / n;
-                        matmul_nn(m, k, n, d_o, weight, d_in, false);
-                    });
+                // d_input[rows, k] = d_out[rows, n] · W[n, k].
+                let weight = pack_transposed(weight, n, k, self.isa);
+                gemm::linear(
+                    d_out,
+                    rows,
+                    &weight,
+                    None,
+                    gemm::Epilogue::None,
+                    &mut d_input[..rows * k],
+                );
             }
             let Some((d_weight, d_bias)) = param_grads else {
                 return;
             };
-            // d_weight[n, k] += d_outᵀ[n, rows] · input[rows, k], split by
-            // output features.
+            // d_weight[n, k] += d_outᵀ[n, rows] · input[rows, k].
             let mut d_out_t = Vec::new();
             transpose(&mut d_out_t, d_out, rows, n);
-            let features_per_task = n.div_ceil(rayon::current_num_threads() * 4).max(8);
+            let input = pack_transposed(input, rows, k, self.isa);
+            let mut update = vec![0.0f32; n * k];
+            gemm::linear(&d_out_t, n, &input, None, gemm::Epilogue::None, &mut update);
             d_weight
-                .par_chunks_mut(features_per_task * k)
-                .zip(d_out_t.par_chunks(features_per_task * rows))
-                .zip(d_bias.par_chunks_mut(features_per_task))
-                .for_each(|((d_w, d_o_t), d_b)| {
-                    let features = d_b.len();
-                    matmul_nn(features, k, rows, d_o_t, input, d_w, true);
-                    for (b, column) in d_b.iter_mut().zip(d_o_t.chunks_exact(rows)) {
-                        *b += column.iter().sum::<f32>();
-                    }
-                });
+                .par_chunks_mut(1 << 14)
+                .zip(update.par_chunks(1 << 14))
+                .for_each(|(w, u)| w.iter_mut().zip(u).for_each(|(a, b)| *a += b));
+            d_bias
+                .par_iter_mut()
+                .zip(d_out_t.par_chunks(rows))
+                .for_each(|(b, column)| *b += column.iter().sum::<f32>());
         });
     }
 
@@ -431,7 +448,7 @@ impl TrainBackend for CpuBackend {
                     }
                     apply_dropout(p, dropout, t.probs_offset);
                     o.resize(t.len * d, 0.0);
-                    matmul_nn(t.len, d, t.len, p, v, o, false);
+                    matmul_nn(t.len, d, t.len, p, v, o);
                     // SAFETY: each task owns its (rows, head columns) block.
                     unsafe { scatter_block(out_ptr, o, t.start, t.head * d, d, hidden) };
                 })
@@ -470,7 +487,7 @@ impl TrainBackend for CpuBackend {
                     apply_dropout(a, dropout, t.probs_offset);
                     transpose(b, a, len, len);
                     a.resize(len * d, 0.0);
-                    matmul_nn(len, d, len, b, d_o, a, false);
+                    matmul_nn(len, d, len, b, d_o, a);
                     // SAFETY: each task owns its (rows, head columns) blocks of d_qkv.
                     unsafe {
                         scatter_block(
@@ -495,12 +512,12 @@ impl TrainBackend for CpuBackend {
                     }
                     // d_q = d_s · k
                     a.resize(len * d, 0.0);
-                    matmul_nn(len, d, len, b, k, a, false);
+                    matmul_nn(len, d, len, b, k, a);
                     // SAFETY: as above.
                     unsafe { scatter_block(d_qkv_ptr, a, t.start, t.head * d, d, 3 * hidden) };
                     // d_k = d_sᵀ · q
                     transpose(v, b, len, len);
-                    matmul_nn(len, d, len, v, q, a, false);
+                    matmul_nn(len, d, len, v, q, a);
                     // SAFETY: as above.
                     unsafe {
                         scatter_block(d_qkv_ptr, a, t.start, hidden + t.head * d, d, 3 * hidden)
