@@ -3,6 +3,7 @@
 
 mod attention;
 pub mod gemm;
+pub mod int8;
 pub mod isa;
 mod ops;
 pub mod reference;
