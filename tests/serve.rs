@@ -513,65 +513,68 @@ fn minilm_embed_matches_the_cli() {
     }
 }
 
+/// Fine-tunes the tiny model in `dir` on the CSV `data` (columns text,
+/// `label_column`) with `flags`; returns the trained model directory.
+fn finetune_tiny(
+    dir: &Path,
+    data: &Path,
+    label_column: &str,
+    flags: &[&str],
+) -> std::path::PathBuf {
+    let trained = dir.join("trained");
+    let output = Command::new(env!("CARGO_BIN_EXE_bertrt"))
+        .args(["finetune", "--label-column", label_column, "--model"])
+        .arg(dir)
+        .arg("--train")
+        .arg(data)
+        .arg("--valid")
+        .arg(data)
+        .arg("--out")
+        .arg(&trained)
+        .args(["--max-length", "16", "--quiet"])
+        .args(flags)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    trained
+}
+
+/// `bertrt predict`'s JSON line for one text.
+fn cli_predict(model: &Path, text: &str) -> Value {
+    let child = Command::new(env!("CARGO_BIN_EXE_bertrt"))
+        .args(["predict", "--model"])
+        .arg(model)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .as_ref()
+        .unwrap()
+        .write_all(format!("{text}\n").as_bytes())
+        .unwrap();
+    serde_json::from_slice(&child.wait_with_output().unwrap().stdout).unwrap()
+}
+
 /// A fine-tuned classifier serves /predict: labels sorted by calibrated
 /// probability, equal to `bertrt predict`, and raw scores on request.
 #[test]
 fn predict_on_a_fine_tuned_model_matches_the_cli() {
     let dir = tiny_model();
-    let data = dir.path().join("train.jsonl");
-    let rows = [
-        ("the cat sat", "cat"),
-        ("a cat sat on a mat", "cat"),
-        ("the dog ran", "dog"),
-        ("a big dog ran fast", "dog"),
-    ];
-    let text: String = rows
-        .iter()
-        .map(|(t, l)| json!({"text": t, "label": l}).to_string() + "\n")
-        .collect();
-    std::fs::write(&data, text).unwrap();
-    let trained = dir.path().join("trained");
-    let status = Command::new(env!("CARGO_BIN_EXE_bertrt"))
-        .args(["finetune", "--model"])
-        .arg(dir.path())
-        .arg("--train")
-        .arg(&data)
-        .arg("--valid")
-        .arg(&data)
-        .arg("--out")
-        .arg(&trained)
-        .args([
-            "--max-length",
-            "16",
-            "--epochs",
-            "2",
-            "--lr",
-            "1e-3",
-            "--quiet",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        status.status.success(),
-        "{}",
-        String::from_utf8_lossy(&status.stderr)
+    let data = dir.path().join("train.csv");
+    std::fs::write(&data, "text,label\nthe cat sat,cat\na cat sat on a mat,cat\nthe dog ran,dog\na big dog ran fast,dog\n").unwrap();
+    let trained = finetune_tiny(
+        dir.path(),
+        &data,
+        "label",
+        &["--epochs", "2", "--lr", "1e-3"],
     );
-
-    let cli = Command::new(env!("CARGO_BIN_EXE_bertrt"))
-        .args(["predict", "--model"])
-        .arg(&trained)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write as _;
-    cli.stdin
-        .as_ref()
-        .unwrap()
-        .write_all(b"the dog ran\n")
-        .unwrap();
-    let cli = cli.wait_with_output().unwrap();
-    let cli: Value = serde_json::from_slice(&cli.stdout).unwrap();
+    let cli = cli_predict(&trained, "the dog ran");
 
     let server = Server::start(&trained, &[]);
     let addr = server.addr;
@@ -614,45 +617,13 @@ fn predict_on_a_regression_model_returns_the_raw_score() {
         "text,score\nthe cat sat,1.5\nthe dog ran,-1.0\na big dog ran,-2.0\n",
     )
     .unwrap();
-    let trained = dir.path().join("trained");
-    let status = Command::new(env!("CARGO_BIN_EXE_bertrt"))
-        .args([
-            "finetune",
-            "--task",
-            "regression",
-            "--label-column",
-            "score",
-            "--model",
-        ])
-        .arg(dir.path())
-        .arg("--train")
-        .arg(&data)
-        .arg("--valid")
-        .arg(&data)
-        .arg("--out")
-        .arg(&trained)
-        .args(["--max-length", "16", "--epochs", "1", "--quiet"])
-        .output()
-        .unwrap();
-    assert!(
-        status.status.success(),
-        "{}",
-        String::from_utf8_lossy(&status.stderr)
+    let trained = finetune_tiny(
+        dir.path(),
+        &data,
+        "score",
+        &["--task", "regression", "--epochs", "1"],
     );
-    let cli = Command::new(env!("CARGO_BIN_EXE_bertrt"))
-        .args(["predict", "--model"])
-        .arg(&trained)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write as _;
-    cli.stdin
-        .as_ref()
-        .unwrap()
-        .write_all(b"the dog ran\n")
-        .unwrap();
-    let cli: Value = serde_json::from_slice(&cli.wait_with_output().unwrap().stdout).unwrap();
+    let cli = cli_predict(&trained, "the dog ran");
 
     let server = Server::start(&trained, &[]);
     let predict = post(server.addr, "/predict", json!({"inputs": "the dog ran"}));
