@@ -55,20 +55,7 @@ pub fn run(args: Args) -> Result<()> {
         logits.extend(classifier.logits_encoded(&encoded)?);
     }
     if classifier.regression {
-        let gold = dataset
-            .examples
-            .iter()
-            .map(|e| {
-                e.label.trim().parse::<f32>().map_err(|_| {
-                    anyhow::anyhow!(
-                        "{} line {}: label {:?} is not a number (this is a regression model)",
-                        dataset.path.display(),
-                        e.line,
-                        e.label
-                    )
-                })
-            })
-            .collect::<Result<Vec<f32>>>()?;
+        let gold = dataset.numeric_labels()?;
         let report = RegressionReport::compute(&gold, &logits);
         if args.report {
             println!(

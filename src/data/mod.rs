@@ -73,6 +73,31 @@ pub struct Dataset {
     pub sha256: String,
 }
 
+impl Dataset {
+    /// The labels as finite numbers, for regression; a label that is not
+    /// one is an error naming the file and line.
+    pub fn numeric_labels(&self) -> Result<Vec<f32>> {
+        self.examples
+            .iter()
+            .map(|e| {
+                e.label
+                    .trim()
+                    .parse::<f32>()
+                    .ok()
+                    .filter(|v| v.is_finite())
+                    .ok_or_else(|| {
+                        Error::Invalid(format!(
+                            "{} line {}: label {:?} is not a number; regression needs numeric labels",
+                            self.path.display(),
+                            e.line,
+                            e.label
+                        ))
+                    })
+            })
+            .collect()
+    }
+}
+
 /// The file formats, chosen by extension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Format {

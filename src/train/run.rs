@@ -120,24 +120,6 @@ impl BatchGold {
     }
 }
 
-/// Numbers from the label column, for regression.
-fn regression_values(dataset: &Dataset) -> Result<Vec<f32>> {
-    dataset
-        .examples
-        .iter()
-        .map(|e| {
-            e.label.trim().parse::<f32>().ok().filter(|v| v.is_finite()).ok_or_else(|| {
-                Error::Invalid(format!(
-                    "{} line {}: label {:?} is not a number; --task regression needs numeric labels",
-                    dataset.path.display(),
-                    e.line,
-                    e.label
-                ))
-            })
-        })
-        .collect()
-}
-
 /// Dev-set evaluation of the current parameters.
 pub struct Evaluation {
     pub loss: f64,
@@ -315,7 +297,7 @@ pub fn finetune<B: TrainBackend>(
             (train, valid, Some(label_set))
         }
         Task::Regression => {
-            let values = |d: &Dataset| Ok(Gold::Values(regression_values(d)?));
+            let values = |d: &Dataset| Ok(Gold::Values(d.numeric_labels()?));
             let train = Split::load(&recipe.train, &spec, &tokenizer, values)?;
             let valid = Split::load(&recipe.valid, &spec, &tokenizer, values)?;
             (train, valid, None)
