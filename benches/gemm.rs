@@ -5,7 +5,7 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use bertrt::backend::cpu::gemm::{self, Epilogue, PackedWeight};
+use bertrt::backend::cpu::gemm::{self, Epilogue, PackedWeight, Strided};
 use criterion::{criterion_group, BenchmarkId, Criterion, SamplingMode, Throughput};
 
 /// `(N, K)` = (out_features, in_features) of BERT-small/base/large layers.
@@ -131,11 +131,8 @@ fn sgemm_strided(c: &mut Criterion) {
                     seq,
                     HEAD,
                     0.125,
-                    q,
-                    LD,
-                    k,
-                    LD,
-                    true,
+                    Strided::rows(q, LD),
+                    Strided::transposed(k, LD),
                     0.0,
                     &mut scores,
                     seq,
@@ -147,7 +144,15 @@ fn sgemm_strided(c: &mut Criterion) {
             b.iter(|| {
                 let v = &qkv[2 * 768..];
                 gemm::sgemm_strided(
-                    seq, HEAD, seq, 1.0, &scores, seq, v, LD, false, 0.0, &mut ctx, HEAD,
+                    seq,
+                    HEAD,
+                    seq,
+                    1.0,
+                    Strided::rows(&scores, seq),
+                    Strided::rows(v, LD),
+                    0.0,
+                    &mut ctx,
+                    HEAD,
                 );
                 black_box(&ctx);
             })

@@ -5,15 +5,17 @@
 //! `Q·Kᵀ/√d` against the keys of its own sequence only (the padding mask),
 //! applies softmax and multiplies by `V`, writing straight into its rows of
 //! the output. Only one `block × seq_len` score tile per thread exists at a
-//! time, never the whole `seq × seq` matrix.
+//! time, never the whole `seq × seq` matrix — except in training, where
+//! backward needs the probabilities and [`attention_saving`] stores them.
 
 use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::gemm;
+use super::gemm::{self, Strided};
 use super::isa::Isa;
 use super::ops;
+use crate::backend::train::Dropout;
 
 /// Query rows per task: small enough to give both cores work at seq 64,
 /// large enough that the score tile (block × seq) makes a decent GEMM.
@@ -23,6 +25,7 @@ thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Inference attention over the fused `[tokens, 3 × hidden]` QKV rows.
 pub fn attention(
     isa: Isa,
     out: &mut [f32],
@@ -31,67 +34,145 @@ pub fn attention(
     heads: usize,
     head_dim: usize,
 ) {
+    attend(isa, out, qkv, offsets, heads, head_dim, None);
+}
+
+/// Training attention: as [`attention`], and also stores the probabilities
+/// (before dropout) in `probs` — per sequence, per head, a `len × len` block
+/// ([`crate::backend::train::attention_probs_len`]) — then applies `dropout`
+/// to them, counting elements by their index in `probs`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_saving(
+    isa: Isa,
+    out: &mut [f32],
+    probs: &mut [f32],
+    qkv: &[f32],
+    offsets: &[usize],
+    heads: usize,
+    head_dim: usize,
+    dropout: Dropout,
+) {
+    attend(
+        isa,
+        out,
+        qkv,
+        offsets,
+        heads,
+        head_dim,
+        Some((probs, dropout)),
+    );
+}
+
+/// One task: output rows `row..` of the sequence `start..end`, and, when
+/// training, the same rows of each head's probability block.
+struct Task<'a> {
+    start: usize,
+    end: usize,
+    row: usize,
+    out: &'a mut [f32],
+    /// Per head, this task's rows of the head's `len × len` block.
+    probs: Vec<&'a mut [f32]>,
+    /// Index in the whole probabilities buffer of this sequence's block.
+    probs_base: usize,
+}
+
+fn attend(
+    isa: Isa,
+    out: &mut [f32],
+    qkv: &[f32],
+    offsets: &[usize],
+    heads: usize,
+    head_dim: usize,
+    saving: Option<(&mut [f32], Dropout)>,
+) {
     let hidden = heads * head_dim;
+    let (mut rest_probs, dropout) = match saving {
+        Some((probs, dropout)) => (Some(probs), dropout),
+        None => (None, Dropout::OFF),
+    };
     // Tasks in row order, so `out` can be split into disjoint row ranges.
     let mut tasks = Vec::new();
     let mut rest = out;
+    let mut probs_base = 0;
     for seq in offsets.windows(2) {
+        let len = seq[1] - seq[0];
+        let first = tasks.len();
         let mut row = seq[0];
         while row < seq[1] {
             let rows = QUERY_BLOCK.min(seq[1] - row);
             let (block, tail) = std::mem::take(&mut rest).split_at_mut(rows * hidden);
-            tasks.push((seq[0], seq[1], row, block));
+            tasks.push(Task {
+                start: seq[0],
+                end: seq[1],
+                row,
+                out: block,
+                probs: Vec::new(),
+                probs_base,
+            });
             rest = tail;
             row += rows;
         }
+        if let Some(probs) = rest_probs.take() {
+            let (seq_probs, tail) = probs.split_at_mut(heads * len * len);
+            for head_probs in seq_probs.chunks_mut(len * len) {
+                for (task, rows) in tasks[first..]
+                    .iter_mut()
+                    .zip(head_probs.chunks_mut(QUERY_BLOCK * len))
+                {
+                    task.probs.push(rows);
+                }
+            }
+            rest_probs = Some(tail);
+        }
+        probs_base += heads * len * len;
     }
-    tasks.into_par_iter().for_each(|(start, end, row, block)| {
+    tasks.into_par_iter().for_each(|task| {
         SCORES.with_borrow_mut(|scores| {
-            attend_block(isa, block, qkv, start, end, row, heads, head_dim, scores)
+            attend_block(isa, task, qkv, heads, head_dim, dropout, scores)
         });
     });
 }
 
-/// The output rows `row..row + block.len() / hidden` of the sequence
-/// `start..end`, for every head.
-#[allow(clippy::too_many_arguments)]
+/// Computes one [`Task`], every head.
 fn attend_block(
     isa: Isa,
-    block: &mut [f32],
+    mut task: Task,
     qkv: &[f32],
-    start: usize,
-    end: usize,
-    row: usize,
     heads: usize,
     head_dim: usize,
+    dropout: Dropout,
     scores: &mut Vec<f32>,
 ) {
     let hidden = heads * head_dim;
     let stride = 3 * hidden;
-    let queries = block.len() / hidden;
-    let keys = end - start;
+    let queries = task.out.len() / hidden;
+    let keys = task.end - task.start;
     let scale = 1.0 / (head_dim as f32).sqrt();
     scores.resize(queries * keys, 0.0);
     for h in 0..heads {
-        let q = &qkv[row * stride + h * head_dim..];
-        let k = &qkv[start * stride + hidden + h * head_dim..];
-        let v = &qkv[start * stride + 2 * hidden + h * head_dim..];
-        gemm::sgemm_strided(
-            queries, keys, head_dim, scale, q, stride, k, stride, true, 0.0, scores, keys,
+        let q = Strided::rows(&qkv[task.row * stride + h * head_dim..], stride);
+        let k = Strided::transposed(&qkv[task.start * stride + hidden + h * head_dim..], stride);
+        let v = Strided::rows(
+            &qkv[task.start * stride + 2 * hidden + h * head_dim..],
+            stride,
         );
+        gemm::sgemm_strided(queries, keys, head_dim, scale, q, k, 0.0, scores, keys);
         ops::softmax_rows(isa, scores, keys);
+        if let Some(saved) = task.probs.get_mut(h) {
+            saved.copy_from_slice(scores);
+            let first = task.probs_base + h * keys * keys + (task.row - task.start) * keys;
+            ops::dropout_slice(scores, dropout, first);
+        }
+        let scores = Strided::rows(scores, keys);
         gemm::sgemm_strided(
             queries,
             head_dim,
             keys,
             1.0,
             scores,
-            keys,
             v,
-            stride,
-            false,
             0.0,
-            &mut block[h * head_dim..],
+            &mut task.out[h * head_dim..],
             hidden,
         );
     }

@@ -5,6 +5,8 @@ use rayon::prelude::*;
 
 use super::isa::Isa;
 use super::simd::{self, multiversion};
+use crate::backend::train::Dropout;
+use crate::rng;
 
 /// Rows per rayon task: below this, splitting costs more than it saves.
 const MIN_ROWS_PER_TASK: usize = 16;
@@ -120,5 +122,19 @@ multiversion! {
                 }
             }
         }
+    }
+}
+
+/// Applies `dropout` to `x`, whose first element is element `first` of the
+/// masked tensor (the mask is a function of the element's index, so any
+/// split of the tensor between threads gives the same result).
+pub fn dropout_slice(x: &mut [f32], dropout: Dropout, first: usize) {
+    if dropout.is_off() {
+        return;
+    }
+    let keep_scale = 1.0 / (1.0 - dropout.p);
+    for (i, v) in x.iter_mut().enumerate() {
+        let u = rng::uniform_at(dropout.seed, (first + i) as u64);
+        *v = if u < dropout.p { 0.0 } else { *v * keep_scale };
     }
 }

@@ -8,17 +8,16 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::gemm::{self, PackedWeight};
+use super::gemm::{self, Strided};
 use super::simd::{self, multiversion};
-use super::{ops, reference, CpuBackend};
+use super::{attention, ops, reference, CpuBackend};
 use crate::backend::train::{AdamW, Dropout, ParamGrads, TrainBackend};
-use crate::rng;
 
 /// Rows per task for threaded row-wise loops.
 const ROWS_PER_TASK: usize = 32;
 
 thread_local! {
-    static SCRATCH: RefCell<[Vec<f32>; 6]> = RefCell::new(Default::default());
+    static SCRATCH: RefCell<[Vec<f32>; 2]> = RefCell::new(Default::default());
 }
 
 /// A pointer that tasks writing disjoint elements of one buffer share.
@@ -61,91 +60,6 @@ fn head_tasks(offsets: &[usize], heads: usize) -> Vec<HeadTask> {
         }
     }
     tasks
-}
-
-/// `dst[len, d] = src rows start.., columns col..col + d` (stride `ld`).
-fn gather_block(
-    dst: &mut Vec<f32>,
-    src: &[f32],
-    start: usize,
-    len: usize,
-    col: usize,
-    d: usize,
-    ld: usize,
-) {
-    dst.clear();
-    for r in start..start + len {
-        dst.extend_from_slice(&src[r * ld + col..r * ld + col + d]);
-    }
-}
-
-/// Writes `block[len, d]` into `dst` rows start.., columns col.. (stride `ld`).
-///
-/// # Safety
-/// `dst` must point to a buffer covering those elements, and no other
-/// thread may write them concurrently.
-unsafe fn scatter_block(
-    dst: SharedMut,
-    block: &[f32],
-    start: usize,
-    col: usize,
-    d: usize,
-    ld: usize,
-) {
-    for (i, row) in block.chunks_exact(d).enumerate() {
-        let at = dst.ptr().add((start + i) * ld + col);
-        std::ptr::copy_nonoverlapping(row.as_ptr(), at, d);
-    }
-}
-
-/// `dst[cols, rows] = src[rows, cols]ᵀ`, in square tiles so both sides stay
-/// in cache.
-fn transpose(dst: &mut Vec<f32>, src: &[f32], rows: usize, cols: usize) {
-    const TILE: usize = 32;
-    dst.resize(rows * cols, 0.0);
-    for r0 in (0..rows).step_by(TILE) {
-        for c0 in (0..cols).step_by(TILE) {
-            for r in r0..(r0 + TILE).min(rows) {
-                for c in c0..(c0 + TILE).min(cols) {
-                    dst[c * rows + r] = src[r * cols + c];
-                }
-            }
-        }
-    }
-}
-
-/// Packs `matrix` (`[rows, cols]`) so that [`gemm::linear`], which computes
-/// `x · weightᵀ`, computes `x · matrix`: backward GEMMs multiply by a weight
-/// or an activation untransposed, and this lets them use the threaded,
-/// packed kernel.
-fn pack_transposed(matrix: &[f32], rows: usize, cols: usize, isa: super::isa::Isa) -> PackedWeight {
-    let mut transposed = Vec::new();
-    transpose(&mut transposed, matrix, rows, cols);
-    PackedWeight::pack_for(&transposed, cols, rows, isa)
-}
-
-/// `c[m, n] = a[m, k] · b[k, n]`, all contiguous (single-threaded: called
-/// from parallel attention tasks).
-fn matmul_nn(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
-    gemm::sgemm_strided(m, n, k, 1.0, a, k, b, n, false, 0.0, c, n);
-}
-
-/// `c[m, n] = alpha · a[m, k] · b[n, k]ᵀ`.
-fn matmul_nt(m: usize, n: usize, k: usize, alpha: f32, a: &[f32], b: &[f32], c: &mut [f32]) {
-    gemm::sgemm_strided(m, n, k, alpha, a, k, b, k, true, 0.0, c, n);
-}
-
-/// Applies `dropout` to `x`, whose first element is element `first` of the
-/// masked tensor.
-fn apply_dropout(x: &mut [f32], dropout: Dropout, first: usize) {
-    if dropout.is_off() {
-        return;
-    }
-    let keep_scale = 1.0 / (1.0 - dropout.p);
-    for (i, v) in x.iter_mut().enumerate() {
-        let u = rng::uniform_at(dropout.seed, (first + i) as u64);
-        *v = if u < dropout.p { 0.0 } else { *v * keep_scale };
-    }
 }
 
 /// erf to ~1.5e-7 (Abramowitz & Stegun 7.1.26): ample for a gradient, and
@@ -235,17 +149,20 @@ impl TrainBackend for CpuBackend {
     ) {
         let n = bias.len();
         let k = weight.len() / n;
-        // Weights change every step; packing costs O(n·k) against the
-        // GEMM's O(rows·n·k).
-        let packed = PackedWeight::pack_for(weight, n, k, self.isa);
+        // Weights change every step, so they are packed per call (O(n·k)
+        // against the GEMM's O(rows·n·k)), into reused scratch.
         self.threaded(|| {
-            gemm::linear(
-                &input[..rows * k],
+            gemm::sgemm(
                 rows,
-                &packed,
+                n,
+                k,
+                1.0,
+                Strided::rows(input, k),
+                Strided::transposed(weight, k),
+                0.0,
                 Some(bias),
-                gemm::Epilogue::None,
                 &mut out[..rows * n],
+                n,
             )
         });
     }
@@ -262,37 +179,41 @@ impl TrainBackend for CpuBackend {
         let n = d_out.len() / rows;
         let k = weight.len() / n;
         let d_out = &d_out[..rows * n];
-        let input = &input[..rows * k];
         self.threaded(|| {
             if let Some(d_input) = d_input {
                 // d_input[rows, k] = d_out[rows, n] · W[n, k].
-                let weight = pack_transposed(weight, n, k, self.isa);
-                gemm::linear(
-                    d_out,
+                gemm::sgemm(
                     rows,
-                    &weight,
+                    k,
+                    n,
+                    1.0,
+                    Strided::rows(d_out, n),
+                    Strided::rows(weight, k),
+                    0.0,
                     None,
-                    gemm::Epilogue::None,
                     &mut d_input[..rows * k],
+                    k,
                 );
             }
             let Some((d_weight, d_bias)) = param_grads else {
                 return;
             };
             // d_weight[n, k] += d_outᵀ[n, rows] · input[rows, k].
-            let mut d_out_t = Vec::new();
-            transpose(&mut d_out_t, d_out, rows, n);
-            let input = pack_transposed(input, rows, k, self.isa);
-            let mut update = vec![0.0f32; n * k];
-            gemm::linear(&d_out_t, n, &input, None, gemm::Epilogue::None, &mut update);
-            d_weight
-                .par_chunks_mut(1 << 14)
-                .zip(update.par_chunks(1 << 14))
-                .for_each(|(w, u)| w.iter_mut().zip(u).for_each(|(a, b)| *a += b));
-            d_bias
-                .par_iter_mut()
-                .zip(d_out_t.par_chunks(rows))
-                .for_each(|(b, column)| *b += column.iter().sum::<f32>());
+            gemm::sgemm(
+                n,
+                k,
+                rows,
+                1.0,
+                Strided::transposed(d_out, n),
+                Strided::rows(&input[..rows * k], k),
+                1.0,
+                None,
+                d_weight,
+                k,
+            );
+            for row in d_out.chunks_exact(n) {
+                d_bias.iter_mut().zip(row).for_each(|(b, g)| *b += g);
+            }
         });
     }
 
@@ -413,46 +334,10 @@ impl TrainBackend for CpuBackend {
         head_dim: usize,
         dropout: Dropout,
     ) {
-        let hidden = heads * head_dim;
-        let scale = 1.0 / (head_dim as f32).sqrt();
-        let isa = self.isa;
-        let tasks = head_tasks(offsets, heads);
-        let out_ptr = SharedMut(out.as_mut_ptr());
-        let probs_ptr = SharedMut(probs.as_mut_ptr());
         self.threaded(|| {
-            tasks.par_iter().for_each(|t| {
-                SCRATCH.with_borrow_mut(|[q, k, v, p, o, _]| {
-                    let d = head_dim;
-                    gather_block(q, qkv, t.start, t.len, t.head * d, d, 3 * hidden);
-                    gather_block(k, qkv, t.start, t.len, hidden + t.head * d, d, 3 * hidden);
-                    gather_block(
-                        v,
-                        qkv,
-                        t.start,
-                        t.len,
-                        2 * hidden + t.head * d,
-                        d,
-                        3 * hidden,
-                    );
-                    p.resize(t.len * t.len, 0.0);
-                    matmul_nt(t.len, t.len, d, scale, q, k, p);
-                    ops::softmax_rows(isa, p, t.len);
-                    // SAFETY: each task owns its probs block
-                    // [probs_offset, probs_offset + len²).
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            p.as_ptr(),
-                            probs_ptr.ptr().add(t.probs_offset),
-                            p.len(),
-                        );
-                    }
-                    apply_dropout(p, dropout, t.probs_offset);
-                    o.resize(t.len * d, 0.0);
-                    matmul_nn(t.len, d, t.len, p, v, o);
-                    // SAFETY: each task owns its (rows, head columns) block.
-                    unsafe { scatter_block(out_ptr, o, t.start, t.head * d, d, hidden) };
-                })
-            })
+            attention::attention_saving(
+                self.isa, out, probs, qkv, offsets, heads, head_dim, dropout,
+            )
         });
     }
 
@@ -468,60 +353,82 @@ impl TrainBackend for CpuBackend {
         dropout: Dropout,
     ) {
         let hidden = heads * head_dim;
+        let stride = 3 * hidden;
         let scale = 1.0 / (head_dim as f32).sqrt();
         let tasks = head_tasks(offsets, heads);
         let d_qkv_ptr = SharedMut(d_qkv.as_mut_ptr());
         self.threaded(|| {
             tasks.par_iter().for_each(|t| {
-                SCRATCH.with_borrow_mut(|[q, k, v, d_o, a, b]| {
+                SCRATCH.with_borrow_mut(|[dropped, d_s]| {
                     let (d, len) = (head_dim, t.len);
-                    gather_block(q, qkv, t.start, len, t.head * d, d, 3 * hidden);
-                    gather_block(k, qkv, t.start, len, hidden + t.head * d, d, 3 * hidden);
-                    gather_block(v, qkv, t.start, len, 2 * hidden + t.head * d, d, 3 * hidden);
-                    gather_block(d_o, d_out, t.start, len, t.head * d, d, hidden);
+                    let column = |part: usize| t.start * stride + part * hidden + t.head * d;
+                    let q = Strided::rows(&qkv[column(0)..], stride);
+                    let k = Strided::rows(&qkv[column(1)..], stride);
+                    let v = Strided::transposed(&qkv[column(2)..], stride);
+                    let d_o = Strided::rows(&d_out[t.start * hidden + t.head * d..], hidden);
                     let p = &probs[t.probs_offset..t.probs_offset + len * len];
+                    // This task's columns of d_q, d_k, d_v: rows of its
+                    // sequence, columns of its head, in each third of d_qkv.
+                    // SAFETY: the offsets lie inside d_qkv (tokens × 3·hidden).
+                    let d_qkv_at = |part: usize| unsafe { d_qkv_ptr.ptr().add(column(part)) };
 
-                    // d_v = dropped(P)ᵀ · d_o
-                    a.clear();
-                    a.extend_from_slice(p);
-                    apply_dropout(a, dropout, t.probs_offset);
-                    transpose(b, a, len, len);
-                    a.resize(len * d, 0.0);
-                    matmul_nn(len, d, len, b, d_o, a);
-                    // SAFETY: each task owns its (rows, head columns) blocks of d_qkv.
+                    // d_v = dropout(P)ᵀ · d_o
+                    dropped.clear();
+                    dropped.extend_from_slice(p);
+                    ops::dropout_slice(dropped, dropout, t.probs_offset);
+                    let dropped = Strided::transposed(dropped, len);
+                    // SAFETY: each task owns its (rows, head columns) blocks
+                    // of d_qkv, which outlives the loop.
                     unsafe {
-                        scatter_block(
-                            d_qkv_ptr,
-                            a,
-                            t.start,
-                            2 * hidden + t.head * d,
+                        gemm::sgemm_strided_ptr(
+                            len,
                             d,
-                            3 * hidden,
+                            len,
+                            1.0,
+                            dropped,
+                            d_o,
+                            0.0,
+                            d_qkv_at(2),
+                            stride,
                         )
                     };
 
                     // d_p = dropout(d_o · vᵀ); d_s = P ⊙ (d_p − rowsum(d_p ⊙ P)) · scale
-                    b.resize(len * len, 0.0);
-                    matmul_nt(len, len, d, 1.0, d_o, v, b);
-                    apply_dropout(b, dropout, t.probs_offset);
-                    for (d_row, p_row) in b.chunks_exact_mut(len).zip(p.chunks_exact(len)) {
+                    d_s.resize(len * len, 0.0);
+                    gemm::sgemm_strided(len, len, d, 1.0, d_o, v, 0.0, d_s, len);
+                    ops::dropout_slice(d_s, dropout, t.probs_offset);
+                    for (d_row, p_row) in d_s.chunks_exact_mut(len).zip(p.chunks_exact(len)) {
                         let dot: f32 = d_row.iter().zip(p_row).map(|(x, y)| x * y).sum();
                         for (g, &pv) in d_row.iter_mut().zip(p_row) {
                             *g = pv * (*g - dot) * scale;
                         }
                     }
-                    // d_q = d_s · k
-                    a.resize(len * d, 0.0);
-                    matmul_nn(len, d, len, b, k, a);
-                    // SAFETY: as above.
-                    unsafe { scatter_block(d_qkv_ptr, a, t.start, t.head * d, d, 3 * hidden) };
-                    // d_k = d_sᵀ · q
-                    transpose(v, b, len, len);
-                    matmul_nn(len, d, len, v, q, a);
+                    // d_q = d_s · k, d_k = d_sᵀ · q
                     // SAFETY: as above.
                     unsafe {
-                        scatter_block(d_qkv_ptr, a, t.start, hidden + t.head * d, d, 3 * hidden)
-                    };
+                        gemm::sgemm_strided_ptr(
+                            len,
+                            d,
+                            len,
+                            1.0,
+                            Strided::rows(d_s, len),
+                            k,
+                            0.0,
+                            d_qkv_at(0),
+                            stride,
+                        );
+                        gemm::sgemm_strided_ptr(
+                            len,
+                            d,
+                            len,
+                            1.0,
+                            Strided::transposed(d_s, len),
+                            q,
+                            0.0,
+                            d_qkv_at(1),
+                            stride,
+                        );
+                    }
                 })
             })
         });
@@ -534,7 +441,7 @@ impl TrainBackend for CpuBackend {
         self.threaded(|| {
             x.par_chunks_mut(1 << 14)
                 .enumerate()
-                .for_each(|(i, chunk)| apply_dropout(chunk, dropout, i << 14))
+                .for_each(|(i, chunk)| ops::dropout_slice(chunk, dropout, i << 14))
         });
     }
 

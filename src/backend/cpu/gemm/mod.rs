@@ -42,6 +42,66 @@ pub enum Epilogue {
     Gelu,
 }
 
+/// A matrix read in place: logical element `(r, c)` is `data[r * ld + c]`,
+/// or `data[c * ld + r]` when `transposed` (a row-major matrix read as its
+/// transpose). Backward passes multiply by transposed weights, activations
+/// and gradients; reading them this way spares an explicit transpose.
+#[derive(Clone, Copy, Debug)]
+pub struct Strided<'a> {
+    pub data: &'a [f32],
+    pub ld: usize,
+    pub transposed: bool,
+}
+
+impl<'a> Strided<'a> {
+    /// Row-major with row stride `ld`.
+    pub fn rows(data: &'a [f32], ld: usize) -> Self {
+        Strided {
+            data,
+            ld,
+            transposed: false,
+        }
+    }
+
+    /// The transpose of the row-major matrix in `data` (row stride `ld`).
+    pub fn transposed(data: &'a [f32], ld: usize) -> Self {
+        Strided {
+            data,
+            ld,
+            transposed: true,
+        }
+    }
+
+    /// The view whose `(0, 0)` is this view's `(r, c)`.
+    fn offset(self, r: usize, c: usize) -> Self {
+        let at = if self.transposed {
+            c * self.ld + r
+        } else {
+            r * self.ld + c
+        };
+        Strided {
+            data: &self.data[at..],
+            ..self
+        }
+    }
+
+    /// Panics unless the view holds a logical `rows × cols` matrix.
+    fn check(self, rows: usize, cols: usize, name: &str) {
+        let (stored_rows, stored_cols) = if self.transposed {
+            (cols, rows)
+        } else {
+            (rows, cols)
+        };
+        let need = strided_len(stored_rows, stored_cols, self.ld, name);
+        assert!(
+            self.data.len() >= need,
+            "{name}: {} values, need {need} for {rows}x{cols} (ld {})",
+            self.data.len(),
+            self.ld
+        );
+    }
+}
+
 /// Exact GELU of one value, computed in double precision (the reference the
 /// SIMD GELU is tested against).
 pub fn gelu_erf(x: f32) -> f32 {
@@ -143,18 +203,17 @@ struct Out {
 
 /// `C[m × n] = epilogue(alpha * A·B + beta * C + bias)` on one thread.
 ///
-/// `a` starts at A's first element (row stride `lda`); `b` holds packed
-/// panels for all of K, starting at the region's first panel.
+/// `a` starts at A's first element; `b` holds packed panels for all of K,
+/// starting at the region's first panel.
 ///
 /// # Safety
 /// `out` must be valid as described for [`Tile`] over the whole `m × n`
-/// region, which no other thread may access meanwhile; `a` must hold
-/// `(m - 1) * lda + k` floats and `b` `n.div_ceil(nr) * k * nr`; `k > 0`.
+/// region, which no other thread may access meanwhile; `a` must hold an
+/// `m × k` matrix and `b` `n.div_ceil(nr) * k * nr` floats; `k > 0`.
 #[allow(clippy::too_many_arguments)] // operands and shape of one GEMM
 unsafe fn gemm_block(
     kern: &Kernel,
-    a: &[f32],
-    lda: usize,
+    a: Strided,
     b: &[f32],
     m: usize,
     n: usize,
@@ -190,8 +249,13 @@ unsafe fn gemm_block(
         tile.gelu = last && out.gelu;
         for ic in (0..m).step_by(mc_step) {
             let mc = mc_step.min(m - ic);
-            // SAFETY: the kernel's instruction set runs on this host.
-            unsafe { (kern.pack_a)(&a[ic * lda + pc..], lda, mc, kc, mr, apack) };
+            let block = a.offset(ic, pc);
+            if block.transposed {
+                pack::pack_a_transposed(block.data, block.ld, mc, kc, mr, apack);
+            } else {
+                // SAFETY: the kernel's instruction set runs on this host.
+                unsafe { (kern.pack_a)(block.data, block.ld, mc, kc, mr, apack) };
+            }
             for (q, j0) in (0..n).step_by(nr).enumerate() {
                 tile.cols = nr.min(n - j0);
                 tile.b = b[q * k * nr + pc * nr..].as_ptr();
@@ -327,10 +391,6 @@ pub fn linear(
     if let Some(b) = bias {
         assert!(b.len() >= n, "bias has {} values, need {n}", b.len());
     }
-    if m == 0 || n == 0 {
-        return;
-    }
-    let kern = kernel(w.isa());
     let region = Out {
         c: out.as_mut_ptr(),
         ldc: n,
@@ -339,9 +399,45 @@ pub fn linear(
         beta: 0.0,
         gelu: epilogue == Epilogue::Gelu,
     };
+    // SAFETY: `out` holds the `m × n` region at stride `n`, `bias` `n`
+    // floats, `x` an `m × k` matrix and the panels all of W (checked above).
+    unsafe {
+        threaded_gemm(
+            kernel(w.isa()),
+            Strided::rows(x, k),
+            w.panels(),
+            m,
+            n,
+            k,
+            region,
+        )
+    };
+}
+
+/// `C = epilogue(alpha·A·B + beta·C + bias)` with B already packed (all of
+/// K, every panel), on the current rayon pool: the output is cut into a
+/// grid of thread regions (see [`thread_grid`]), each computed by
+/// [`gemm_block`].
+///
+/// # Safety
+/// `out` must be valid over the whole `m × n` region (and its bias over `n`
+/// floats) and not accessed by anyone else meanwhile; `a` must hold an
+/// `m × k` matrix and `b` `n.div_ceil(nr) * k * nr` floats.
+unsafe fn threaded_gemm(
+    kern: &Kernel,
+    a: Strided,
+    b: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    out: Out,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
     if k == 0 {
-        // SAFETY: `out` holds `m * n` floats and `bias` `n` (checked above).
-        unsafe { no_k(kern, m, n, region) };
+        // SAFETY: forwarded contract.
+        unsafe { no_k(kern, m, n, out) };
         return;
     }
     let threads = if m * n * k < PARALLEL_MIN_MACS {
@@ -352,27 +448,27 @@ pub fn linear(
     let (tm, tn) = thread_grid(kern, m, n, threads);
     let m_tiles = m.div_ceil(kern.mr);
     let panels = n.div_ceil(kern.nr);
-    let shared = SharedOut(region);
+    let shared = SharedOut(out);
     let run = |t: usize| {
         let rows = split(m_tiles, tm, t / tn);
         let cols = split(panels, tn, t % tn);
         let (i0, j0) = (rows.start * kern.mr, cols.start * kern.nr);
         let (i1, j1) = ((rows.end * kern.mr).min(m), (cols.end * kern.nr).min(n));
         let mut sub = shared.get();
-        // SAFETY: `(i0, j0)` is inside `out` (and `j0` inside `bias`); the
-        // sub-regions of different `t` are disjoint.
+        // SAFETY: `(i0, j0)` is inside the region (and `j0` inside `bias`);
+        // the sub-regions of different `t` are disjoint.
         unsafe {
-            sub.c = sub.c.add(i0 * n + j0);
+            sub.c = sub.c.add(i0 * sub.ldc + j0);
             if !sub.bias.is_null() {
                 sub.bias = sub.bias.add(j0);
             }
         }
-        let b = &w.panels()[cols.start * k * kern.nr..];
+        let b = &b[cols.start * k * kern.nr..];
         SCRATCH.with(|s| {
             let s = &mut *s.borrow_mut();
-            // SAFETY: the sub-region lies in `out` (`m * n` floats, stride
-            // `n`), is written by this task only, and `x`/`b` were sized above.
-            unsafe { gemm_block(kern, &x[i0 * k..], k, b, i1 - i0, j1 - j0, k, sub, &mut s.a) };
+            // SAFETY: the sub-region lies in the caller's region, is written
+            // by this task only, and `a`/`b` hold what the caller vouched for.
+            unsafe { gemm_block(kern, a.offset(i0, 0), b, i1 - i0, j1 - j0, k, sub, &mut s.a) };
         });
     };
     if tm * tn == 1 {
@@ -382,42 +478,110 @@ pub fn linear(
     }
 }
 
-/// General strided single-threaded sgemm (no rayon inside; call it from
-/// parallel loops):
-/// `c[i*ldc + j] = beta * c[i*ldc + j] + alpha * sum_p a(i,p) * b(p,j)` with
-/// `a(i,p) = a[i*lda + p]` and `b(p,j) = b[j*ldb + p]` if `b_transposed` else
-/// `b[p*ldb + j]`. `beta == 0` ignores the old contents of `c`.
-/// Packs into thread-local scratch; no allocation in steady state.
+thread_local! {
+    // The packed B of a threaded `sgemm`, kept by the calling thread between
+    // calls so steady-state calls do not allocate. Taken out while in use: a
+    // call nested through rayon work stealing gets a fresh buffer instead of
+    // a borrow panic.
+    static SHARED_B: std::cell::Cell<pack::AlignedBuf> = std::cell::Cell::default();
+}
+
+/// `c[i*ldc + j] = beta·c[i*ldc + j] + alpha·Σ_p a(i,p)·b(p,j) (+ bias[j])`
+/// for an `m × n` C, on the current rayon pool (B packed by all threads,
+/// then the output split between them as [`linear`] does). `beta == 0`
+/// ignores the old contents of `c`, as BLAS does.
+#[allow(clippy::too_many_arguments)] // the BLAS sgemm signature, plus bias
+pub fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: Strided,
+    b: Strided,
+    beta: f32,
+    bias: Option<&[f32]>,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    sgemm_isa(Isa::detect(), m, n, k, alpha, a, b, beta, bias, c, ldc)
+}
+
+#[allow(clippy::too_many_arguments)] // `sgemm` plus the instruction set
+fn sgemm_isa(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: Strided,
+    b: Strided,
+    beta: f32,
+    bias: Option<&[f32]>,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    a.check(m, k, "a");
+    b.check(k, n, "b");
+    assert!(c.len() >= strided_len(m, n, ldc, "c"), "c too short");
+    if let Some(bias) = bias {
+        assert!(bias.len() >= n, "bias has {} values, need {n}", bias.len());
+    }
+    if m == 0 || n == 0 {
+        return;
+    }
+    let kern = kernel(isa);
+    let out = Out {
+        c: c.as_mut_ptr(),
+        ldc,
+        bias: bias.map_or(std::ptr::null(), <[f32]>::as_ptr),
+        alpha,
+        beta,
+        gelu: false,
+    };
+    let mut packed = SHARED_B.take();
+    let panel_len = k * kern.nr;
+    let panels = packed.get_mut(n.div_ceil(kern.nr) * panel_len);
+    if panel_len > 0 {
+        // A few chunks per thread, so uneven chunks still balance.
+        let chunk_panels = n
+            .div_ceil(kern.nr)
+            .div_ceil(4 * rayon::current_num_threads())
+            .max(1);
+        panels
+            .par_chunks_mut(chunk_panels * panel_len)
+            .enumerate()
+            .for_each(|(chunk, dst)| {
+                let j0 = chunk * chunk_panels * kern.nr;
+                let cols = (dst.len() / k).min(n - j0);
+                let src = b.offset(0, j0);
+                // SAFETY: the kernel's instruction set runs on this host;
+                // `src` holds the `k × cols` block (checked above).
+                unsafe { (kern.pack_b)(src.data, src.ld, src.transposed, k, cols, kern.nr, dst) };
+            });
+    }
+    // SAFETY: `c` holds the region at stride `ldc` and `bias` `n` floats
+    // (checked above); `a` is `m × k`; all panels were packed.
+    unsafe { threaded_gemm(kern, a, panels, m, n, k, out) };
+    SHARED_B.set(packed);
+}
+
+/// Single-threaded strided sgemm (no rayon inside; call it from parallel
+/// loops): `c[i*ldc + j] = beta·c[i*ldc + j] + alpha·Σ_p a(i,p)·b(p,j)` for
+/// an `m × n` C. `beta == 0` ignores the old contents of `c`. Packs into
+/// thread-local scratch; no allocation in steady state.
 #[allow(clippy::too_many_arguments)] // the BLAS sgemm signature
 pub fn sgemm_strided(
     m: usize,
     n: usize,
     k: usize,
     alpha: f32,
-    a: &[f32],
-    lda: usize,
-    b: &[f32],
-    ldb: usize,
-    b_transposed: bool,
+    a: Strided,
+    b: Strided,
     beta: f32,
     c: &mut [f32],
     ldc: usize,
 ) {
-    sgemm_strided_isa(
-        Isa::detect(),
-        m,
-        n,
-        k,
-        alpha,
-        a,
-        lda,
-        b,
-        ldb,
-        b_transposed,
-        beta,
-        c,
-        ldc,
-    )
+    sgemm_strided_isa(Isa::detect(), m, n, k, alpha, a, b, beta, c, ldc)
 }
 
 /// Minimum length of a strided `rows × cols` matrix with leading dimension
@@ -437,29 +601,64 @@ fn sgemm_strided_isa(
     n: usize,
     k: usize,
     alpha: f32,
-    a: &[f32],
-    lda: usize,
-    b: &[f32],
-    ldb: usize,
-    b_transposed: bool,
+    a: Strided,
+    b: Strided,
     beta: f32,
     c: &mut [f32],
     ldc: usize,
 ) {
-    assert!(a.len() >= strided_len(m, k, lda, "a"), "a too short");
-    let b_len = if b_transposed {
-        strided_len(n, k, ldb, "b")
-    } else {
-        strided_len(k, n, ldb, "b")
-    };
-    assert!(b.len() >= b_len, "b too short");
     assert!(c.len() >= strided_len(m, n, ldc, "c"), "c too short");
+    // SAFETY: `c` is borrowed mutably and holds the region (checked above).
+    unsafe { sgemm_strided_ptr_isa(isa, m, n, k, alpha, a, b, beta, c.as_mut_ptr(), ldc) }
+}
+
+/// [`sgemm_strided`] into a C given by pointer, for parallel tasks that each
+/// write their own columns of one matrix (attention heads): their regions
+/// interleave, so they cannot be split into disjoint slices.
+///
+/// # Safety
+/// `c` must be valid for reads and writes of the `m × n` region at stride
+/// `ldc`, and no other thread may access that region meanwhile.
+#[allow(clippy::too_many_arguments)] // the BLAS sgemm signature
+pub unsafe fn sgemm_strided_ptr(
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: Strided,
+    b: Strided,
+    beta: f32,
+    c: *mut f32,
+    ldc: usize,
+) {
+    // SAFETY: forwarded contract.
+    unsafe { sgemm_strided_ptr_isa(Isa::detect(), m, n, k, alpha, a, b, beta, c, ldc) }
+}
+
+/// # Safety
+/// As for [`sgemm_strided_ptr`].
+#[allow(clippy::too_many_arguments)] // `sgemm_strided_ptr` plus the instruction set
+unsafe fn sgemm_strided_ptr_isa(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: Strided,
+    b: Strided,
+    beta: f32,
+    c: *mut f32,
+    ldc: usize,
+) {
+    a.check(m, k, "a");
+    b.check(k, n, "b");
     if m == 0 || n == 0 {
         return;
     }
+    assert!(ldc >= n, "c: leading dimension {ldc} < {n}");
     let kern = kernel(isa);
     let out = Out {
-        c: c.as_mut_ptr(),
+        c,
         ldc,
         bias: std::ptr::null(),
         alpha,
@@ -467,17 +666,18 @@ fn sgemm_strided_isa(
         gelu: false,
     };
     if k == 0 {
-        // SAFETY: `c` holds the `m × n` region at stride `ldc` (checked).
+        // SAFETY: the caller vouches for the region.
         unsafe { no_k(kern, m, n, out) };
         return;
     }
     SCRATCH.with(|s| {
         let s = &mut *s.borrow_mut();
         let bpack = s.b.get_mut(n.div_ceil(kern.nr) * k * kern.nr);
-        // SAFETY: the kernel's instruction set runs on this host.
-        unsafe { (kern.pack_b)(b, ldb, b_transposed, k, n, kern.nr, bpack) };
-        // SAFETY: `c` holds the region (checked above) and is borrowed
-        // mutably; `a` and the packed B are sized for the shape.
-        unsafe { gemm_block(kern, a, lda, bpack, m, n, k, out, &mut s.a) };
+        // SAFETY: the kernel's instruction set runs on this host; `b` holds
+        // the `k × n` matrix (checked above).
+        unsafe { (kern.pack_b)(b.data, b.ld, b.transposed, k, n, kern.nr, bpack) };
+        // SAFETY: the caller vouches for the region; `a` and the packed B
+        // are sized for the shape.
+        unsafe { gemm_block(kern, a, bpack, m, n, k, out, &mut s.a) };
     });
 }

@@ -105,6 +105,25 @@ pub(crate) fn pack_a(src: &[f32], lda: usize, mc: usize, kc: usize, mr: usize, d
     }
 }
 
+/// [`pack_a`] for an A read transposed: element `(i, p)` of the block is
+/// `src[p * lda + i]`, so each panel row is a contiguous copy.
+pub(crate) fn pack_a_transposed(
+    src: &[f32],
+    lda: usize,
+    mc: usize,
+    kc: usize,
+    mr: usize,
+    dst: &mut [f32],
+) {
+    for (r, panel) in dst[..mc * kc].chunks_mut(mr * kc).enumerate() {
+        let rows = panel.len() / kc;
+        let i0 = r * mr;
+        for (p, out) in panel.chunks_exact_mut(rows).enumerate() {
+            out.copy_from_slice(&src[p * lda + i0..][..rows]);
+        }
+    }
+}
+
 /// A PyTorch `nn.Linear` weight `[n = out_features, k = in_features]`
 /// (row-major), packed once at load time into the panel layout of the
 /// micro-kernel for `isa`.

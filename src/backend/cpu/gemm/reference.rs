@@ -4,7 +4,7 @@
 //! double-precision erf, so the references are more accurate than any `f32`
 //! kernel and differences measure the kernel's error alone.
 
-use super::Epilogue;
+use super::{Epilogue, Strided};
 
 use std::f64::consts::FRAC_2_SQRT_PI;
 
@@ -113,33 +113,33 @@ pub fn linear_reference(
     }
 }
 
-/// Scalar reference for [`super::sgemm_strided`]; accumulates in `f64`.
-/// Like BLAS, `beta == 0` ignores the old contents of `c` (even NaN).
+/// Scalar reference for [`super::sgemm_strided`] and [`super::sgemm`]
+/// (without bias); accumulates in `f64`. Like BLAS, `beta == 0` ignores the
+/// old contents of `c` (even NaN).
 #[allow(clippy::too_many_arguments)] // the BLAS sgemm signature
 pub fn sgemm_strided_reference(
     m: usize,
     n: usize,
     k: usize,
     alpha: f32,
-    a: &[f32],
-    lda: usize,
-    b: &[f32],
-    ldb: usize,
-    b_transposed: bool,
+    a: Strided,
+    b: Strided,
     beta: f32,
     c: &mut [f32],
     ldc: usize,
 ) {
+    let at = |s: Strided, r: usize, col: usize| {
+        if s.transposed {
+            s.data[col * s.ld + r]
+        } else {
+            s.data[r * s.ld + col]
+        }
+    };
     for i in 0..m {
         for j in 0..n {
             let mut acc = 0.0f64;
             for p in 0..k {
-                let bv = if b_transposed {
-                    b[j * ldb + p]
-                } else {
-                    b[p * ldb + j]
-                };
-                acc += a[i * lda + p] as f64 * bv as f64;
+                acc += at(a, i, p) as f64 * at(b, p, j) as f64;
             }
             let old = if beta == 0.0 {
                 0.0

@@ -122,55 +122,121 @@ fn pack_unpack_round_trip() {
     }
 }
 
+/// `(m, n, k, lda pad, ldb pad, ldc pad, alpha, beta)`.
+type StridedCase = (usize, usize, usize, usize, usize, usize, f32, f32);
+
+/// Odd sizes, several K blocks, and `beta` 0, 1 and others.
+const STRIDED_CASES: [StridedCase; 7] = [
+    (1, 1, 1, 0, 0, 0, 1.0, 0.0),
+    (13, 17, 64, 5, 3, 7, 0.125, 0.0),
+    (64, 100, 32, 96, 64, 1, 1.0, 1.0),
+    (200, 45, 300, 2, 11, 3, -0.5, 0.75),
+    (37, 64, 513, 0, 0, 0, 2.0, -1.0),
+    (150, 33, 7, 1, 1, 1, 1.0, 0.5),
+    (300, 385, 1100, 3, 0, 2, 1.0, 1.0),
+];
+
+/// Runs `gemm` (an sgemm under test, given a bias for the threaded one) on
+/// every case and every layout of A and B, against the `f64` reference.
+fn check_strided(
+    name: &str,
+    with_bias: bool,
+    gemm: impl Fn(&Case, Strided, Strided, Option<&[f32]>, &mut [f32]),
+) {
+    for &(m, n, k, pa, pb, pc, alpha, beta) in &STRIDED_CASES {
+        for (a_t, b_t) in [(false, false), (false, true), (true, false), (true, true)] {
+            // Stored shapes: A is m × k (k × m when transposed), B k × n.
+            let (a_rows, a_cols) = if a_t { (k, m) } else { (m, k) };
+            let (b_rows, b_cols) = if b_t { (n, k) } else { (k, n) };
+            let (lda, ldb, ldc) = (a_cols + pa, b_cols + pb, n + pc);
+            let seed = (m * 7919 + n * 31 + k) as u64;
+            let a = random(a_rows * lda, seed);
+            let b = random(b_rows * ldb, seed + 1);
+            let bias = random(n, seed + 3);
+            let bias = with_bias.then_some(&bias[..]);
+            let view = |data, ld, t| {
+                if t {
+                    Strided::transposed(data, ld)
+                } else {
+                    Strided::rows(data, ld)
+                }
+            };
+            let (a, b) = (view(&a[..], lda, a_t), view(&b[..], ldb, b_t));
+            let mut want = random(m * ldc, seed + 2);
+            if beta == 0.0 {
+                // BLAS semantics: with beta == 0 old NaNs must not leak.
+                want.iter_mut().step_by(3).for_each(|v| *v = f32::NAN);
+            }
+            let mut got = want.clone();
+            sgemm_strided_reference(m, n, k, alpha, a, b, beta, &mut want, ldc);
+            if let Some(bias) = bias {
+                for row in want.chunks_mut(ldc) {
+                    row[..n].iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+                }
+            }
+            let case = Case {
+                m,
+                n,
+                k,
+                alpha,
+                beta,
+                ldc,
+            };
+            gemm(&case, a, b, bias, &mut got);
+            // Padding columns of C must be untouched (they hold the same
+            // input in both, or NaN in both).
+            let (mut got_valid, mut want_valid) = (Vec::new(), Vec::new());
+            for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                if i % ldc < n {
+                    got_valid.push(g);
+                    want_valid.push(w);
+                } else {
+                    assert_eq!(g.to_bits(), w.to_bits(), "padding of C written");
+                }
+            }
+            let err = rel_err(&got_valid, &want_valid);
+            assert!(
+                err <= TOL,
+                "{name}: m={m} n={n} k={k} a_t={a_t} b_t={b_t}: err {err}"
+            );
+        }
+    }
+}
+
+/// The shape and scalars of one [`STRIDED_CASES`] entry.
+struct Case {
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    beta: f32,
+    ldc: usize,
+}
+
 #[test]
 fn sgemm_strided_matches_reference() {
-    // (m, n, k, lda pad, ldb pad, ldc pad, alpha, beta)
-    let cases = [
-        (1, 1, 1, 0, 0, 0, 1.0, 0.0),
-        (13, 17, 64, 5, 3, 7, 0.125, 0.0),
-        (64, 100, 32, 96, 64, 1, 1.0, 1.0),
-        (200, 45, 300, 2, 11, 3, -0.5, 0.75),
-        (37, 64, 513, 0, 0, 0, 2.0, -1.0),
-        (150, 33, 7, 1, 1, 1, 1.0, 0.5),
-    ];
     for isa in Isa::available() {
-        for transposed in [true, false] {
-            for &(m, n, k, pa, pb, pc, alpha, beta) in &cases {
-                let (lda, ldc) = (k + pa, n + pc);
-                let ldb = if transposed { k + pb } else { n + pb };
-                let b_rows = if transposed { n } else { k };
-                let seed = (m * 7919 + n * 31 + k) as u64;
-                let a = random(m * lda, seed);
-                let b = random(b_rows * ldb, seed + 1);
-                let mut want = random(m * ldc, seed + 2);
-                if beta == 0.0 {
-                    // BLAS semantics: with beta == 0 old NaNs must not leak.
-                    want.iter_mut().step_by(3).for_each(|v| *v = f32::NAN);
-                }
-                let mut got = want.clone();
-                sgemm_strided_reference(
-                    m, n, k, alpha, &a, lda, &b, ldb, transposed, beta, &mut want, ldc,
-                );
-                sgemm_strided_isa(
-                    isa, m, n, k, alpha, &a, lda, &b, ldb, transposed, beta, &mut got, ldc,
-                );
-                // Padding columns of C must be untouched (they hold the same
-                // input in both, or NaN in both).
-                let (mut got_valid, mut want_valid) = (Vec::new(), Vec::new());
-                for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
-                    if i % ldc < n {
-                        got_valid.push(g);
-                        want_valid.push(w);
-                    } else {
-                        assert_eq!(g.to_bits(), w.to_bits(), "padding of C written");
-                    }
-                }
-                let err = rel_err(&got_valid, &want_valid);
-                assert!(
-                    err <= TOL,
-                    "{}: m={m} n={n} k={k} transposed={transposed}: err {err}",
-                    isa.name()
-                );
+        check_strided(isa.name(), false, |t, a, b, _, c| {
+            sgemm_strided_isa(isa, t.m, t.n, t.k, t.alpha, a, b, t.beta, c, t.ldc)
+        });
+    }
+}
+
+#[test]
+fn threaded_sgemm_matches_reference() {
+    for threads in [1, 2, 3] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        for isa in Isa::available() {
+            for with_bias in [false, true] {
+                let name = format!("{} x{threads} bias={with_bias}", isa.name());
+                check_strided(&name, with_bias, |t, a, b, bias, c| {
+                    pool.install(|| {
+                        sgemm_isa(isa, t.m, t.n, t.k, t.alpha, a, b, t.beta, bias, c, t.ldc)
+                    })
+                });
             }
         }
     }
