@@ -246,11 +246,45 @@ fn label_probabilities(logits: &[f32]) -> Vec<f32> {
     logits.iter().map(|&z| sigmoid(z as f64) as f32).collect()
 }
 
+/// Per-label decision thresholds for multi-label dev probabilities and
+/// gold flags (`[examples, labels]`): each label's dev F1 maximum, or 0.5
+/// everywhere when `tune` is off.
+fn label_thresholds(probs: &[f32], gold: &[bool], labels: usize, tune: bool) -> Vec<f32> {
+    (0..labels)
+        .map(|l| {
+            if !tune {
+                return DEFAULT_THRESHOLD;
+            }
+            thresholds::tune(
+                &column(probs, l, labels),
+                &column(gold, l, labels),
+                Counts::f1,
+            )
+            .threshold
+        })
+        .collect()
+}
+
+fn multi_label_report(
+    probs: &[f32],
+    gold: &[bool],
+    thresholds: &[f32],
+    label_names: &[String],
+) -> MultiLabelReport {
+    let predicted: Vec<bool> = probs
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| p >= thresholds[i % thresholds.len()])
+        .collect();
+    MultiLabelReport::compute(label_names, gold, &predicted)
+}
+
 fn evaluate<B: TrainBackend>(
     model: &mut SequenceClassifier<B>,
     split: &Split,
     label_names: &[String],
     batch_size: usize,
+    tune_thresholds: bool,
 ) -> Result<Evaluation> {
     let outputs = model.num_labels;
     let mut logits = vec![0.0f32; split.encoded.len() * outputs];
@@ -274,20 +308,22 @@ fn evaluate<B: TrainBackend>(
                 logits,
             }
         }
-        Gold::LabelSets { multi_hot, .. } => {
+        Gold::LabelSets { multi_hot, labels } => {
             let mut scratch = vec![0.0; logits.len()];
             let loss = loss::bce_with_logits(&mut scratch, &logits, multi_hot) as f64;
             let gold: Vec<bool> = multi_hot.iter().map(|&y| y > 0.5).collect();
-            let predicted: Vec<bool> = label_probabilities(&logits)
-                .iter()
-                .map(|&p| p >= DEFAULT_THRESHOLD)
-                .collect();
+            // Scored with the thresholds this checkpoint would be saved
+            // with: at a fixed 0.5, rare labels score 0 for many epochs and
+            // checkpoints could not be told apart.
+            let probs = label_probabilities(&logits);
+            let thresholds = label_thresholds(&probs, &gold, *labels, tune_thresholds);
             Evaluation {
                 loss,
-                report: Report::MultiLabel(MultiLabelReport::compute(
-                    label_names,
+                report: Report::MultiLabel(multi_label_report(
+                    &probs,
                     &gold,
-                    &predicted,
+                    &thresholds,
+                    label_names,
                 )),
                 logits,
             }
@@ -459,7 +495,9 @@ impl<B: TrainBackend> Trainer<'_, B> {
                 phase_step += 1;
 
                 let end_of_epoch = self.step.is_multiple_of(steps_per_epoch);
-                let scheduled = recipe.eval_every.is_some_and(|n| self.step.is_multiple_of(n));
+                let scheduled = recipe
+                    .eval_every
+                    .is_some_and(|n| self.step.is_multiple_of(n));
                 if end_of_epoch || scheduled {
                     let (score, flow) = self.evaluate_and_keep_best(epoch + 1)?;
                     last_score = Some(score);
@@ -481,6 +519,7 @@ impl<B: TrainBackend> Trainer<'_, B> {
             &self.valid,
             &self.label_names,
             recipe.batch_size * 2,
+            recipe.tune_thresholds,
         )?;
         let metric = recipe.selection_metric();
         let score = evaluation.score(metric);
@@ -1078,26 +1117,9 @@ fn decision_thresholds(
         Gold::LabelSets { multi_hot, labels } => {
             let probs = label_probabilities(&evaluation.logits);
             let gold: Vec<bool> = multi_hot.iter().map(|&y| y > 0.5).collect();
-            let values: Vec<f32> = (0..*labels)
-                .map(|l| {
-                    if !tune {
-                        return DEFAULT_THRESHOLD;
-                    }
-                    thresholds::tune(
-                        &column(&probs, l, *labels),
-                        &column(&gold, l, *labels),
-                        Counts::f1,
-                    )
-                    .threshold
-                })
-                .collect();
+            let values = label_thresholds(&probs, &gold, *labels, tune);
             let report = |thresholds: &[f32]| {
-                let predicted: Vec<bool> = probs
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &p)| p >= thresholds[i % labels])
-                    .collect();
-                multi_label_summary(&MultiLabelReport::compute(label_names, &gold, &predicted))
+                multi_label_summary(&multi_label_report(&probs, &gold, thresholds, label_names))
             };
             Some(Thresholds {
                 method: if tune {
