@@ -26,7 +26,7 @@ use crate::tokenize::{BertTokenizer, Encoded};
 use crate::train::classifier::{ForwardMode, Group, SequenceClassifier, Targets};
 use crate::train::loss;
 use crate::train::progress::Progress;
-use crate::train::recipe::{linear_schedule, Metric, Task, TrainRecipe, Unfrozen};
+use crate::train::recipe::{linear_schedule, Metric, Task, TrainRecipe, UnfreezePhase, Unfrozen};
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
@@ -367,15 +367,6 @@ impl MetricsLog {
     }
 }
 
-/// A stretch of training with one trainable set and one learning-rate
-/// schedule.
-struct Phase {
-    /// What a gradual-unfreezing phase trains; None: the recipe's fixed
-    /// freezing settings for the whole run.
-    unfrozen: Option<Unfrozen>,
-    epochs: usize,
-}
-
 /// Whether training goes on after an evaluation.
 #[derive(PartialEq, Eq)]
 enum Flow {
@@ -408,11 +399,13 @@ struct Trainer<'a, B: TrainBackend> {
 }
 
 impl<B: TrainBackend> Trainer<'_, B> {
-    /// Trains `phase` from epoch `first_epoch`; returns the dev score of
-    /// its last evaluation, or None if training stopped early.
-    fn run_phase(&mut self, phase: &Phase, first_epoch: usize) -> Result<Option<f64>> {
+    /// Trains for `epochs` epochs from epoch `first_epoch` with one
+    /// warm-up and decay (a whole run, or one phase of gradual unfreezing);
+    /// returns the dev score of the last evaluation, or None if training
+    /// stopped early.
+    fn run_phase(&mut self, epochs: usize, first_epoch: usize) -> Result<Option<f64>> {
         let recipe = self.recipe;
-        let phase_steps = self.steps_per_epoch * phase.epochs;
+        let phase_steps = self.steps_per_epoch * epochs;
         let warmup = (recipe.warmup_ratio * phase_steps as f32).ceil() as usize;
         // Owned: the loop below also borrows `self` mutably.
         let class_weights = self.class_weights.clone();
@@ -422,7 +415,7 @@ impl<B: TrainBackend> Trainer<'_, B> {
         };
         let mut last_score = None;
         let mut phase_step = 0;
-        for epoch in first_epoch..first_epoch + phase.epochs {
+        for epoch in first_epoch..first_epoch + epochs {
             let batches = data::epoch_batches(
                 &self.train.lengths(),
                 recipe.batch_size,
@@ -641,8 +634,11 @@ impl<B: TrainBackend> Trainer<'_, B> {
     }
 
     /// Gradual unfreezing: each phase trains its set with a fresh optimizer
+    /// (moments and bias correction for every trainable parameter: moments
+    /// kept from a phase with a different step count would be mis-scaled)
     /// and a fresh warm-up and decay, and is undone if dev got worse.
-    fn run_unfreeze_schedule(&mut self, phases: &[Phase]) -> Result<bool> {
+    /// Returns whether training stopped early.
+    fn run_unfreeze_schedule(&mut self, phases: &[UnfreezePhase]) -> Result<bool> {
         // The starting point is the first phase's baseline (and a candidate
         // for the best model: a schedule that only hurts keeps it).
         let (mut score, flow) = self.evaluate_and_keep_best(0)?;
@@ -651,7 +647,7 @@ impl<B: TrainBackend> Trainer<'_, B> {
         }
         let mut epoch = 0;
         for (index, phase) in phases.iter().enumerate() {
-            let unfrozen = phase.unfrozen.expect("schedule phases name what trains");
+            let unfrozen = phase.trainable;
             unfreeze(&mut self.model, unfrozen);
             self.model.params.reset_optimizer();
             let trainable: Vec<String> = self
@@ -682,7 +678,7 @@ impl<B: TrainBackend> Trainer<'_, B> {
                 phase.epochs
             ));
             let start = self.model.params.snapshot(&self.model.backend);
-            let Some(end_score) = self.run_phase(phase, epoch)? else {
+            let Some(end_score) = self.run_phase(phase.epochs, epoch)? else {
                 return Ok(true);
             };
             epoch += phase.epochs;
@@ -728,9 +724,9 @@ fn group_name(group: Group) -> String {
 }
 
 /// Checks that every phase's layers exist, before any training.
-fn check_phases(phases: &[Phase], layers: usize) -> Result<()> {
+fn check_phases(phases: &[UnfreezePhase], layers: usize) -> Result<()> {
     for phase in phases {
-        if let Some(Unfrozen::Top(n)) = phase.unfrozen {
+        if let Unfrozen::Top(n) = phase.trainable {
             if n > layers {
                 return Err(Error::Invalid(format!(
                     "unfreeze_schedule: phase top{n} asks for more layers than the model has ({layers} layers); use top{layers} or all"
@@ -868,21 +864,13 @@ pub fn finetune<B: TrainBackend>(
     };
 
     let schedule = recipe.unfreeze_phases()?;
-    let phases: Vec<Phase> = match &schedule {
-        Some(phases) => phases
-            .iter()
-            .map(|p| Phase {
-                unfrozen: Some(p.trainable),
-                epochs: p.epochs,
-            })
-            .collect(),
-        None => vec![Phase {
-            unfrozen: None,
-            epochs: recipe.epochs,
-        }],
+    let epochs = match &schedule {
+        Some(phases) => {
+            check_phases(phases, model.config.num_hidden_layers)?;
+            phases.iter().map(|p| p.epochs).sum()
+        }
+        None => recipe.epochs,
     };
-    check_phases(&phases, model.config.num_hidden_layers)?;
-    let epochs: usize = phases.iter().map(|p| p.epochs).sum();
     let micro_batches_per_epoch = train.encoded.len().div_ceil(recipe.batch_size);
     let steps_per_epoch = micro_batches_per_epoch.div_ceil(recipe.grad_accum);
     let log = MetricsLog::create(&recipe.out)?;
@@ -925,8 +913,8 @@ pub fn finetune<B: TrainBackend>(
     };
     let started = Instant::now();
     let stopped_early = match schedule {
-        Some(_) => trainer.run_unfreeze_schedule(&phases)?,
-        None => trainer.run_phase(&phases[0], 0)?.is_none(),
+        Some(phases) => trainer.run_unfreeze_schedule(&phases)?,
+        None => trainer.run_phase(recipe.epochs, 0)?.is_none(),
     };
     // The saved model was the best, not necessarily the last: give it the
     // whole log, then drop the live copy.
