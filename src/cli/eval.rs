@@ -83,45 +83,12 @@ pub fn run(args: Args) -> Result<()> {
         return Ok(());
     }
     let label_set = LabelSet::from_labels(classifier.labels.clone())?;
-    let predictions = classifier.decide(&logits);
     if multi_label {
-        let mut gold = vec![false; logits.len()];
-        let mut targets = vec![0.0f32; logits.len()];
-        for (i, set) in label_set.encode_label_sets(&dataset)?.iter().enumerate() {
-            for &l in set {
-                gold[i * classes + l] = true;
-                targets[i * classes + l] = 1.0;
-            }
-        }
-        let mut predicted = vec![false; logits.len()];
-        for (i, prediction) in predictions.iter().enumerate() {
-            if let Prediction::Labels { labels, .. } = prediction {
-                labels
-                    .iter()
-                    .for_each(|&l| predicted[i * classes + l] = true);
-            }
-        }
-        let report = MultiLabelReport::compute(&classifier.labels, &gold, &predicted);
-        if args.report {
-            println!("{}", report.to_table());
-            return Ok(());
-        }
-        let mut json = report.to_json();
-        json["loss"] = bce_with_logits(&mut vec![0.0; logits.len()], &logits, &targets).into();
-        if let Decision::MultiLabel { thresholds } = &classifier.decision {
-            json["thresholds"] = classifier
-                .labels
-                .iter()
-                .zip(thresholds)
-                .map(|(label, &t)| (label.clone(), t.into()))
-                .collect::<serde_json::Map<_, _>>()
-                .into();
-        }
-        println!("{}", serde_json::to_string_pretty(&json)?);
-        return Ok(());
+        return print_multi_label(&classifier, &label_set, &dataset, &logits, args.report);
     }
     let gold = label_set.encode(&dataset)?;
-    let predictions: Vec<usize> = predictions
+    let predictions: Vec<usize> = classifier
+        .decide(&logits)
         .iter()
         .map(|p| match p {
             Prediction::Class { label, .. } => *label,
@@ -140,6 +107,52 @@ pub fn run(args: Args) -> Result<()> {
     json["temperature"] = classifier.temperature.into();
     if let Decision::PositiveThreshold { threshold, .. } = classifier.decision {
         json["threshold"] = threshold.into();
+    }
+    println!("{}", serde_json::to_string_pretty(&json)?);
+    Ok(())
+}
+
+/// Micro/macro F1, subset accuracy and per-label scores of a multi-label
+/// model (its stored thresholds applied), as JSON or, with `table`, a table.
+fn print_multi_label<B: bertrt::backend::Backend>(
+    classifier: &Classifier<B>,
+    label_set: &LabelSet,
+    dataset: &data::Dataset,
+    logits: &[f32],
+    table: bool,
+) -> Result<()> {
+    let classes = classifier.labels.len();
+    let mut gold = vec![false; logits.len()];
+    let mut targets = vec![0.0f32; logits.len()];
+    for (i, set) in label_set.encode_label_sets(dataset)?.iter().enumerate() {
+        for &l in set {
+            gold[i * classes + l] = true;
+            targets[i * classes + l] = 1.0;
+        }
+    }
+    let mut predicted = vec![false; logits.len()];
+    for (i, prediction) in classifier.decide(logits).iter().enumerate() {
+        if let Prediction::Labels { labels, .. } = prediction {
+            labels
+                .iter()
+                .for_each(|&l| predicted[i * classes + l] = true);
+        }
+    }
+    let report = MultiLabelReport::compute(&classifier.labels, &gold, &predicted);
+    if table {
+        println!("{}", report.to_table());
+        return Ok(());
+    }
+    let mut json = report.to_json();
+    json["loss"] = bce_with_logits(&mut vec![0.0; logits.len()], logits, &targets).into();
+    if let Decision::MultiLabel { thresholds } = &classifier.decision {
+        json["thresholds"] = classifier
+            .labels
+            .iter()
+            .zip(thresholds)
+            .map(|(label, &t)| (label.clone(), t.into()))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
     }
     println!("{}", serde_json::to_string_pretty(&json)?);
     Ok(())
