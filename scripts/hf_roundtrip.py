@@ -12,12 +12,14 @@ Usage: scripts/hf_roundtrip.py MODEL_DIR [TEXTS_FILE]
 
 Loads the directory with transformers.BertForSequenceClassification and
 AutoTokenizer, runs each text alone (no padding), and compares
-softmax(hf_logits / T) -- T = bertrt.json "temperature" -- with the
-probabilities of `$BERTRT predict --model MODEL_DIR --jsonl` (BERTRT defaults to
+softmax(hf_logits / T) -- T = bertrt.json "temperature" -- (sigmoid(hf_logits)
+for problem_type multi_label_classification) with the probabilities of
+`$BERTRT predict --model MODEL_DIR --jsonl`, and the decisions, with the
+decision thresholds of bertrt.json applied on both sides (BERTRT defaults to
 target/release/bertrt). Also compares token ids with `$BERTRT tokenize`.
 Fails (exit 1) when loading reports missing/unexpected/mismatched weights, when
 a max abs probability difference exceeds TOL (env HF_ROUNDTRIP_TOL, default
-1e-4), when the argmax labels differ, or when the token ids differ. Needs bench/.venv (bench/setup-venv.sh).
+1e-4), when the predicted labels differ, or when the token ids differ. Needs bench/.venv (bench/setup-venv.sh).
 """
 
 import json
@@ -99,7 +101,7 @@ def main():
         meta = json.load(f)
     pre = meta.get("preprocessing", {})
     max_len = int(pre.get("max_length", 512))
-    temperature = float(meta.get("temperature", meta.get("calibration", {}).get("temperature", 1.0)))
+    temperature = float(meta.get("temperature", (meta.get("calibration") or {}).get("temperature", 1.0)))
     if pre.get("pooling", "pooler") != "pooler":
         fail(f"bertrt.json pooling is {pre.get('pooling')!r}: only 'pooler' models are "
              "BertForSequenceClassification-compatible")
@@ -130,6 +132,17 @@ def main():
     if meta.get("labels") and list(meta["labels"]) != labels:
         fail(f"config.json id2label {labels} != bertrt.json labels {meta['labels']}")
 
+    multi_label = model.config.problem_type == "multi_label_classification"
+    thresholds = (meta.get("thresholds") or {}).get("values", {})
+
+    def decide(p):
+        """The label(s) bertrt predicts from probabilities `p` (label order)."""
+        if multi_label:
+            return "|".join(l for l, pi in zip(labels, p) if pi >= thresholds.get(l, 0.5))
+        if len(labels) == 2 and labels[1] in thresholds:
+            return labels[1] if p[1] >= thresholds[labels[1]] else labels[0]
+        return labels[int(np.argmax(p))]
+
     preds = run_bertrt(bertrt, ["predict", "--model", model_dir], texts)
     toks = run_bertrt(bertrt, ["tokenize", "--model", model_dir, "--max-length", str(max_len)], texts)
 
@@ -148,19 +161,28 @@ def main():
         enc = tok(text, truncation=True, max_length=max_len, return_tensors="pt")
         with torch.no_grad():
             logits = model(**enc).logits[0].double().numpy()
-        z = logits / temperature
-        p_hf = np.exp(z - z.max())
-        p_hf /= p_hf.sum()
+        if multi_label:
+            p_hf = 1.0 / (1.0 + np.exp(-logits))
+        else:
+            z = logits / temperature
+            p_hf = np.exp(z - z.max())
+            p_hf /= p_hf.sum()
         probs = preds[i]["probs"]
         if set(probs) != set(labels):
             fail(f"bertrt labels {sorted(probs)} != {labels}")
         p_rt = np.array([probs[l] for l in labels], dtype=np.float64)
         dp = float(np.abs(p_hf - p_rt).max())
-        # bertrt's probs -> logits up to a constant, comparable to HF's logits / T * T
-        lr = np.log(np.maximum(p_rt, 1e-300)) * temperature
-        dl = float(np.abs((lr - lr.mean()) - (logits - logits.mean())).max())
-        hf_label = labels[int(np.argmax(p_hf))]
-        rt_label = preds[i]["label"]
+        if multi_label:
+            # bertrt's probs -> logits: the inverse sigmoid
+            p_clip = np.clip(p_rt, 1e-300, 1 - 1e-16)
+            dl = float(np.abs(np.log(p_clip / (1 - p_clip)) - logits).max())
+            rt_label = "|".join(preds[i]["labels"])
+        else:
+            # bertrt's probs -> logits up to a constant, comparable to HF's logits / T * T
+            lr = np.log(np.maximum(p_rt, 1e-300)) * temperature
+            dl = float(np.abs((lr - lr.mean()) - (logits - logits.mean())).max())
+            rt_label = preds[i]["label"]
+        hf_label = decide(p_hf)
         ids_hf = enc["input_ids"][0].tolist()
         ids_ok = ids_hf == toks[i]["ids"]
         ok = dp <= TOL and hf_label == rt_label and ids_ok

@@ -19,8 +19,14 @@ use crate::error::{Error, Result};
 use crate::model::Pooling;
 use crate::tokenize::BertTokenizer;
 
-/// Bumped when `bertrt.json` changes incompatibly.
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest `bertrt.json` format this bertrt reads; bumped when the file
+/// changes in a way an older reader would misread. Version 2 adds decision
+/// thresholds (and multi-label models, which always have them); a model
+/// without thresholds is still written as version 1, which older bertrt
+/// reads correctly.
+pub const FORMAT_VERSION: u32 = 2;
+/// The version of a file without thresholds.
+pub const FORMAT_VERSION_WITHOUT_THRESHOLDS: u32 = 1;
 pub const META_FILE: &str = "bertrt.json";
 
 /// How text becomes model input; a model is only valid with these settings.
@@ -45,6 +51,22 @@ pub struct Calibration {
     pub dev_ece_after: f64,
 }
 
+/// Decision thresholds tuned on dev, and what they did there.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Thresholds {
+    /// How they were chosen.
+    pub method: String,
+    /// Label -> the probability at or above which it is predicted: every
+    /// label of a multi-label model; the positive (second) class of a
+    /// binary classifier, which otherwise predicts the other class.
+    pub values: BTreeMap<String, f32>,
+    /// Dev metrics with the default decision (argmax, or 0.5 per label).
+    pub dev_before: serde_json::Value,
+    /// Dev metrics with these thresholds (optimistic: tuned on the same
+    /// data; judge them on a test set).
+    pub dev_after: serde_json::Value,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct DataFile {
     pub path: PathBuf,
@@ -64,6 +86,9 @@ pub struct ArtifactMeta {
     /// Logits are divided by this before softmax (1 when uncalibrated).
     pub temperature: f32,
     pub calibration: Option<Calibration>,
+    /// Absent (older files, or not tuned): argmax / 0.5 per label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thresholds: Option<Thresholds>,
     /// The full training recipe, seed included.
     pub recipe: serde_json::Value,
     pub data: BTreeMap<String, DataFile>,
@@ -96,12 +121,59 @@ impl ArtifactMeta {
     }
 }
 
-/// `config.json` for a sequence classifier (or, with `regression`, a
-/// one-output regressor), from the base model's.
+/// `ArtifactMeta::task` and Hugging Face's `problem_type` of each head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProblemType {
+    SingleLabel,
+    MultiLabel,
+    Regression,
+}
+
+impl ProblemType {
+    /// The `task` in `bertrt.json`.
+    pub fn task(self) -> &'static str {
+        match self {
+            ProblemType::SingleLabel => "sequence-classification",
+            ProblemType::MultiLabel => "multi-label-classification",
+            ProblemType::Regression => "regression",
+        }
+    }
+
+    /// `problem_type` in `config.json`, which tells `transformers` which
+    /// loss and output function the head has.
+    pub fn hugging_face(self) -> &'static str {
+        match self {
+            ProblemType::SingleLabel => "single_label_classification",
+            ProblemType::MultiLabel => "multi_label_classification",
+            ProblemType::Regression => "regression",
+        }
+    }
+
+    /// From `bertrt.json`'s `task` (unknown tasks read as single-label, as
+    /// version 1 files only had that and regression).
+    pub fn from_task(task: &str) -> Self {
+        [ProblemType::MultiLabel, ProblemType::Regression]
+            .into_iter()
+            .find(|p| p.task() == task)
+            .unwrap_or(ProblemType::SingleLabel)
+    }
+
+    /// From `config.json`'s `problem_type` (absent: single-label, as
+    /// `transformers` assumes for several labels).
+    pub fn from_hugging_face(problem_type: &str) -> Self {
+        [ProblemType::MultiLabel, ProblemType::Regression]
+            .into_iter()
+            .find(|p| p.hugging_face() == problem_type)
+            .unwrap_or(ProblemType::SingleLabel)
+    }
+}
+
+/// `config.json` for a sequence classifier, multi-label classifier or
+/// one-output regressor, from the base model's.
 pub fn classifier_config(
     base: &serde_json::Value,
     labels: &[String],
-    regression: bool,
+    problem_type: ProblemType,
 ) -> serde_json::Value {
     let mut config = base.clone();
     let id2label: serde_json::Map<String, serde_json::Value> = labels
@@ -117,12 +189,7 @@ pub fn classifier_config(
     config["architectures"] = serde_json::json!(["BertForSequenceClassification"]);
     config["id2label"] = id2label.into();
     config["label2id"] = label2id.into();
-    config["problem_type"] = if regression {
-        "regression"
-    } else {
-        "single_label_classification"
-    }
-    .into();
+    config["problem_type"] = problem_type.hugging_face().into();
     config
 }
 

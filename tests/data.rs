@@ -103,7 +103,7 @@ fn tsv_with_text_pairs_and_custom_columns() {
         text_column: "premise".into(),
         label_column: "gold".into(),
         text_pair_column: Some("hypothesis".into()),
-        skip_bad_rows: false,
+        ..DataSpec::default()
     };
     let d = read_dataset(&path, &spec).unwrap();
     assert_eq!(d.examples[0].text, "A man sleeps, soundly.");
@@ -412,6 +412,85 @@ fn skipping_every_row_explains_the_first() {
     );
 }
 
+fn multi_label(delimiter: &str) -> DataSpec {
+    DataSpec {
+        multi_label_delimiter: Some(delimiter.into()),
+        ..DataSpec::default()
+    }
+}
+
+#[test]
+fn multi_label_rows_from_json_lists_and_delimited_strings() {
+    let dir = TempDir::new().unwrap();
+    let jsonl = write(
+        &dir,
+        "train.jsonl",
+        concat!(
+            r#"{"text": "a", "label": ["sports", " politics ", "sports"]}"#,
+            "\n",
+            r#"{"text": "b", "label": []}"#,
+            "\n",
+            r#"{"text": "c", "label": "tech|sports|"}"#,
+            "\n",
+            r#"{"text": "d", "label": [1, true]}"#,
+            "\n",
+        ),
+    );
+    let d = read_dataset(&jsonl, &multi_label("|")).unwrap();
+    let sets: Vec<Vec<String>> = d.examples.iter().map(|e| e.labels.clone()).collect();
+    assert_eq!(
+        sets,
+        [
+            vec!["sports", "politics"],
+            vec![],
+            vec!["tech", "sports"],
+            vec!["1", "true"]
+        ]
+        .map(|s| s.iter().map(|l| l.to_string()).collect::<Vec<_>>())
+    );
+    // Labels sorted, over every row's set.
+    let set = LabelSet::from_training_label_sets(&d);
+    assert_eq!(set.labels(), ["1", "politics", "sports", "tech", "true"]);
+    assert_eq!(set.encode_label_sets(&d).unwrap()[0], [2, 1]);
+
+    let csv = write(&dir, "dev.csv", "text,label\nx,sports;tech\ny,\nz,golf\n");
+    let dev = read_dataset(&csv, &multi_label(";")).unwrap();
+    assert_eq!(dev.examples[0].labels, ["sports", "tech"]);
+    assert!(
+        dev.examples[1].labels.is_empty(),
+        "an empty field is no label"
+    );
+    let err = set.encode_label_sets(&dev).unwrap_err().to_string();
+    assert_mentions(&err, &["dev.csv", "line 4", "\"golf\""]);
+}
+
+#[test]
+fn bad_label_lists_name_the_line() {
+    let dir = TempDir::new().unwrap();
+    let path = write(
+        &dir,
+        "train.jsonl",
+        "{\"text\": \"a\", \"label\": [\"x\", \" \"]}\n",
+    );
+    let err = error(&path, &multi_label("|"));
+    assert_mentions(&err, &["train.jsonl", "line 1", "item 2", "empty"]);
+    let path = write(
+        &dir,
+        "nested.jsonl",
+        "{\"text\": \"a\", \"label\": [\"x\", {\"y\": 1}]}\n",
+    );
+    let err = error(&path, &multi_label("|"));
+    assert_mentions(&err, &["line 1", "item 2", "an object"]);
+    // A list without multi-label mode says how to train on it.
+    let path = write(
+        &dir,
+        "single.jsonl",
+        "{\"text\": \"a\", \"label\": [\"x\"]}\n",
+    );
+    let err = error(&path, &DataSpec::default());
+    assert_mentions(&err, &["line 1", "--task multi-label"]);
+}
+
 fn dataset_with_labels(labels: &[&str]) -> Dataset {
     Dataset {
         path: PathBuf::from("dev.csv"),
@@ -422,6 +501,7 @@ fn dataset_with_labels(labels: &[&str]) -> Dataset {
                 text: format!("text {i}"),
                 text_pair: None,
                 label: l.to_string(),
+                labels: Vec::new(),
                 line: i + 2,
             })
             .collect(),

@@ -557,3 +557,417 @@ fn regression_task_trains_saves_and_predicts_scores() {
     let (ok, _, err) = bertrt(&wrong);
     assert!(!ok && err.contains("metric does not fit"), "{err}");
 }
+
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) {
+    std::fs::write(path, serde_json::to_vec_pretty(value).unwrap()).unwrap();
+}
+
+fn log_lines(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Predictions of `model` for `lines`, one JSON object each.
+fn predict(model: &Path, dir: &Path, lines: &str) -> Vec<serde_json::Value> {
+    let input = dir.join("predict-input.txt");
+    std::fs::write(&input, lines).unwrap();
+    let (ok, stdout, err) = bertrt(&[
+        "predict",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn multi_label_trains_tunes_thresholds_and_reloads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let rows: &[(&str, &[&str])] = &[
+        ("the big cat sat", &["cat", "big"]),
+        ("a cat sat on the mat", &["cat"]),
+        ("the big dog ran", &["dog", "big"]),
+        ("a dog ran fast", &["dog"]),
+        ("the cat sat on the dog", &["cat", "dog"]),
+        ("the mat", &[]),
+        ("a big mat", &["big"]),
+        ("the small dog ran slow", &["dog"]),
+    ];
+    // Training labels as JSON lists, dev labels as "|"-separated CSV.
+    let train = tmp.path().join("train.jsonl");
+    let lines: String = rows
+        .iter()
+        .map(|(t, l)| serde_json::json!({"text": t, "label": l}).to_string() + "\n")
+        .collect();
+    std::fs::write(&train, lines).unwrap();
+    let valid = tmp.path().join("valid.csv");
+    let csv: String = rows
+        .iter()
+        .map(|(t, l)| format!("{t},{}\n", l.join("|")))
+        .collect();
+    std::fs::write(&valid, format!("text,label\n{csv}")).unwrap();
+    let out = tmp.path().join("out");
+    let (ok, stdout, err) = bertrt(&[
+        "finetune",
+        "--model",
+        model.to_str().unwrap(),
+        "--train",
+        train.to_str().unwrap(),
+        "--valid",
+        valid.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--task",
+        "multi-label",
+        "--max-length",
+        "16",
+        "--batch-size",
+        "2",
+        "--epochs",
+        "6",
+        "--lr",
+        "1e-3",
+        "--warmup-ratio",
+        "0",
+        "--quiet",
+    ]);
+    assert!(ok, "{err}");
+    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(summary["best"]["metric"], "micro_f1", "{summary}");
+    assert!(summary["best"]["dev"]["macro_f1"].is_number(), "{summary}");
+
+    let losses: Vec<f64> = log_lines(&out)
+        .iter()
+        .filter_map(|v| v["grad_norm"].as_f64().and(v["loss"].as_f64()))
+        .collect();
+    assert_eq!(losses.len(), 24);
+    let mean = |l: &[f64]| l.iter().sum::<f64>() / l.len() as f64;
+    assert!(
+        mean(&losses[20..]) < mean(&losses[..4]),
+        "loss did not fall: {losses:?}"
+    );
+
+    let config = read_json(&out.join("config.json"));
+    assert_eq!(config["problem_type"], "multi_label_classification");
+    assert_eq!(
+        config["id2label"],
+        serde_json::json!({"0": "big", "1": "cat", "2": "dog"})
+    );
+    let meta_path = out.join("bertrt.json");
+    let mut meta = read_json(&meta_path);
+    assert_eq!(meta["task"], "multi-label-classification");
+    assert_eq!(meta["format_version"], 2);
+    assert!(meta["calibration"].is_null());
+    let thresholds = meta["thresholds"]["values"].as_object().unwrap();
+    assert_eq!(
+        thresholds.keys().collect::<Vec<_>>(),
+        ["big", "cat", "dog"],
+        "{meta}"
+    );
+    assert!(thresholds
+        .values()
+        .all(|t| t.as_f64().is_some_and(|t| t > 0.0 && t <= 1.0)));
+    assert!(
+        meta["thresholds"]["dev_after"]["micro_f1"]
+            .as_f64()
+            .unwrap()
+            >= meta["thresholds"]["dev_before"]["micro_f1"]
+                .as_f64()
+                .unwrap()
+    );
+
+    let rows = predict(&out, tmp.path(), "the big cat sat\nthe mat\n");
+    assert_eq!(rows.len(), 2);
+    for row in &rows {
+        assert!(row["labels"].is_array(), "{row}");
+        let probs = row["probs"].as_object().unwrap();
+        assert_eq!(probs.len(), 3);
+        assert!(probs
+            .values()
+            .all(|p| (0.0..=1.0).contains(&p.as_f64().unwrap())));
+    }
+
+    let (ok, stdout, err) = bertrt(&[
+        "eval",
+        "--model",
+        out.to_str().unwrap(),
+        "--data",
+        valid.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    for key in ["micro_f1", "macro_f1", "subset_accuracy", "loss"] {
+        assert!(report[key].is_number(), "{key}: {report}");
+    }
+    assert_eq!(report["per_label"].as_object().unwrap().len(), 3);
+    assert_eq!(report["thresholds"], meta["thresholds"]["values"]);
+    let (ok, stdout, err) = bertrt(&[
+        "eval",
+        "--model",
+        out.to_str().unwrap(),
+        "--data",
+        valid.to_str().unwrap(),
+        "--report",
+    ]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("micro avg"), "{stdout}");
+
+    // The stored thresholds decide: 0 predicts every label, above 1 none.
+    for (threshold, expected) in [(0.0, 3), (1.5, 0)] {
+        for t in meta["thresholds"]["values"]
+            .as_object_mut()
+            .unwrap()
+            .values_mut()
+        {
+            *t = threshold.into();
+        }
+        write_json(&meta_path, &meta);
+        for row in predict(&out, tmp.path(), "the big cat sat\nthe mat\n") {
+            assert_eq!(row["labels"].as_array().unwrap().len(), expected, "{row}");
+        }
+    }
+}
+
+#[test]
+fn binary_threshold_is_tuned_stored_and_applied() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, stdout, err) = tiny_run(tmp.path(), "out", &["--lr", "1e-3"]);
+    assert!(ok, "{err}");
+    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(
+        summary["best"]["dev_with_thresholds"]["macro_f1"].is_number(),
+        "{summary}"
+    );
+    let out = tmp.path().join("out");
+    let meta_path = out.join("bertrt.json");
+    let mut meta = read_json(&meta_path);
+    assert_eq!(meta["format_version"], 2);
+    let thresholds = &meta["thresholds"];
+    assert_eq!(
+        thresholds["values"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect::<Vec<_>>(),
+        ["dog"],
+        "the second label is the positive class: {meta}"
+    );
+    for side in ["dev_before", "dev_after"] {
+        assert!(thresholds[side]["macro_f1"].is_number(), "{meta}");
+    }
+    assert!(
+        thresholds["dev_after"]["macro_f1"].as_f64()
+            >= thresholds["dev_before"]["macro_f1"].as_f64()
+    );
+
+    // predict and eval apply the stored threshold.
+    let texts = "the cat sat on the mat\nthe dog ran fast\n";
+    for (threshold, label, accuracy) in [(0.0, "dog", 0.5), (1.5, "cat", 0.5)] {
+        meta["thresholds"]["values"]["dog"] = threshold.into();
+        write_json(&meta_path, &meta);
+        for row in predict(&out, tmp.path(), texts) {
+            assert_eq!(row["label"], label, "{row}");
+        }
+        let (ok, stdout, err) = bertrt(&[
+            "eval",
+            "--model",
+            out.to_str().unwrap(),
+            "--data",
+            tmp.path().join("valid.jsonl").to_str().unwrap(),
+        ]);
+        assert!(ok, "{err}");
+        let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(report["threshold"], threshold, "{report}");
+        assert_eq!(report["accuracy"], accuracy, "{report}");
+    }
+
+    let (ok, _, err) = tiny_run(tmp.path(), "untuned", &["--no-threshold-tuning"]);
+    assert!(ok, "{err}");
+    let meta = read_json(&tmp.path().join("untuned/bertrt.json"));
+    assert!(meta.get("thresholds").is_none(), "{meta}");
+    assert_eq!(meta["format_version"], 1);
+    assert_eq!(meta["recipe"]["tune_thresholds"], false);
+}
+
+#[test]
+fn focal_gamma_zero_is_cross_entropy_and_gamma_two_trains() {
+    let tmp = tempfile::tempdir().unwrap();
+    let weights = |d: &str| std::fs::read(tmp.path().join(d).join("model.safetensors")).unwrap();
+    let (ok, _, err) = tiny_run(tmp.path(), "ce", &["--lr", "1e-3"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = tiny_run(tmp.path(), "zero", &["--lr", "1e-3", "--focal-gamma", "0"]);
+    assert!(ok, "{err}");
+    assert_eq!(weights("ce"), weights("zero"));
+    let (ok, _, err) = tiny_run(
+        tmp.path(),
+        "focal",
+        &[
+            "--lr",
+            "1e-3",
+            "--focal-gamma",
+            "2",
+            "--class-weights",
+            "balanced",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_ne!(weights("ce"), weights("focal"));
+    let meta = read_json(&tmp.path().join("focal/bertrt.json"));
+    assert_eq!(meta["recipe"]["focal_gamma"], 2.0);
+
+    let (ok, _, err) = tiny_run(tmp.path(), "bad", &["--focal-gamma=-1"]);
+    assert!(!ok && err.contains("focal_gamma must be >= 0"), "{err}");
+    let (ok, _, err) = tiny_run(
+        tmp.path(),
+        "bad",
+        &["--focal-gamma", "1", "--task", "multi-label"],
+    );
+    assert!(!ok && err.contains("classification only"), "{err}");
+}
+
+fn events<'a>(log: &'a [serde_json::Value], kind: &str) -> Vec<&'a serde_json::Value> {
+    log.iter().filter(|l| l["event"] == kind).collect()
+}
+
+#[test]
+fn gradual_unfreezing_follows_the_schedule_and_freezes_the_rest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, stdout, err) = tiny_run(
+        tmp.path(),
+        "out",
+        &["--unfreeze-schedule", "head:1,top1:1,all:1", "--lr", "1e-3"],
+    );
+    assert!(ok, "{err}");
+    assert!(stdout.contains("\"steps\": 9"), "{stdout}");
+    let log = log_lines(&tmp.path().join("out"));
+    // The starting point is evaluated before the first phase.
+    assert_eq!(log[0]["step"], 0);
+    assert!(log[0]["eval"].is_object(), "{}", log[0]);
+    let starts = events(&log, "phase_start");
+    let ends = events(&log, "phase_end");
+    assert_eq!((starts.len(), ends.len()), (3, 3));
+    let expected = [
+        (0, "head", vec!["head"]),
+        (3, "top1", vec!["layer.1", "head"]),
+        (6, "all", vec!["embeddings", "layer.0", "layer.1", "head"]),
+    ];
+    for (i, (step, unfrozen, trainable)) in expected.iter().enumerate() {
+        let (start, end) = (starts[i], ends[i]);
+        assert_eq!(start["step"], *step);
+        assert_eq!(start["unfrozen"], *unfrozen);
+        assert_eq!(start["trainable"], serde_json::json!(trainable));
+        assert_eq!(end["step"], *step + 3);
+        for (group, checksum) in start["weights"].as_object().unwrap() {
+            let same = end["weights"][group] == *checksum;
+            if end["rolled_back"] == true || !trainable.contains(&group.as_str()) {
+                assert!(same, "phase {}: {group} changed", i + 1);
+            } else {
+                assert!(!same, "phase {}: {group} did not train", i + 1);
+            }
+        }
+    }
+    // Each phase restarts warm-up and decay: the same learning rates.
+    let lrs: Vec<f64> = log.iter().filter_map(|l| l["lr"].as_f64()).collect();
+    assert_eq!(lrs.len(), 9);
+    assert_eq!(lrs[0..3], lrs[3..6]);
+    assert_eq!(lrs[0..3], lrs[6..9]);
+
+    let (ok, _, err) = tiny_run(tmp.path(), "bad", &["--unfreeze-schedule", "head:1,top3:1"]);
+    assert!(
+        !ok && err.contains("top3") && err.contains("2 layers"),
+        "{err}"
+    );
+    let (ok, _, err) = tiny_run(tmp.path(), "bad", &["--unfreeze-schedule", "head,all:1"]);
+    assert!(
+        !ok && err.contains("\"head\"") && err.contains("WHAT:EPOCHS"),
+        "{err}"
+    );
+    let (ok, _, err) = tiny_run(
+        tmp.path(),
+        "bad",
+        &["--unfreeze-schedule", "head:1", "--head-only"],
+    );
+    assert!(!ok && err.contains("drop head_only"), "{err}");
+}
+
+#[test]
+fn a_phase_that_hurts_dev_is_rolled_back_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let train = tmp.path().join("train.jsonl");
+    write_jsonl(&train, TINY_TRAIN);
+    // Dev disagrees with training on every row, so learning hurts dev.
+    let swapped: Vec<(&str, &str)> = TINY_TRAIN
+        .iter()
+        .map(|&(t, l)| (t, if l == "cat" { "dog" } else { "cat" }))
+        .collect();
+    let valid = tmp.path().join("valid.jsonl");
+    write_jsonl(&valid, &swapped);
+    let out = tmp.path().join("out");
+    let (ok, stdout, err) = bertrt(&[
+        "finetune",
+        "--model",
+        model.to_str().unwrap(),
+        "--train",
+        train.to_str().unwrap(),
+        "--valid",
+        valid.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--max-length",
+        "16",
+        "--batch-size",
+        "2",
+        "--unfreeze-schedule",
+        "head:1,all:1",
+        "--metric",
+        "loss",
+        "--lr",
+        "1e-2",
+        "--warmup-ratio",
+        "0",
+        "--quiet",
+    ]);
+    assert!(ok, "{err}");
+    let log = log_lines(&out);
+    let rollbacks = events(&log, "rollback");
+    assert_eq!(rollbacks.len(), 2, "{log:?}");
+    for (i, rollback) in rollbacks.iter().enumerate() {
+        assert_eq!(rollback["phase"], i + 1);
+        assert!(
+            rollback["dev_score_after"].as_f64() < rollback["dev_score_before"].as_f64(),
+            "{rollback}"
+        );
+    }
+    for (start, end) in events(&log, "phase_start")
+        .iter()
+        .zip(events(&log, "phase_end"))
+    {
+        assert_eq!(end["rolled_back"], true);
+        assert_eq!(
+            start["weights"], end["weights"],
+            "weights not restored exactly"
+        );
+    }
+    // Nothing beat the starting point, which is what was saved: the base
+    // encoder, bit for bit, with the new head.
+    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(summary["best"]["step"], 0, "{summary}");
+    assert_eq!(
+        moved(tmp.path(), "out"),
+        ["classifier.bias", "classifier.weight"]
+    );
+}

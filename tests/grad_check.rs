@@ -12,6 +12,7 @@ use bertrt::checkpoint::Checkpoint;
 use bertrt::config::BertConfig;
 use bertrt::model::{Pooling, TokenBatch};
 use bertrt::train::classifier::{ForwardMode, SequenceClassifier, Targets};
+use bertrt::train::loss;
 use common::Rng;
 
 fn backend() -> CpuBackend {
@@ -389,6 +390,168 @@ fn tiny_regressor_end_to_end() {
                 .sum::<f64>()
                 / targets.len() as f64
         });
+    }
+}
+
+/// BCE-with-logits in f64, the textbook way: `-y ln σ(z) - (1-y) ln(1-σ(z))`.
+fn reference_bce(logits: &[f32], targets: &[f32]) -> f64 {
+    logits
+        .iter()
+        .zip(targets)
+        .map(|(&z, &y)| {
+            let p = 1.0 / (1.0 + (-(z as f64)).exp());
+            -(y as f64) * p.ln() - (1.0 - y as f64) * (1.0 - p).ln()
+        })
+        .sum::<f64>()
+        / logits.len() as f64
+}
+
+#[test]
+fn bce_with_logits_gradient_and_stability() {
+    let logits = Rng::new(21).vec(5 * 3, 4.0);
+    let targets: Vec<f32> = (0..15)
+        .map(|i| (i % 3 == 0 || i % 4 == 1) as u8 as f32)
+        .collect();
+    let mut d = vec![0.0; logits.len()];
+    let value = loss::bce_with_logits(&mut d, &logits, &targets);
+    assert!((value as f64 - reference_bce(&logits, &targets)).abs() < 1e-6);
+    check("bce", &logits, &d, 100, |l| reference_bce(l, &targets));
+    // Far past where exp overflows or 1 - σ(z) rounds to 0: still the exact
+    // loss |z| for a wrong confident answer, 0 for a right one.
+    let mut d = vec![0.0; 4];
+    let value = loss::bce_with_logits(
+        &mut d,
+        &[1000.0, -1000.0, 1000.0, -1000.0],
+        &[0.0, 1.0, 1.0, 0.0],
+    );
+    assert_eq!(value, 500.0);
+    assert_eq!(d, [0.25, -0.25, 0.0, 0.0]);
+}
+
+/// Focal loss in f64 from its definition.
+fn reference_focal(logits: &[f32], labels: &[usize], alpha: &[f64], gamma: f64) -> f64 {
+    let classes = alpha.len();
+    let (mut total, mut weight) = (0.0, 0.0);
+    for (row, &label) in logits.chunks_exact(classes).zip(labels) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+        let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+        let p = (row[label] as f64 - max).exp() / sum;
+        total += -alpha[label] * (1.0 - p).powf(gamma) * p.ln();
+        weight += alpha[label];
+    }
+    total / weight
+}
+
+#[test]
+fn focal_loss_gradient_and_gamma_zero_is_cross_entropy() {
+    let be = backend();
+    let classes = 3;
+    let labels = [0, 2, 1, 2, 0, 1];
+    let alpha = [0.5f32, 2.0, 1.0];
+    let alpha64: Vec<f64> = alpha.iter().map(|&a| a as f64).collect();
+    let logits = Rng::new(22).vec(labels.len() * classes, 3.0);
+    for gamma in [0.5f32, 1.0, 2.0, 5.0] {
+        let mut d = vec![0.0; logits.len()];
+        let value = loss::focal(&mut d, &logits, &labels, Some(&alpha), gamma, classes);
+        let expected = reference_focal(&logits, &labels, &alpha64, gamma as f64);
+        assert!(
+            (value as f64 - expected).abs() < 1e-6,
+            "gamma {gamma}: {value} vs {expected}"
+        );
+        check(&format!("focal gamma {gamma}"), &logits, &d, 100, |l| {
+            reference_focal(l, &labels, &alpha64, gamma as f64)
+        });
+    }
+    // gamma 0: weighted cross-entropy, loss and gradient, as the backend's op.
+    let example_weights: Vec<f32> = labels.iter().map(|&l| alpha[l]).collect();
+    let mut d_ce = vec![0.0; logits.len()];
+    let ce = be.cross_entropy(&mut d_ce, &logits, &labels, Some(&example_weights), classes);
+    let mut d_focal = vec![0.0; logits.len()];
+    let focal = loss::focal(&mut d_focal, &logits, &labels, Some(&alpha), 0.0, classes);
+    assert!((ce - focal).abs() <= 1e-6 * ce.abs(), "{ce} vs {focal}");
+    assert!(common::max_abs_diff(&d_ce, &d_focal) < 1e-7);
+    // A (nearly) certain right answer: no loss, no gradient, no NaN.
+    let mut d = vec![0.0; 2];
+    let value = loss::focal(&mut d, &[200.0, -200.0], &[0], None, 0.5, 2);
+    assert_eq!(value, 0.0);
+    assert!(d.iter().all(|g| g.is_finite() && g.abs() < 1e-30), "{d:?}");
+}
+
+/// The multi-label (BCE) and focal heads through the whole model: the
+/// gradient of a sample of parameters against finite differences.
+#[test]
+fn tiny_multi_label_and_focal_heads_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = common::tiny_config();
+    config["hidden_size"] = 32.into();
+    config["intermediate_size"] = 48.into();
+    common::write_tiny_model(
+        tmp.path(),
+        &config,
+        &common::safetensors_bytes(&tiny_tensors_32(13), safetensors::Dtype::F32),
+    );
+    let config = BertConfig::from_file(&tmp.path().join("config.json")).unwrap();
+    let ckpt = Checkpoint::open(&tmp.path().join("model.safetensors")).unwrap();
+    let batch = TokenBatch {
+        ids: vec![2, 5, 6, 3, 2, 10, 11, 12, 3, 2, 14, 3],
+        type_ids: vec![0; 12],
+        offsets: vec![0, 4, 9, 12],
+    };
+    let multi_hot = [1.0f32, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0];
+    let labels = [2, 0, 1];
+    let alpha = [1.0f32, 0.5, 2.0];
+    let alpha64: Vec<f64> = alpha.iter().map(|&a| a as f64).collect();
+    let mode = ForwardMode {
+        dropout_seed: Some(9),
+    };
+    for multi_label in [true, false] {
+        let mut model =
+            SequenceClassifier::new(backend(), config.clone(), &ckpt, Pooling::Pooler, 3, 0.1, 4)
+                .unwrap();
+        let targets = if multi_label {
+            Targets::MultiHot(&multi_hot)
+        } else {
+            Targets::Focal {
+                labels: &labels,
+                class_weights: Some(&alpha),
+                gamma: 2.0,
+            }
+        };
+        model.forward(&batch, mode).unwrap();
+        model.params.zero_grads(&model.backend);
+        model.backward(&batch, targets, 1.0);
+        for name in [
+            "classifier.weight",
+            "classifier.bias",
+            "bert.pooler.dense.weight",
+            "bert.encoder.layer.0.attention.self.query.weight",
+            "bert.embeddings.word_embeddings.weight",
+        ] {
+            let grad = model.params.grad_of(&model.backend, name).unwrap();
+            let value = model
+                .params
+                .export(&model.backend)
+                .into_iter()
+                .find(|(n, _, _)| n == name)
+                .unwrap()
+                .2;
+            check(
+                &format!("multi-label {multi_label} {name}"),
+                &value,
+                &grad,
+                16,
+                |v| {
+                    model.params.set(&model.backend, name, v).unwrap();
+                    let logits = model.forward(&batch, mode).unwrap();
+                    model.params.set(&model.backend, name, &value).unwrap();
+                    if multi_label {
+                        reference_bce(&logits, &multi_hot)
+                    } else {
+                        reference_focal(&logits, &labels, &alpha64, 2.0)
+                    }
+                },
+            );
+        }
     }
 }
 

@@ -1,10 +1,12 @@
 //! Classification metrics against hand-computed scikit-learn values, and
 //! temperature scaling / calibration error on synthetic logits.
 
+use bertrt::classify::{Decision, Prediction};
 use bertrt::eval::calibration::{
     expected_calibration_error, fit_temperature, nll, softmax_with_temperature, TEMPERATURE_RANGE,
 };
-use bertrt::eval::ClassificationReport;
+use bertrt::eval::thresholds::{self, Counts};
+use bertrt::eval::{ClassificationReport, MultiLabelReport};
 use bertrt::rng::Rng;
 
 fn close(a: f64, b: f64) -> bool {
@@ -264,4 +266,114 @@ fn temperature_scaling_lowers_ece_of_an_overconfident_model() {
     let scaled = expected_calibration_error(&softmax_with_temperature(&logits, 4, t), 4, &gold, 15);
     assert!(raw > 0.05, "T = 1 is overconfident here: ECE {raw}");
     assert!(scaled < 0.02, "ECE after scaling {scaled} (T = {t})");
+}
+
+#[test]
+fn multi_label_report_matches_sklearn_by_hand() {
+    // Rows are examples, columns labels a, b, c.
+    let gold = [
+        true, false, true, //
+        false, true, false, //
+        true, true, false, //
+        false, false, false,
+    ];
+    let predicted = [
+        true, false, false, //
+        false, true, true, //
+        true, false, false, //
+        false, false, false,
+    ];
+    let r = MultiLabelReport::compute(&labels(&["a", "b", "c"]), &gold, &predicted);
+    // f1_score(gold, pred, average="micro"): tp 3, fp 1, fn 2.
+    assert!(close(r.micro_precision, 0.75));
+    assert!(close(r.micro_recall, 0.6));
+    assert!(close(r.micro_f1, 2.0 / 3.0));
+    // average="macro": (1 + 2/3 + 0) / 3.
+    assert!(close(r.macro_f1, 5.0 / 9.0), "{}", r.macro_f1);
+    assert!(close(r.subset_accuracy, 0.25));
+    let scores: Vec<(f64, f64, f64, usize)> = r
+        .per_label
+        .iter()
+        .map(|m| (m.precision, m.recall, m.f1, m.support))
+        .collect();
+    assert_eq!(
+        scores,
+        [
+            (1.0, 1.0, 1.0, 2),
+            (1.0, 0.5, 2.0 / 3.0, 2),
+            (0.0, 0.0, 0.0, 1)
+        ]
+    );
+    let j = r.to_json();
+    assert_eq!(j["per_label"]["b"]["support"], 2);
+    assert!(r.to_table().contains("micro avg"));
+}
+
+#[test]
+fn threshold_tuning_finds_the_f1_maximum_and_keeps_the_default_on_ties() {
+    let probs = [0.9, 0.8, 0.45, 0.4, 0.3, 0.2];
+    let positive = [true, true, true, false, true, false];
+    let tuned = thresholds::tune(&probs, &positive, Counts::f1);
+    // At 0.5: tp 2, fn 2 -> 2/3. Between 0.3 and 0.2: tp 4, fp 1 -> 8/9.
+    assert!(close(tuned.before, 2.0 / 3.0));
+    assert!(close(tuned.after, 8.0 / 9.0));
+    assert!((tuned.threshold - 0.25).abs() < 1e-6, "{tuned:?}");
+    assert_eq!(
+        Counts::at(&probs, &positive, tuned.threshold),
+        Counts {
+            true_positives: 4,
+            false_positives: 1,
+            false_negatives: 0,
+            true_negatives: 1
+        }
+    );
+
+    // Already perfect at 0.5, and no positives at all: 0.5 stays.
+    for (probs, positive) in [
+        (vec![0.9, 0.7, 0.3, 0.1], vec![true, true, false, false]),
+        (vec![0.9, 0.1], vec![false, false]),
+    ] {
+        let tuned = thresholds::tune(&probs, &positive, Counts::f1);
+        assert_eq!(tuned.threshold, thresholds::DEFAULT_THRESHOLD);
+        assert_eq!(tuned.before, tuned.after);
+    }
+}
+
+#[test]
+fn decisions_apply_the_stored_thresholds() {
+    let logits = [0.0f32, 1.0, 2.0, -2.0]; // two examples, two outputs
+    let binary = Decision::PositiveThreshold {
+        positive: 1,
+        threshold: 0.8,
+    };
+    // p(second) = 0.73 and 0.018: below 0.8 both, so the first class.
+    let labels: Vec<usize> = binary
+        .apply(&logits, 2, 1.0)
+        .iter()
+        .map(|p| match p {
+            Prediction::Class { label, .. } => *label,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(labels, [0, 0]);
+    assert_eq!(
+        Decision::Argmax.apply(&logits, 2, 1.0)[0],
+        Prediction::Class {
+            label: 1,
+            probs: softmax_with_temperature(&logits[..2], 2, 1.0)
+        }
+    );
+    let multi = Decision::MultiLabel {
+        thresholds: vec![0.4, 0.9],
+    };
+    // sigmoid: 0.5, 0.73 | 0.88, 0.12.
+    let sets: Vec<Vec<usize>> = multi
+        .apply(&logits, 2, 1.0)
+        .into_iter()
+        .map(|p| match p {
+            Prediction::Labels { labels, .. } => labels,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(sets, [vec![0], vec![0]]);
 }

@@ -3,10 +3,11 @@ use std::path::PathBuf;
 use anyhow::Result;
 
 use bertrt::backend::cpu::CpuBackend;
-use bertrt::classify::{Classifier, Input};
+use bertrt::classify::{Classifier, Decision, Input, Prediction};
 use bertrt::data::{self, DataSpec, LabelSet};
 use bertrt::eval::calibration::{expected_calibration_error, nll, softmax_with_temperature};
-use bertrt::eval::{ClassificationReport, RegressionReport};
+use bertrt::eval::{ClassificationReport, MultiLabelReport, RegressionReport};
+use bertrt::train::loss::bce_with_logits;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -22,6 +23,10 @@ pub struct Args {
     label_column: String,
     #[arg(long)]
     text_pair_column: Option<String>,
+    /// Multi-label models: separates the labels in a label string (JSON
+    /// lists need none) [default: the model's training setting].
+    #[arg(long)]
+    label_delimiter: Option<String>,
     /// Print a readable table instead of JSON.
     #[arg(long)]
     report: bool,
@@ -34,10 +39,20 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let mut classifier = Classifier::load(CpuBackend::new(args.threads), &args.model)?;
+    let multi_label = matches!(classifier.decision, Decision::MultiLabel { .. });
+    let trained_delimiter = classifier
+        .meta
+        .as_ref()
+        .and_then(|m| m.recipe["label_delimiter"].as_str().map(String::from));
     let spec = DataSpec {
         text_column: args.text_column,
         label_column: args.label_column,
         text_pair_column: args.text_pair_column,
+        multi_label_delimiter: multi_label.then(|| {
+            args.label_delimiter
+                .or(trained_delimiter)
+                .unwrap_or_else(|| "|".into())
+        }),
         skip_bad_rows: false,
     };
     let dataset = data::read_dataset(&args.data, &spec)?;
@@ -67,13 +82,17 @@ pub fn run(args: Args) -> Result<()> {
         }
         return Ok(());
     }
-    let gold = LabelSet::from_labels(classifier.labels.clone())?.encode(&dataset)?;
-    let predictions: Vec<usize> = logits
-        .chunks_exact(classes)
-        .map(|row| {
-            (0..classes)
-                .max_by(|&a, &b| row[a].total_cmp(&row[b]))
-                .unwrap_or(0)
+    let label_set = LabelSet::from_labels(classifier.labels.clone())?;
+    if multi_label {
+        return print_multi_label(&classifier, &label_set, &dataset, &logits, args.report);
+    }
+    let gold = label_set.encode(&dataset)?;
+    let predictions: Vec<usize> = classifier
+        .decide(&logits)
+        .iter()
+        .map(|p| match p {
+            Prediction::Class { label, .. } => *label,
+            _ => unreachable!("a single-label decision gives classes"),
         })
         .collect();
     let report = ClassificationReport::compute(&classifier.labels, &gold, &predictions);
@@ -86,6 +105,55 @@ pub fn run(args: Args) -> Result<()> {
     json["loss"] = nll(&logits, classes, &gold, classifier.temperature).into();
     json["ece"] = expected_calibration_error(&probs, classes, &gold, 15).into();
     json["temperature"] = classifier.temperature.into();
+    if let Decision::PositiveThreshold { threshold, .. } = classifier.decision {
+        json["threshold"] = threshold.into();
+    }
+    println!("{}", serde_json::to_string_pretty(&json)?);
+    Ok(())
+}
+
+/// Micro/macro F1, subset accuracy and per-label scores of a multi-label
+/// model (its stored thresholds applied), as JSON or, with `table`, a table.
+fn print_multi_label<B: bertrt::backend::Backend>(
+    classifier: &Classifier<B>,
+    label_set: &LabelSet,
+    dataset: &data::Dataset,
+    logits: &[f32],
+    table: bool,
+) -> Result<()> {
+    let classes = classifier.labels.len();
+    let mut gold = vec![false; logits.len()];
+    let mut targets = vec![0.0f32; logits.len()];
+    for (i, set) in label_set.encode_label_sets(dataset)?.iter().enumerate() {
+        for &l in set {
+            gold[i * classes + l] = true;
+            targets[i * classes + l] = 1.0;
+        }
+    }
+    let mut predicted = vec![false; logits.len()];
+    for (i, prediction) in classifier.decide(logits).iter().enumerate() {
+        if let Prediction::Labels { labels, .. } = prediction {
+            labels
+                .iter()
+                .for_each(|&l| predicted[i * classes + l] = true);
+        }
+    }
+    let report = MultiLabelReport::compute(&classifier.labels, &gold, &predicted);
+    if table {
+        println!("{}", report.to_table());
+        return Ok(());
+    }
+    let mut json = report.to_json();
+    json["loss"] = bce_with_logits(&mut vec![0.0; logits.len()], logits, &targets).into();
+    if let Decision::MultiLabel { thresholds } = &classifier.decision {
+        json["thresholds"] = classifier
+            .labels
+            .iter()
+            .zip(thresholds)
+            .map(|(label, &t)| (label.clone(), t.into()))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+    }
     println!("{}", serde_json::to_string_pretty(&json)?);
     Ok(())
 }

@@ -28,8 +28,9 @@ pub struct Args {
     /// Output model directory (replaced atomically at each improvement).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// classification (one label per text) or regression (numeric labels)
-    /// [default: classification].
+    /// classification (one label per text), multi-label (any number of
+    /// labels per text) or regression (numeric labels) [default:
+    /// classification].
     #[arg(long, value_enum)]
     task: Option<Task>,
     /// Column (CSV/TSV) or key (JSONL) of the text [default: text].
@@ -41,6 +42,10 @@ pub struct Args {
     /// Column or key of a second text, for sentence-pair tasks.
     #[arg(long)]
     text_pair_column: Option<String>,
+    /// Multi-label: separates the labels in a label string; JSON Lines may
+    /// give a list instead [default: |].
+    #[arg(long)]
+    label_delimiter: Option<String>,
     /// Skip (and count) rows with empty or missing text or label.
     #[arg(long)]
     #[serde(skip_serializing_if = "is_false")]
@@ -89,7 +94,8 @@ pub struct Args {
     /// Stop after N evaluations without improvement.
     #[arg(long)]
     patience: Option<usize>,
-    /// Selects the best checkpoint [default: macro-f1; regression: pearson].
+    /// Selects the best checkpoint [default: macro-f1; multi-label:
+    /// micro-f1; regression: pearson].
     #[arg(long, value_enum)]
     metric: Option<Metric>,
     /// Batch examples in random order instead of grouping similar lengths.
@@ -100,6 +106,12 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip)]
     no_calibration: bool,
+    /// Keep the default decisions (argmax; 0.5 per label) instead of
+    /// tuning thresholds on dev (binary: the positive class's, for
+    /// --metric; multi-label: each label's, for its F1).
+    #[arg(long)]
+    #[serde(skip)]
+    no_threshold_tuning: bool,
     /// CPU threads (0: one per core).
     #[arg(long)]
     threads: Option<usize>,
@@ -123,6 +135,16 @@ pub struct Args {
     /// Loss weights per class: "balanced" or a JSON file {label: weight}.
     #[arg(long)]
     class_weights: Option<String>,
+    /// Focal loss with this gamma instead of cross-entropy (class weights
+    /// act as its alpha) [default: 0, cross-entropy].
+    #[arg(long)]
+    focal_gamma: Option<f32>,
+    /// Gradual unfreezing, phases WHAT:EPOCHS with WHAT head, topN or all,
+    /// e.g. "head:1,top2:1,top6:1,all:1" (replaces --epochs); each phase
+    /// restarts the optimizer and warm-up, and is rolled back if dev got
+    /// worse.
+    #[arg(long)]
+    unfreeze_schedule: Option<String>,
     /// No progress output.
     #[arg(long)]
     #[serde(skip)]
@@ -140,6 +162,9 @@ pub fn run(args: Args) -> Result<()> {
     }
     if args.no_calibration {
         overrides["calibrate"] = false.into();
+    }
+    if args.no_threshold_tuning {
+        overrides["tune_thresholds"] = false.into();
     }
     let recipe = TrainRecipe::resolve(args.config.as_deref(), overrides)?;
     if let Some(seeds) = &args.seeds {

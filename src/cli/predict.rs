@@ -31,25 +31,8 @@ pub fn run(args: Args) -> Result<()> {
             .iter()
             .map(|&text| Input { text, pair: None })
             .collect();
-        if classifier.regression {
-            let encoded = classifier.encode(&inputs)?;
-            for score in classifier.logits_encoded(&encoded)? {
-                writeln!(out, "{}", serde_json::json!({ "score": score }))?;
-            }
-            return Ok(());
-        }
-        for probs in classifier.probabilities(&inputs)? {
-            let best = (0..probs.len())
-                .max_by(|&a, &b| probs[a].total_cmp(&probs[b]))
-                .unwrap_or(0);
-            let by_label: serde_json::Map<String, serde_json::Value> = classifier
-                .labels
-                .iter()
-                .zip(&probs)
-                .map(|(label, p)| (label.clone(), (*p).into()))
-                .collect();
-            let line = serde_json::json!({"label": classifier.labels[best], "probs": by_label});
-            writeln!(out, "{line}")?;
+        for prediction in classifier.predict(&inputs)? {
+            writeln!(out, "{}", prediction.to_json(&classifier.labels))?;
         }
         Ok(())
     })?;

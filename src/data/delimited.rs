@@ -112,7 +112,7 @@ fn example(
         line,
         field(columns.text).to_string(),
         columns.text_pair.map(|i| field(i).to_string()),
-        field(columns.label),
+        rows::RawLabel::Text(field(columns.label).to_string()),
     )
 }
 

@@ -2,7 +2,7 @@
 
 use serde_json::{Map, Value};
 
-use super::rows::{self, BadRow, Rows};
+use super::rows::{self, BadRow, RawLabel, Rows};
 use super::{DataSpec, Example};
 use crate::error::{Error, Result};
 
@@ -56,21 +56,42 @@ fn example(object: &Map<String, Value>, spec: &DataSpec, line: usize) -> Result<
         Some(key) => Some(text_field(object, key, "--text-pair-column")?),
         None => None,
     };
-    let label = match field(object, &spec.label_column, "--label-column")? {
-        Value::String(s) => s.clone(),
-        // Integer and boolean labels are common in exported data sets; they
-        // name classes just as strings do.
-        Value::Number(n) if n.is_i64() || n.is_u64() => n.to_string(),
-        Value::Bool(b) => b.to_string(),
-        other => {
-            return Err(format!(
-                "label {:?} is {}; a label must be a string, an integer or a boolean",
-                spec.label_column,
+    let key = &spec.label_column;
+    let label = match field(object, key, "--label-column")? {
+        Value::Array(items) => RawLabel::List(
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| {
+                    scalar_label(item).ok_or_else(|| {
+                        format!(
+                            "item {} of the label list {key:?} is {}; a label must be a string, an integer or a boolean",
+                            i + 1,
+                            kind(item)
+                        )
+                    })
+                })
+                .collect::<Result<_, BadRow>>()?,
+        ),
+        other => RawLabel::Text(scalar_label(other).ok_or_else(|| {
+            format!(
+                "label {key:?} is {}; a label must be a string, an integer or a boolean (or, with --task multi-label, a list of them)",
                 kind(other)
-            ))
-        }
+            )
+        })?),
     };
-    rows::example(spec, line, text, text_pair, &label)
+    rows::example(spec, line, text, text_pair, label)
+}
+
+/// A label written as a string, an integer or a boolean: exported data sets
+/// use all three to name classes.
+fn scalar_label(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) if n.is_i64() || n.is_u64() => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
 }
 
 /// A string field; missing, null and non-string values are bad rows.

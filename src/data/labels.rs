@@ -20,7 +20,22 @@ impl LabelSet {
     /// not depend on row order: numerically when every label is an integer
     /// (`"2" < "10"`, `"-1" < "0"`), otherwise by Unicode code point.
     pub fn from_training(dataset: &Dataset) -> Self {
-        let mut labels: Vec<String> = dataset.examples.iter().map(|e| e.label.clone()).collect();
+        Self::sorted(dataset.examples.iter().map(|e| e.label.clone()).collect())
+    }
+
+    /// The distinct labels of a multi-label training set's rows, sorted as
+    /// [`Self::from_training`].
+    pub fn from_training_label_sets(dataset: &Dataset) -> Self {
+        Self::sorted(
+            dataset
+                .examples
+                .iter()
+                .flat_map(|e| e.labels.iter().cloned())
+                .collect(),
+        )
+    }
+
+    fn sorted(mut labels: Vec<String>) -> Self {
         labels.sort_unstable();
         labels.dedup();
         let numbers: Option<Vec<i128>> = labels.iter().map(|l| l.parse().ok()).collect();
@@ -85,18 +100,44 @@ impl LabelSet {
             .examples
             .iter()
             .map(|e| {
-                self.index(&e.label)
-                    .ok_or_else(|| self.unseen_label_error(dataset, e))
+                self.index(&e.label).ok_or_else(|| {
+                    self.unseen_label_error(dataset, e, &e.label, |e| {
+                        self.index(&e.label).is_none()
+                    })
+                })
             })
             .collect()
     }
 
-    fn unseen_label_error(&self, dataset: &Dataset, first: &Example) -> Error {
-        let unseen = dataset
+    /// The output indices of every multi-label row's labels, as
+    /// [`Self::encode`] does for single labels.
+    pub fn encode_label_sets(&self, dataset: &Dataset) -> Result<Vec<Vec<usize>>> {
+        dataset
             .examples
             .iter()
-            .filter(|e| self.index(&e.label).is_none())
-            .count();
+            .map(|e| {
+                e.labels
+                    .iter()
+                    .map(|label| {
+                        self.index(label).ok_or_else(|| {
+                            self.unseen_label_error(dataset, e, label, |e| {
+                                e.labels.iter().any(|l| self.index(l).is_none())
+                            })
+                        })
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn unseen_label_error(
+        &self,
+        dataset: &Dataset,
+        first: &Example,
+        label: &str,
+        has_unseen: impl Fn(&Example) -> bool,
+    ) -> Error {
+        let unseen = dataset.examples.iter().filter(|e| has_unseen(e)).count();
         let also = if unseen > 1 {
             format!(
                 " ({} more rows have labels not in the training data)",
@@ -109,7 +150,7 @@ impl LabelSet {
             "{} line {}: label {:?} does not occur in the training data{also}; known labels: {}; fix the label, or add examples of it to the training data",
             dataset.path.display(),
             first.line,
-            first.label,
+            label,
             self.shown()
         ))
     }

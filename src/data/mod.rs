@@ -30,8 +30,13 @@ pub struct Example {
     /// The second segment, present exactly when
     /// [`DataSpec::text_pair_column`] is set.
     pub text_pair: Option<String>,
-    /// The label, trimmed, so that `"spam"` and `"spam "` are one class.
+    /// The label, trimmed, so that `"spam"` and `"spam "` are one class;
+    /// for a multi-label row, its labels joined by the delimiter (for
+    /// messages).
     pub label: String,
+    /// A multi-label row's labels (trimmed, each once, in file order;
+    /// possibly none); empty for single-label rows.
+    pub labels: Vec<String>,
     /// 1-based line of the row; for CSV/TSV the line the record starts on
     /// (a quoted field may span several lines).
     pub line: usize,
@@ -43,6 +48,10 @@ pub struct DataSpec {
     pub text_column: String,
     pub label_column: String,
     pub text_pair_column: Option<String>,
+    /// Multi-label data: each label field holds a set of labels, a JSON
+    /// list (JSON Lines) or a string split at this delimiter; an empty one
+    /// is the empty set. None: one label per row.
+    pub multi_label_delimiter: Option<String>,
     /// Skip (and count) rows whose text or label is missing, empty or of the
     /// wrong type instead of failing on the first one. Malformed files
     /// (invalid JSON or UTF-8, a header without the column) still fail.
@@ -55,6 +64,7 @@ impl Default for DataSpec {
             text_column: "text".into(),
             label_column: "label".into(),
             text_pair_column: None,
+            multi_label_delimiter: None,
             skip_bad_rows: false,
         }
     }

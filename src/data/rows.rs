@@ -78,14 +78,22 @@ impl<'a> Rows<'a> {
     }
 }
 
+/// A label field as read from the file.
+pub(super) enum RawLabel {
+    Text(String),
+    /// A JSON list (JSON Lines only).
+    List(Vec<String>),
+}
+
 /// Builds an example from its fields, rejecting empty (or all-whitespace)
-/// text and labels: they would train on nothing or on a class named "".
+/// text and single labels: they would train on nothing or on a class named
+/// "". A multi-label row may have no labels (none applies).
 pub(super) fn example(
     spec: &DataSpec,
     line: usize,
     text: String,
     text_pair: Option<String>,
-    label: &str,
+    label: RawLabel,
 ) -> std::result::Result<Example, BadRow> {
     if text.trim().is_empty() {
         return Err(format!("text (column \"{}\") is empty", spec.text_column));
@@ -95,14 +103,53 @@ pub(super) fn example(
             return Err(format!("text pair (column \"{column}\") is empty"));
         }
     }
-    let label = label.trim();
-    if label.is_empty() {
-        return Err(format!("label (column \"{}\") is empty", spec.label_column));
-    }
+    let column = &spec.label_column;
+    let (label, labels) = match (&spec.multi_label_delimiter, label) {
+        (None, RawLabel::Text(label)) => {
+            let label = label.trim();
+            if label.is_empty() {
+                return Err(format!("label (column \"{column}\") is empty"));
+            }
+            (label.to_string(), Vec::new())
+        }
+        (None, RawLabel::List(_)) => {
+            return Err(format!(
+                "label {column:?} is a list; for several labels per text use --task multi-label"
+            ))
+        }
+        (Some(delimiter), RawLabel::Text(text)) => {
+            // Empty parts ("a|b|") are dropped: a trailing delimiter names
+            // no label.
+            let labels = distinct(text.split(delimiter.as_str()).map(str::trim));
+            (labels.join(delimiter), labels)
+        }
+        (Some(delimiter), RawLabel::List(items)) => {
+            if let Some(i) = items.iter().position(|l| l.trim().is_empty()) {
+                return Err(format!(
+                    "item {} of the label list {column:?} is empty; remove it or name the label",
+                    i + 1
+                ));
+            }
+            let labels = distinct(items.iter().map(|l| l.trim()));
+            (labels.join(delimiter), labels)
+        }
+    };
     Ok(Example {
         text,
         text_pair,
-        label: label.to_string(),
+        label,
+        labels,
         line,
     })
+}
+
+/// The non-empty labels, each once, in first-seen order.
+fn distinct<'a>(labels: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for label in labels.filter(|l| !l.is_empty()) {
+        if !out.iter().any(|seen| seen == label) {
+            out.push(label.to_string());
+        }
+    }
+    out
 }

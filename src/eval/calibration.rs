@@ -44,6 +44,17 @@ fn log_sum_exp(row: &[f32], temperature: f64) -> f64 {
     max + sum.ln()
 }
 
+/// `1 / (1 + e^-z)` without overflow for large negative `z`: a
+/// multi-label model's probability of one label.
+pub fn sigmoid(z: f64) -> f64 {
+    if z >= 0.0 {
+        1.0 / (1.0 + (-z).exp())
+    } else {
+        let e = z.exp();
+        e / (1.0 + e)
+    }
+}
+
 /// Softmax of each row of `logits / temperature`.
 ///
 /// # Panics

@@ -2,9 +2,12 @@
 //! its probabilities can be trusted (calibration), regression metrics.
 
 pub mod calibration;
+mod multilabel;
 mod regression;
 mod report;
 mod table;
+pub mod thresholds;
 
+pub use multilabel::MultiLabelReport;
 pub use regression::RegressionReport;
 pub use report::{ClassMetrics, ClassificationReport};

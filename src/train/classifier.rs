@@ -13,6 +13,7 @@ use crate::config::BertConfig;
 use crate::error::{Error, Result};
 use crate::model::{Pooling, TokenBatch};
 use crate::rng::{self, Rng};
+use crate::train::loss;
 use crate::train::params::{ParamId, ParamStore};
 
 struct LayerParams {
@@ -122,6 +123,16 @@ pub enum Targets<'a> {
         labels: &'a [usize],
         class_weights: Option<&'a [f32]>,
     },
+    /// Single-label classification with focal loss ([`loss::focal`]);
+    /// class weights act as its per-class alpha.
+    Focal {
+        labels: &'a [usize],
+        class_weights: Option<&'a [f32]>,
+        gamma: f32,
+    },
+    /// Multi-label classification: `[sequences, num_labels]` of 0 or 1, one
+    /// sigmoid per label, binary cross-entropy ([`loss::bce_with_logits`]).
+    MultiHot(&'a [f32]),
     /// Regression on one output: mean squared error.
     Values(&'a [f32]),
 }
@@ -542,7 +553,8 @@ pub enum Group {
 }
 
 impl<B: TrainBackend> SequenceClassifier<B> {
-    fn group(&self, group: Group) -> Vec<ParamId> {
+    /// The parameters of `group`.
+    pub fn group(&self, group: Group) -> Vec<ParamId> {
         match group {
             Group::Embeddings => vec![
                 self.word_embeddings,
@@ -640,6 +652,32 @@ impl<B: TrainBackend> SequenceClassifier<B> {
                 )
             }
             Targets::Values(values) => be.mse(&mut acts.d_logits, &acts.logits, values),
+            // Host losses: the logits are a few values per sequence.
+            Targets::Focal {
+                labels,
+                class_weights,
+                gamma,
+            } => {
+                let logits = be.to_host(&acts.logits);
+                let mut d_logits = vec![0.0; logits.len()];
+                let loss = loss::focal(
+                    &mut d_logits,
+                    &logits,
+                    labels,
+                    class_weights,
+                    gamma,
+                    self.num_labels,
+                );
+                acts.d_logits = be.upload(&d_logits);
+                loss
+            }
+            Targets::MultiHot(targets) => {
+                let logits = be.to_host(&acts.logits);
+                let mut d_logits = vec![0.0; logits.len()];
+                let loss = loss::bce_with_logits(&mut d_logits, &logits, targets);
+                acts.d_logits = be.upload(&d_logits);
+                loss
+            }
         };
         be.scale(&mut acts.d_logits, grad_scale);
 

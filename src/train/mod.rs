@@ -2,6 +2,7 @@
 //! backward pass, the recipe and the loop.
 
 pub mod classifier;
+pub mod loss;
 pub mod params;
 mod progress;
 pub mod recipe;

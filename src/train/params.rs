@@ -243,6 +243,48 @@ impl<B: TrainBackend> ParamStore<B> {
         }
     }
 
+    /// Forgets every AdamW moment: the next step starts a fresh optimizer.
+    pub fn reset_optimizer(&mut self) {
+        for p in &mut self.params {
+            p.m = None;
+            p.v = None;
+        }
+    }
+
+    /// A host copy of every parameter's values, for [`Self::restore`].
+    pub fn snapshot(&self, backend: &B) -> Vec<Vec<f32>> {
+        self.params
+            .iter()
+            .map(|p| backend.to_host(&p.value))
+            .collect()
+    }
+
+    /// Puts back the values of a [`Self::snapshot`] of this store.
+    pub fn restore(&mut self, backend: &B, snapshot: &[Vec<f32>]) {
+        assert_eq!(
+            snapshot.len(),
+            self.params.len(),
+            "a snapshot of this store"
+        );
+        for (p, values) in self.params.iter_mut().zip(snapshot) {
+            p.value = backend.upload(values);
+        }
+    }
+
+    /// SHA-256 of the values of `ids`, for logging which parameters moved.
+    pub fn checksum(&self, backend: &B, ids: &[ParamId]) -> String {
+        let mut bytes = Vec::new();
+        for &id in ids {
+            bytes.extend(
+                backend
+                    .to_host(&self.params[id.0].value)
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes()),
+            );
+        }
+        crate::data::sha256_hex(&bytes)
+    }
+
     /// Every Hugging Face tensor with its values, for saving.
     pub fn export(&self, backend: &B) -> Vec<(String, Vec<usize>, Vec<f32>)> {
         let mut out = Vec::new();

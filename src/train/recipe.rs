@@ -22,6 +22,9 @@ pub enum Task {
     Classification,
     /// One number per text (the label column holds numbers), MSE.
     Regression,
+    /// Any number of labels per text (a JSON list or a delimited string),
+    /// one sigmoid per label, binary cross-entropy.
+    MultiLabel,
 }
 
 /// What "better" means for early stopping and checkpoint selection.
@@ -29,6 +32,8 @@ pub enum Task {
 #[serde(rename_all = "snake_case")]
 pub enum Metric {
     MacroF1,
+    /// Multi-label: F1 over every (example, label) decision pooled.
+    MicroF1,
     Accuracy,
     Loss,
     Pearson,
@@ -40,7 +45,9 @@ impl Metric {
     fn fits(self, task: Task) -> bool {
         match self {
             Metric::Loss => true,
-            Metric::MacroF1 | Metric::Accuracy => task == Task::Classification,
+            Metric::MacroF1 => task != Task::Regression,
+            Metric::MicroF1 => task == Task::MultiLabel,
+            Metric::Accuracy => task == Task::Classification,
             Metric::Pearson | Metric::Spearman | Metric::Rmse => task == Task::Regression,
         }
     }
@@ -129,6 +136,83 @@ pub struct TrainRecipe {
     /// file mapping label to weight.
     #[serde(default)]
     pub class_weights: Option<String>,
+    /// Focal loss exponent for classification (0: cross-entropy).
+    #[serde(default)]
+    pub focal_gamma: f32,
+    /// Multi-label: separates the labels in a label string (a JSON list
+    /// needs none).
+    #[serde(default = "defaults::label_delimiter")]
+    pub label_delimiter: String,
+    /// Tune decision thresholds on dev: per label for multi-label models
+    /// (each label's F1), the positive class's for binary classifiers (the
+    /// selection metric).
+    #[serde(default = "defaults::yes")]
+    pub tune_thresholds: bool,
+    /// Gradual unfreezing: phases `what:epochs`, e.g.
+    /// "head:1,top2:1,top6:1,all:1" (see [`UnfreezePhase`]); replaces
+    /// `epochs` and the freezing settings.
+    #[serde(default)]
+    pub unfreeze_schedule: Option<String>,
+}
+
+/// One phase of gradual unfreezing: what trains, for how many epochs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnfreezePhase {
+    pub trainable: Unfrozen,
+    pub epochs: usize,
+}
+
+/// What trains in a phase; the rest of the model stays fixed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unfrozen {
+    /// The pooler and classifier.
+    Head,
+    /// The head and the top N encoder layers.
+    Top(usize),
+    /// Everything, embeddings included.
+    All,
+}
+
+impl std::fmt::Display for Unfrozen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unfrozen::Head => write!(f, "head"),
+            Unfrozen::Top(n) => write!(f, "top{n}"),
+            Unfrozen::All => write!(f, "all"),
+        }
+    }
+}
+
+/// Parses "head:1,top2:1,all:1".
+fn parse_unfreeze_schedule(text: &str) -> Result<Vec<UnfreezePhase>> {
+    let bad = |part: &str, why: &str| {
+        Error::Invalid(format!(
+            "unfreeze_schedule {text:?}: phase {part:?} {why}; write phases as WHAT:EPOCHS separated by commas, WHAT being head, topN or all (e.g. \"head:1,top2:1,all:1\")"
+        ))
+    };
+    text.split(',')
+        .map(|part| {
+            let part = part.trim();
+            let (what, epochs) = part
+                .split_once(':')
+                .ok_or_else(|| bad(part, "has no \":EPOCHS\""))?;
+            let epochs: usize = epochs
+                .trim()
+                .parse()
+                .ok()
+                .filter(|&e| e > 0)
+                .ok_or_else(|| bad(part, "needs a whole number of epochs, at least 1"))?;
+            let trainable = match what.trim() {
+                "head" => Unfrozen::Head,
+                "all" => Unfrozen::All,
+                top => match top.strip_prefix("top").map(str::parse::<usize>) {
+                    Some(Ok(n)) if n > 0 => Unfrozen::Top(n),
+                    _ => return Err(bad(part, "does not name head, topN (N >= 1) or all")),
+                },
+            };
+            Ok(UnfreezePhase { trainable, epochs })
+        })
+        .collect()
 }
 
 mod defaults {
@@ -188,6 +272,9 @@ mod defaults {
     pub fn yes() -> bool {
         true
     }
+    pub fn label_delimiter() -> String {
+        "|".into()
+    }
 }
 
 impl TrainRecipe {
@@ -226,7 +313,17 @@ impl TrainRecipe {
         self.metric.unwrap_or(match self.task {
             Task::Classification => Metric::MacroF1,
             Task::Regression => Metric::Pearson,
+            Task::MultiLabel => Metric::MicroF1,
         })
+    }
+
+    /// The gradual-unfreezing phases, if a schedule is set (checked when
+    /// the recipe was resolved).
+    pub fn unfreeze_phases(&self) -> Result<Option<Vec<UnfreezePhase>>> {
+        self.unfreeze_schedule
+            .as_deref()
+            .map(parse_unfreeze_schedule)
+            .transpose()
     }
 
     fn validate(&self) -> Result<()> {
@@ -264,12 +361,30 @@ impl TrainRecipe {
         )?;
         check(
             self.selection_metric().fits(self.task),
-            "metric does not fit the task (classification: macro_f1, accuracy, loss; regression: pearson, spearman, rmse, loss)",
+            "metric does not fit the task (classification: macro_f1, accuracy, loss; multi-label: micro_f1, macro_f1, loss; regression: pearson, spearman, rmse, loss)",
         )?;
         check(
             self.task == Task::Classification || self.class_weights.is_none(),
             "class_weights apply to classification only",
         )?;
+        check(
+            self.focal_gamma >= 0.0 && self.focal_gamma.is_finite(),
+            "focal_gamma must be >= 0",
+        )?;
+        check(
+            self.task == Task::Classification || self.focal_gamma == 0.0,
+            "focal_gamma applies to classification only",
+        )?;
+        check(
+            !self.label_delimiter.is_empty(),
+            "label_delimiter must not be empty",
+        )?;
+        if self.unfreeze_phases()?.is_some() {
+            check(
+                !self.head_only && !self.freeze_embeddings && self.freeze_bottom == 0,
+                "unfreeze_schedule decides what trains in each phase; drop head_only, freeze_embeddings and freeze_bottom",
+            )?;
+        }
         Ok(())
     }
 }

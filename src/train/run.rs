@@ -6,22 +6,27 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::artifact::{self, Artifact, ArtifactMeta, Calibration, DataFile, Preprocessing};
+use crate::artifact::{
+    self, Artifact, ArtifactMeta, Calibration, DataFile, Preprocessing, ProblemType, Thresholds,
+};
 use crate::backend::train::{AdamW, TrainBackend};
 use crate::checkpoint::Checkpoint;
+use crate::classify::argmax;
 use crate::config::BertConfig;
 use crate::data::{self, DataSpec, Dataset, LabelSet};
 use crate::error::{Error, Result};
 use crate::eval::calibration::{
-    expected_calibration_error, fit_temperature, nll, softmax_with_temperature,
+    expected_calibration_error, fit_temperature, nll, sigmoid, softmax_with_temperature,
 };
-use crate::eval::{ClassificationReport, RegressionReport};
+use crate::eval::thresholds::{self, Counts, DEFAULT_THRESHOLD};
+use crate::eval::{ClassificationReport, MultiLabelReport, RegressionReport};
 use crate::model::{ModelFiles, TokenBatch};
 use crate::rng;
 use crate::tokenize::{BertTokenizer, Encoded};
 use crate::train::classifier::{ForwardMode, Group, SequenceClassifier, Targets};
+use crate::train::loss;
 use crate::train::progress::Progress;
-use crate::train::recipe::{linear_schedule, Metric, Task, TrainRecipe};
+use crate::train::recipe::{linear_schedule, Metric, Task, TrainRecipe, UnfreezePhase, Unfrozen};
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
@@ -37,8 +42,21 @@ pub struct TrainSummary {
 enum Gold {
     /// Label ids, for classification.
     Classes(Vec<usize>),
+    /// Multi-label: `[examples, labels]` of 0 or 1.
+    LabelSets { multi_hot: Vec<f32>, labels: usize },
     /// Numbers, for regression.
     Values(Vec<f32>),
+}
+
+impl Gold {
+    /// Multi-hot rows from each example's label indices.
+    fn label_sets(sets: Vec<Vec<usize>>, labels: usize) -> Self {
+        let mut multi_hot = vec![0.0; sets.len() * labels];
+        for (row, set) in multi_hot.chunks_exact_mut(labels.max(1)).zip(&sets) {
+            set.iter().for_each(|&l| row[l] = 1.0);
+        }
+        Gold::LabelSets { multi_hot, labels }
+    }
 }
 
 /// A tokenized split with its gold answers.
@@ -89,6 +107,13 @@ impl Split {
             Gold::Classes(labels) => {
                 BatchGold::Classes(indices.iter().map(|&i| labels[i]).collect())
             }
+            Gold::LabelSets { multi_hot, labels } => BatchGold::MultiHot(
+                indices
+                    .iter()
+                    .flat_map(|&i| &multi_hot[i * labels..(i + 1) * labels])
+                    .copied()
+                    .collect(),
+            ),
             Gold::Values(values) => BatchGold::Values(indices.iter().map(|&i| values[i]).collect()),
         }
     }
@@ -105,16 +130,32 @@ impl Split {
 
 enum BatchGold {
     Classes(Vec<usize>),
+    MultiHot(Vec<f32>),
     Values(Vec<f32>),
 }
 
+/// The loss settings of single-label classification.
+#[derive(Clone, Copy)]
+struct ClassLoss<'a> {
+    class_weights: Option<&'a [f32]>,
+    /// 0: cross-entropy (the backend's op, so `--focal-gamma 0` trains
+    /// exactly as without it).
+    focal_gamma: f32,
+}
+
 impl BatchGold {
-    fn targets<'a>(&'a self, class_weights: Option<&'a [f32]>) -> Targets<'a> {
+    fn targets<'a>(&'a self, loss: ClassLoss<'a>) -> Targets<'a> {
         match self {
+            BatchGold::Classes(labels) if loss.focal_gamma > 0.0 => Targets::Focal {
+                labels,
+                class_weights: loss.class_weights,
+                gamma: loss.focal_gamma,
+            },
             BatchGold::Classes(labels) => Targets::Classes {
                 labels,
-                class_weights,
+                class_weights: loss.class_weights,
             },
+            BatchGold::MultiHot(targets) => Targets::MultiHot(targets),
             BatchGold::Values(values) => Targets::Values(values),
         }
     }
@@ -130,6 +171,7 @@ pub struct Evaluation {
 
 pub enum Report {
     Classification(ClassificationReport),
+    MultiLabel(MultiLabelReport),
     Regression(RegressionReport),
 }
 
@@ -139,6 +181,8 @@ impl Evaluation {
             (_, Metric::Loss) => -self.loss,
             (Report::Classification(r), Metric::MacroF1) => r.macro_f1,
             (Report::Classification(r), Metric::Accuracy) => r.accuracy,
+            (Report::MultiLabel(r), Metric::MicroF1) => r.micro_f1,
+            (Report::MultiLabel(r), Metric::MacroF1) => r.macro_f1,
             (Report::Regression(r), Metric::Pearson) => r.pearson,
             (Report::Regression(r), Metric::Spearman) => r.spearman,
             (Report::Regression(r), Metric::Rmse) => -r.rmse,
@@ -147,21 +191,18 @@ impl Evaluation {
     }
 
     fn to_json(&self) -> serde_json::Value {
-        match &self.report {
-            Report::Classification(r) => serde_json::json!({
-                "loss": self.loss,
-                "accuracy": r.accuracy,
-                "macro_f1": r.macro_f1,
-                "weighted_f1": r.weighted_f1,
-            }),
+        let mut json = match &self.report {
+            Report::Classification(r) => classification_summary(r),
+            Report::MultiLabel(r) => multi_label_summary(r),
             Report::Regression(r) => serde_json::json!({
-                "loss": self.loss,
                 "rmse": r.rmse,
                 "mae": r.mae,
                 "pearson": r.pearson,
                 "spearman": r.spearman,
             }),
-        }
+        };
+        json["loss"] = self.loss.into();
+        json
     }
 
     fn summary(&self) -> String {
@@ -169,6 +210,10 @@ impl Evaluation {
             Report::Classification(r) => format!(
                 "loss {:.4} accuracy {:.4} macro_f1 {:.4}",
                 self.loss, r.accuracy, r.macro_f1
+            ),
+            Report::MultiLabel(r) => format!(
+                "loss {:.4} micro_f1 {:.4} macro_f1 {:.4}",
+                self.loss, r.micro_f1, r.macro_f1
             ),
             Report::Regression(r) => format!(
                 "loss {:.4} rmse {:.4} pearson {:.4} spearman {:.4}",
@@ -178,11 +223,68 @@ impl Evaluation {
     }
 }
 
+fn classification_summary(r: &ClassificationReport) -> serde_json::Value {
+    serde_json::json!({
+        "accuracy": r.accuracy,
+        "macro_f1": r.macro_f1,
+        "weighted_f1": r.weighted_f1,
+    })
+}
+
+fn multi_label_summary(r: &MultiLabelReport) -> serde_json::Value {
+    serde_json::json!({
+        "micro_f1": r.micro_f1,
+        "macro_f1": r.macro_f1,
+        "micro_precision": r.micro_precision,
+        "micro_recall": r.micro_recall,
+        "subset_accuracy": r.subset_accuracy,
+    })
+}
+
+/// Sigmoid probabilities of multi-label logits.
+fn label_probabilities(logits: &[f32]) -> Vec<f32> {
+    logits.iter().map(|&z| sigmoid(z as f64) as f32).collect()
+}
+
+/// Per-label decision thresholds for multi-label dev probabilities and
+/// gold flags (`[examples, labels]`): each label's dev F1 maximum, or 0.5
+/// everywhere when `tune` is off.
+fn label_thresholds(probs: &[f32], gold: &[bool], labels: usize, tune: bool) -> Vec<f32> {
+    (0..labels)
+        .map(|l| {
+            if !tune {
+                return DEFAULT_THRESHOLD;
+            }
+            thresholds::tune(
+                &column(probs, l, labels),
+                &column(gold, l, labels),
+                Counts::f1,
+            )
+            .threshold
+        })
+        .collect()
+}
+
+fn multi_label_report(
+    probs: &[f32],
+    gold: &[bool],
+    thresholds: &[f32],
+    label_names: &[String],
+) -> MultiLabelReport {
+    let predicted: Vec<bool> = probs
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| p >= thresholds[i % thresholds.len()])
+        .collect();
+    MultiLabelReport::compute(label_names, gold, &predicted)
+}
+
 fn evaluate<B: TrainBackend>(
     model: &mut SequenceClassifier<B>,
     split: &Split,
     label_names: &[String],
     batch_size: usize,
+    tune_thresholds: bool,
 ) -> Result<Evaluation> {
     let outputs = model.num_labels;
     let mut logits = vec![0.0f32; split.encoded.len() * outputs];
@@ -195,20 +297,33 @@ fn evaluate<B: TrainBackend>(
     }
     Ok(match &split.gold {
         Gold::Classes(labels) => {
-            let predictions: Vec<usize> = logits
-                .chunks_exact(outputs)
-                .map(|row| {
-                    (0..outputs)
-                        .max_by(|&a, &b| row[a].total_cmp(&row[b]))
-                        .unwrap_or(0)
-                })
-                .collect();
+            let predictions: Vec<usize> = logits.chunks_exact(outputs).map(argmax).collect();
             Evaluation {
                 loss: nll(&logits, outputs, labels, 1.0),
                 report: Report::Classification(ClassificationReport::compute(
                     label_names,
                     labels,
                     &predictions,
+                )),
+                logits,
+            }
+        }
+        Gold::LabelSets { multi_hot, labels } => {
+            let mut scratch = vec![0.0; logits.len()];
+            let loss = loss::bce_with_logits(&mut scratch, &logits, multi_hot) as f64;
+            let gold: Vec<bool> = multi_hot.iter().map(|&y| y > 0.5).collect();
+            // Scored with the thresholds this checkpoint would be saved
+            // with: at a fixed 0.5, rare labels score 0 for many epochs and
+            // checkpoints could not be told apart.
+            let probs = label_probabilities(&logits);
+            let thresholds = label_thresholds(&probs, &gold, *labels, tune_thresholds);
+            Evaluation {
+                loss,
+                report: Report::MultiLabel(multi_label_report(
+                    &probs,
+                    &gold,
+                    &thresholds,
+                    label_names,
                 )),
                 logits,
             }
@@ -252,6 +367,389 @@ impl MetricsLog {
     }
 }
 
+/// Whether training goes on after an evaluation.
+#[derive(PartialEq, Eq)]
+enum Flow {
+    Continue,
+    StopEarly,
+}
+
+/// Everything a run keeps between steps.
+struct Trainer<'a, B: TrainBackend> {
+    recipe: &'a TrainRecipe,
+    model: SequenceClassifier<B>,
+    train: Split,
+    valid: Split,
+    label_names: Vec<String>,
+    problem_type: ProblemType,
+    class_weights: Option<Vec<f32>>,
+    tokenizer: BertTokenizer,
+    base_config: serde_json::Value,
+    recipe_json: serde_json::Value,
+    data_records: BTreeMap<String, DataFile>,
+    log: MetricsLog,
+    progress: Progress,
+    steps_per_epoch: usize,
+    best_score: f64,
+    best: serde_json::Value,
+    evals_without_improvement: usize,
+    /// Optimizer steps so far, over all phases.
+    step: usize,
+    samples_seen: usize,
+}
+
+impl<B: TrainBackend> Trainer<'_, B> {
+    /// Trains for `epochs` epochs from epoch `first_epoch` with one
+    /// warm-up and decay (a whole run, or one phase of gradual unfreezing);
+    /// returns the dev score of the last evaluation, or None if training
+    /// stopped early.
+    fn run_phase(&mut self, epochs: usize, first_epoch: usize) -> Result<Option<f64>> {
+        let recipe = self.recipe;
+        let phase_steps = self.steps_per_epoch * epochs;
+        let warmup = (recipe.warmup_ratio * phase_steps as f32).ceil() as usize;
+        // Owned: the loop below also borrows `self` mutably.
+        let class_weights = self.class_weights.clone();
+        let class_loss = ClassLoss {
+            class_weights: class_weights.as_deref(),
+            focal_gamma: recipe.focal_gamma,
+        };
+        let mut last_score = None;
+        let mut phase_step = 0;
+        for epoch in first_epoch..first_epoch + epochs {
+            let batches = data::epoch_batches(
+                &self.train.lengths(),
+                recipe.batch_size,
+                recipe.seed,
+                epoch,
+                recipe.bucket_by_length,
+            );
+            for group in batches.chunks(recipe.grad_accum) {
+                let step_started = Instant::now();
+                let step = self.step;
+                let group_examples: usize = group.iter().map(Vec::len).sum();
+                let model = &mut self.model;
+                model.params.zero_grads(&model.backend);
+                let mut loss = 0.0f32;
+                for (micro, indices) in group.iter().enumerate() {
+                    let (batch, gold) =
+                        (self.train.tokens(indices), self.train.batch_gold(indices));
+                    let dropout_seed =
+                        rng::derive_seed(recipe.seed, (step * recipe.grad_accum + micro) as u64);
+                    model.forward(
+                        &batch,
+                        ForwardMode {
+                            dropout_seed: Some(dropout_seed),
+                        },
+                    )?;
+                    let share = indices.len() as f32 / group_examples as f32;
+                    loss += share * model.backward(&batch, gold.targets(class_loss), share);
+                }
+                let grad_norm = model.params.grad_norm(&model.backend);
+                if !loss.is_finite() || !grad_norm.is_finite() {
+                    return Err(Error::Invalid(format!(
+                        "non-finite {} at step {} (epoch {}); training stopped. The last good checkpoint in {} is intact. Try a lower --lr or --max-grad-norm.",
+                        if loss.is_finite() { "gradient" } else { "loss" },
+                        step + 1,
+                        epoch + 1,
+                        recipe.out.display()
+                    )));
+                }
+                if grad_norm > recipe.max_grad_norm as f64 {
+                    model.params.scale_grads(
+                        &model.backend,
+                        (recipe.max_grad_norm as f64 / grad_norm) as f32,
+                    );
+                }
+                let lr = linear_schedule(recipe.lr, phase_step, warmup, phase_steps);
+                model.params.adamw_step(
+                    &model.backend,
+                    AdamW {
+                        lr,
+                        beta1: recipe.adam_beta1,
+                        beta2: recipe.adam_beta2,
+                        eps: recipe.adam_eps,
+                        weight_decay: recipe.weight_decay,
+                        step: phase_step as u32 + 1,
+                    },
+                );
+                self.samples_seen += group_examples;
+                let samples_per_s = group_examples as f64 / step_started.elapsed().as_secs_f64();
+                let steps_per_epoch = self.steps_per_epoch;
+                self.log.write(serde_json::json!({
+                    "step": step + 1,
+                    "epoch": epoch as f64 + (step % steps_per_epoch + 1) as f64 / steps_per_epoch as f64,
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "samples_per_s": samples_per_s,
+                }))?;
+                self.progress.step(step, epoch + 1, loss, lr, samples_per_s);
+                self.step += 1;
+                phase_step += 1;
+
+                let end_of_epoch = self.step.is_multiple_of(steps_per_epoch);
+                let scheduled = recipe
+                    .eval_every
+                    .is_some_and(|n| self.step.is_multiple_of(n));
+                if end_of_epoch || scheduled {
+                    let (score, flow) = self.evaluate_and_keep_best(epoch + 1)?;
+                    last_score = Some(score);
+                    if flow == Flow::StopEarly {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+        Ok(last_score)
+    }
+
+    /// Evaluates on dev, saves the model if it is the best so far, and
+    /// applies `--patience`; returns the dev score.
+    fn evaluate_and_keep_best(&mut self, epoch: usize) -> Result<(f64, Flow)> {
+        let recipe = self.recipe;
+        let evaluation = evaluate(
+            &mut self.model,
+            &self.valid,
+            &self.label_names,
+            recipe.batch_size * 2,
+            recipe.tune_thresholds,
+        )?;
+        let metric = recipe.selection_metric();
+        let score = evaluation.score(metric);
+        let improved = score > self.best_score;
+        let step = self.step;
+        self.log.write(serde_json::json!({"step": step, "epoch": epoch, "eval": evaluation.to_json(), "improved": improved}))?;
+        self.progress.message(&format!(
+            "eval at step {step}: {}{}",
+            evaluation.summary(),
+            if improved { " (best, saved)" } else { "" }
+        ));
+        if improved {
+            self.best_score = score;
+            self.evals_without_improvement = 0;
+            self.save(&evaluation, epoch)?;
+            return Ok((score, Flow::Continue));
+        }
+        self.evals_without_improvement += 1;
+        if recipe
+            .patience
+            .is_some_and(|p| self.evals_without_improvement >= p)
+        {
+            self.progress.message(&format!(
+                "early stop: no improvement in {} evaluations",
+                self.evals_without_improvement
+            ));
+            return Ok((score, Flow::StopEarly));
+        }
+        Ok((score, Flow::Continue))
+    }
+
+    /// Writes the current model, calibrated and with tuned thresholds.
+    fn save(&mut self, evaluation: &Evaluation, epoch: usize) -> Result<()> {
+        let recipe = self.recipe;
+        let metric = recipe.selection_metric();
+        let meta = ArtifactMeta {
+            format_version: artifact::FORMAT_VERSION_WITHOUT_THRESHOLDS,
+            bertrt_version: crate::VERSION.into(),
+            task: self.problem_type.task().into(),
+            labels: self.label_names.clone(),
+            preprocessing: Preprocessing {
+                max_length: recipe.max_length,
+                truncation_side: "right".into(),
+                truncation_strategy: "longest_first".into(),
+                lowercase: self.tokenizer.lowercase(),
+                pooling: recipe.pooling,
+                text_pair: recipe.text_pair_column.is_some(),
+            },
+            temperature: 1.0,
+            calibration: None,
+            thresholds: None,
+            recipe: self.recipe_json.clone(),
+            data: self.data_records.clone(),
+            best: serde_json::Value::Null,
+        };
+        let meta = match &self.valid.gold {
+            Gold::Classes(labels) if recipe.calibrate => calibrated(meta, evaluation, labels),
+            _ => meta,
+        };
+        let thresholds = decision_thresholds(
+            evaluation,
+            &self.valid.gold,
+            &self.label_names,
+            meta.temperature,
+            metric,
+            recipe.tune_thresholds,
+        );
+        let mut best = serde_json::json!({"step": self.step, "epoch": epoch, "metric": metric, "dev": evaluation.to_json()});
+        if let Some(t) = &thresholds {
+            best["dev_with_thresholds"] = t.dev_after.clone();
+            self.progress.message(&format!(
+                "decision thresholds tuned on dev ({}): {} -> {}",
+                t.method, t.dev_before, t.dev_after
+            ));
+        }
+        self.best = best.clone();
+        let meta = ArtifactMeta {
+            format_version: if thresholds.is_some() {
+                artifact::FORMAT_VERSION
+            } else {
+                artifact::FORMAT_VERSION_WITHOUT_THRESHOLDS
+            },
+            thresholds,
+            best,
+            ..meta
+        };
+        Artifact {
+            config: &artifact::classifier_config(
+                &self.base_config,
+                &self.label_names,
+                self.problem_type,
+            ),
+            tensors: &self.model.params.export(&self.model.backend),
+            tokenizer: &self.tokenizer,
+            meta: &meta,
+            extra: &[("metrics.jsonl", self.log.contents()?)],
+        }
+        .write(&recipe.out)
+    }
+
+    /// SHA-256 of each group's parameters, to show in the log which ones
+    /// a phase moved.
+    fn group_checksums(&self) -> serde_json::Value {
+        let model = &self.model;
+        model
+            .groups()
+            .into_iter()
+            .map(|group| {
+                (
+                    group_name(group),
+                    model
+                        .params
+                        .checksum(&model.backend, &model.group(group))
+                        .into(),
+                )
+            })
+            .collect::<serde_json::Map<String, serde_json::Value>>()
+            .into()
+    }
+
+    /// Gradual unfreezing: each phase trains its set with a fresh optimizer
+    /// (moments and bias correction for every trainable parameter: moments
+    /// kept from a phase with a different step count would be mis-scaled)
+    /// and a fresh warm-up and decay, and is undone if dev got worse.
+    /// Returns whether training stopped early.
+    fn run_unfreeze_schedule(&mut self, phases: &[UnfreezePhase]) -> Result<bool> {
+        // The starting point is the first phase's baseline (and a candidate
+        // for the best model: a schedule that only hurts keeps it).
+        let (mut score, flow) = self.evaluate_and_keep_best(0)?;
+        if flow == Flow::StopEarly {
+            return Ok(true);
+        }
+        let mut epoch = 0;
+        for (index, phase) in phases.iter().enumerate() {
+            let unfrozen = phase.trainable;
+            unfreeze(&mut self.model, unfrozen);
+            self.model.params.reset_optimizer();
+            let trainable: Vec<String> = self
+                .model
+                .groups()
+                .into_iter()
+                .filter(|&g| {
+                    self.model
+                        .group(g)
+                        .iter()
+                        .all(|&id| self.model.params.is_trainable(id))
+                })
+                .map(group_name)
+                .collect();
+            let line = serde_json::json!({
+                "event": "phase_start",
+                "phase": index + 1,
+                "unfrozen": unfrozen.to_string(),
+                "epochs": phase.epochs,
+                "step": self.step,
+                "trainable": trainable,
+                "weights": self.group_checksums(),
+            });
+            self.log.write(line)?;
+            self.progress.message(&format!(
+                "phase {}: training {unfrozen} for {} epochs",
+                index + 1,
+                phase.epochs
+            ));
+            let start = self.model.params.snapshot(&self.model.backend);
+            let Some(end_score) = self.run_phase(phase.epochs, epoch)? else {
+                return Ok(true);
+            };
+            epoch += phase.epochs;
+            let rolled_back = end_score < score;
+            if rolled_back {
+                self.model.params.restore(&self.model.backend, &start);
+                let line = serde_json::json!({
+                    "event": "rollback",
+                    "phase": index + 1,
+                    "step": self.step,
+                    "metric": self.recipe.selection_metric(),
+                    "dev_score_before": score,
+                    "dev_score_after": end_score,
+                });
+                self.log.write(line)?;
+                self.progress.message(&format!(
+                    "phase {}: dev got worse ({score:.4} -> {end_score:.4}); rolled back to the weights it started from",
+                    index + 1
+                ));
+            } else {
+                score = end_score;
+            }
+            let line = serde_json::json!({
+                "event": "phase_end",
+                "phase": index + 1,
+                "step": self.step,
+                "rolled_back": rolled_back,
+                "dev_score": score,
+                "weights": self.group_checksums(),
+            });
+            self.log.write(line)?;
+        }
+        Ok(false)
+    }
+}
+
+fn group_name(group: Group) -> String {
+    match group {
+        Group::Embeddings => "embeddings".into(),
+        Group::Layer(l) => format!("layer.{l}"),
+        Group::Head => "head".into(),
+    }
+}
+
+/// Checks that every phase's layers exist, before any training.
+fn check_phases(phases: &[UnfreezePhase], layers: usize) -> Result<()> {
+    for phase in phases {
+        if let Unfrozen::Top(n) = phase.trainable {
+            if n > layers {
+                return Err(Error::Invalid(format!(
+                    "unfreeze_schedule: phase top{n} asks for more layers than the model has ({layers} layers); use top{layers} or all"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Makes exactly `unfrozen` trainable.
+fn unfreeze<B: TrainBackend>(model: &mut SequenceClassifier<B>, unfrozen: Unfrozen) {
+    let layers = model.config.num_hidden_layers;
+    for group in model.groups() {
+        let trainable = match (group, unfrozen) {
+            (Group::Head, _) | (_, Unfrozen::All) => true,
+            (Group::Layer(l), Unfrozen::Top(n)) => l + n >= layers,
+            _ => false,
+        };
+        model.set_trainable(group, trainable);
+    }
+}
+
 /// Runs `recipe` on `backend`.
 pub fn finetune<B: TrainBackend>(
     backend: B,
@@ -279,6 +777,8 @@ pub fn finetune<B: TrainBackend>(
         text_column: recipe.text_column.clone(),
         label_column: recipe.label_column.clone(),
         text_pair_column: recipe.text_pair_column.clone(),
+        multi_label_delimiter: (recipe.task == Task::MultiLabel)
+            .then(|| recipe.label_delimiter.clone()),
         skip_bad_rows: recipe.skip_bad_rows,
     };
     let (train, valid, label_set) = match recipe.task {
@@ -293,6 +793,23 @@ pub fn finetune<B: TrainBackend>(
             let label_set = label_set.expect("set while loading the training split");
             let valid = Split::load(&recipe.valid, &spec, &tokenizer, |d| {
                 Ok(Gold::Classes(label_set.encode(d)?))
+            })?;
+            (train, valid, Some(label_set))
+        }
+        Task::MultiLabel => {
+            let mut label_set = None;
+            let train = Split::load(&recipe.train, &spec, &tokenizer, |d| {
+                let set = LabelSet::from_training_label_sets(d);
+                let gold = Gold::label_sets(set.encode_label_sets(d)?, set.len());
+                label_set = Some(set);
+                Ok(gold)
+            })?;
+            let label_set = label_set.expect("set while loading the training split");
+            let valid = Split::load(&recipe.valid, &spec, &tokenizer, |d| {
+                Ok(Gold::label_sets(
+                    label_set.encode_label_sets(d)?,
+                    label_set.len(),
+                ))
             })?;
             (train, valid, Some(label_set))
         }
@@ -315,6 +832,19 @@ pub fn finetune<B: TrainBackend>(
             label_names
         )));
     }
+    if label_names.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{}: no row has a label (column {:?}); multi-label training needs labels, separated by {:?} or given as a JSON list",
+            recipe.train.display(),
+            recipe.label_column,
+            recipe.label_delimiter
+        )));
+    }
+    let problem_type = match recipe.task {
+        Task::Classification => ProblemType::SingleLabel,
+        Task::MultiLabel => ProblemType::MultiLabel,
+        Task::Regression => ProblemType::Regression,
+    };
 
     let ckpt = Checkpoint::open(&files.weights)?;
     let mut model = SequenceClassifier::new(
@@ -333,180 +863,68 @@ pub fn finetune<B: TrainBackend>(
         _ => None,
     };
 
+    let schedule = recipe.unfreeze_phases()?;
+    let epochs = match &schedule {
+        Some(phases) => {
+            check_phases(phases, model.config.num_hidden_layers)?;
+            phases.iter().map(|p| p.epochs).sum()
+        }
+        None => recipe.epochs,
+    };
     let micro_batches_per_epoch = train.encoded.len().div_ceil(recipe.batch_size);
     let steps_per_epoch = micro_batches_per_epoch.div_ceil(recipe.grad_accum);
-    let total_steps = steps_per_epoch * recipe.epochs;
-    let warmup = (recipe.warmup_ratio * total_steps as f32).ceil() as usize;
-    let mut log = MetricsLog::create(&recipe.out)?;
-    let mut progress = Progress::new(total_steps, quiet);
+    let log = MetricsLog::create(&recipe.out)?;
+    let mut progress = Progress::new(steps_per_epoch * epochs, quiet);
     progress.message(&format!(
         "fine-tuning {} on {} examples ({} labels), {} epochs x {} steps, {} parameters, {}",
         recipe.model.display(),
         train.encoded.len(),
         label_names.len(),
-        recipe.epochs,
+        epochs,
         steps_per_epoch,
         model.params.parameter_count(),
         model.backend.describe(),
     ));
 
-    let recipe_json = serde_json::to_value(recipe).expect("serialisable");
     let data_records = BTreeMap::from([
         ("train".to_string(), train.record()),
         ("valid".to_string(), valid.record()),
     ]);
-    let metric = recipe.selection_metric();
-    let mut best_score = f64::NEG_INFINITY;
-    let mut best = serde_json::Value::Null;
-    let mut evals_without_improvement = 0;
-    let mut stopped_early = false;
-    let mut step = 0;
-    let mut samples_seen = 0usize;
+    let mut trainer = Trainer {
+        recipe,
+        model,
+        train,
+        valid,
+        label_names,
+        problem_type,
+        class_weights,
+        tokenizer,
+        base_config,
+        recipe_json: serde_json::to_value(recipe).expect("serialisable"),
+        data_records,
+        log,
+        progress,
+        steps_per_epoch,
+        best_score: f64::NEG_INFINITY,
+        best: serde_json::Value::Null,
+        evals_without_improvement: 0,
+        step: 0,
+        samples_seen: 0,
+    };
     let started = Instant::now();
-
-    'epochs: for epoch in 0..recipe.epochs {
-        let batches = data::epoch_batches(
-            &train.lengths(),
-            recipe.batch_size,
-            recipe.seed,
-            epoch,
-            recipe.bucket_by_length,
-        );
-        for group in batches.chunks(recipe.grad_accum) {
-            let step_started = Instant::now();
-            let group_examples: usize = group.iter().map(Vec::len).sum();
-            model.params.zero_grads(&model.backend);
-            let mut loss = 0.0f32;
-            for (micro, indices) in group.iter().enumerate() {
-                let (batch, gold) = (train.tokens(indices), train.batch_gold(indices));
-                let dropout_seed =
-                    rng::derive_seed(recipe.seed, (step * recipe.grad_accum + micro) as u64);
-                model.forward(
-                    &batch,
-                    ForwardMode {
-                        dropout_seed: Some(dropout_seed),
-                    },
-                )?;
-                let share = indices.len() as f32 / group_examples as f32;
-                loss +=
-                    share * model.backward(&batch, gold.targets(class_weights.as_deref()), share);
-            }
-            let grad_norm = model.params.grad_norm(&model.backend);
-            if !loss.is_finite() || !grad_norm.is_finite() {
-                return Err(Error::Invalid(format!(
-                    "non-finite {} at step {} (epoch {}); training stopped. The last good checkpoint in {} is intact. Try a lower --lr or --max-grad-norm.",
-                    if loss.is_finite() { "gradient" } else { "loss" },
-                    step + 1,
-                    epoch + 1,
-                    recipe.out.display()
-                )));
-            }
-            if grad_norm > recipe.max_grad_norm as f64 {
-                model.params.scale_grads(
-                    &model.backend,
-                    (recipe.max_grad_norm as f64 / grad_norm) as f32,
-                );
-            }
-            let lr = linear_schedule(recipe.lr, step, warmup, total_steps);
-            model.params.adamw_step(
-                &model.backend,
-                AdamW {
-                    lr,
-                    beta1: recipe.adam_beta1,
-                    beta2: recipe.adam_beta2,
-                    eps: recipe.adam_eps,
-                    weight_decay: recipe.weight_decay,
-                    step: step as u32 + 1,
-                },
-            );
-            samples_seen += group_examples;
-            let samples_per_s = group_examples as f64 / step_started.elapsed().as_secs_f64();
-            log.write(serde_json::json!({
-                "step": step + 1,
-                "epoch": epoch as f64 + (step % steps_per_epoch + 1) as f64 / steps_per_epoch as f64,
-                "loss": loss,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "samples_per_s": samples_per_s,
-            }))?;
-            progress.step(step, epoch + 1, loss, lr, samples_per_s);
-            step += 1;
-
-            let end_of_epoch = step % steps_per_epoch == 0;
-            let scheduled = recipe.eval_every.is_some_and(|n| step % n == 0);
-            if end_of_epoch || scheduled {
-                let evaluation = evaluate(&mut model, &valid, &label_names, recipe.batch_size * 2)?;
-                let score = evaluation.score(metric);
-                let improved = score > best_score;
-                log.write(serde_json::json!({"step": step, "epoch": epoch + 1, "eval": evaluation.to_json(), "improved": improved}))?;
-                progress.message(&format!(
-                    "eval at step {step}: {}{}",
-                    evaluation.summary(),
-                    if improved { " (best, saved)" } else { "" }
-                ));
-                if improved {
-                    best_score = score;
-                    evals_without_improvement = 0;
-                    best = serde_json::json!({"step": step, "epoch": epoch + 1, "metric": metric, "dev": evaluation.to_json()});
-                    let meta = ArtifactMeta {
-                        format_version: artifact::FORMAT_VERSION,
-                        bertrt_version: crate::VERSION.into(),
-                        task: match recipe.task {
-                            Task::Classification => "sequence-classification",
-                            Task::Regression => "regression",
-                        }
-                        .into(),
-                        labels: label_names.clone(),
-                        preprocessing: Preprocessing {
-                            max_length: recipe.max_length,
-                            truncation_side: "right".into(),
-                            truncation_strategy: "longest_first".into(),
-                            lowercase: tokenizer.lowercase(),
-                            pooling: recipe.pooling,
-                            text_pair: recipe.text_pair_column.is_some(),
-                        },
-                        temperature: 1.0,
-                        calibration: None,
-                        recipe: recipe_json.clone(),
-                        data: data_records.clone(),
-                        best: best.clone(),
-                    };
-                    let meta = match &valid.gold {
-                        Gold::Classes(labels) if recipe.calibrate => {
-                            calibrated(meta, &evaluation, labels)
-                        }
-                        _ => meta,
-                    };
-                    Artifact {
-                        config: &artifact::classifier_config(
-                            &base_config,
-                            &label_names,
-                            recipe.task == Task::Regression,
-                        ),
-                        tensors: &model.params.export(&model.backend),
-                        tokenizer: &tokenizer,
-                        meta: &meta,
-                        extra: &[("metrics.jsonl", log.contents()?)],
-                    }
-                    .write(&recipe.out)?;
-                } else {
-                    evals_without_improvement += 1;
-                    if recipe
-                        .patience
-                        .is_some_and(|p| evals_without_improvement >= p)
-                    {
-                        progress.message(&format!(
-                            "early stop: no improvement in {evals_without_improvement} evaluations"
-                        ));
-                        stopped_early = true;
-                        break 'epochs;
-                    }
-                }
-            }
-        }
-    }
+    let stopped_early = match schedule {
+        Some(phases) => trainer.run_unfreeze_schedule(&phases)?,
+        None => trainer.run_phase(recipe.epochs, 0)?.is_none(),
+    };
     // The saved model was the best, not necessarily the last: give it the
     // whole log, then drop the live copy.
+    let Trainer {
+        log,
+        best,
+        step,
+        samples_seen,
+        ..
+    } = trainer;
     if !best.is_null() {
         artifact::replace_file(&recipe.out, "metrics.jsonl", &log.contents()?)?;
     }
@@ -667,4 +1085,85 @@ fn calibrated(meta: ArtifactMeta, evaluation: &Evaluation, gold: &[usize]) -> Ar
         }),
         ..meta
     }
+}
+
+/// The decision thresholds to store with a checkpoint, from its dev
+/// evaluation: per label for multi-label models (each maximising that
+/// label's F1; 0.5 everywhere when `tune` is off), the positive class's
+/// for binary classifiers (maximising the selection metric on calibrated
+/// probabilities; None when `tune` is off or the metric is the loss, which
+/// no threshold changes). None for other tasks.
+fn decision_thresholds(
+    evaluation: &Evaluation,
+    gold: &Gold,
+    label_names: &[String],
+    temperature: f32,
+    metric: Metric,
+    tune: bool,
+) -> Option<Thresholds> {
+    match gold {
+        Gold::LabelSets { multi_hot, labels } => {
+            let probs = label_probabilities(&evaluation.logits);
+            let gold: Vec<bool> = multi_hot.iter().map(|&y| y > 0.5).collect();
+            let values = label_thresholds(&probs, &gold, *labels, tune);
+            let report = |thresholds: &[f32]| {
+                multi_label_summary(&multi_label_report(&probs, &gold, thresholds, label_names))
+            };
+            Some(Thresholds {
+                method: if tune {
+                    "per label: the dev F1 maximum".into()
+                } else {
+                    "default 0.5 (tuning off)".into()
+                },
+                values: label_names
+                    .iter()
+                    .cloned()
+                    .zip(values.iter().copied())
+                    .collect(),
+                dev_before: report(&vec![DEFAULT_THRESHOLD; *labels]),
+                dev_after: report(&values),
+            })
+        }
+        Gold::Classes(gold) if tune && label_names.len() == 2 => {
+            let score: fn(&Counts) -> f64 = match metric {
+                Metric::MacroF1 => |c| (c.f1() + c.negative_f1()) / 2.0,
+                Metric::Accuracy => Counts::accuracy,
+                _ => return None,
+            };
+            let probs = softmax_with_temperature(&evaluation.logits, 2, temperature);
+            let positive_probs: Vec<f32> = probs.chunks_exact(2).map(|p| p[1]).collect();
+            let positive: Vec<bool> = gold.iter().map(|&g| g == 1).collect();
+            let tuned = thresholds::tune(&positive_probs, &positive, score);
+            let report = |threshold: f32| {
+                let predicted: Vec<usize> = positive_probs
+                    .iter()
+                    .map(|&p| usize::from(p >= threshold))
+                    .collect();
+                classification_summary(&ClassificationReport::compute(
+                    label_names,
+                    gold,
+                    &predicted,
+                ))
+            };
+            Some(Thresholds {
+                method: format!(
+                    "positive class {:?}: the dev {} maximum",
+                    label_names[1],
+                    serde_json::to_value(metric)
+                        .expect("serialisable")
+                        .as_str()
+                        .unwrap_or_default()
+                ),
+                values: BTreeMap::from([(label_names[1].clone(), tuned.threshold)]),
+                dev_before: report(DEFAULT_THRESHOLD),
+                dev_after: report(tuned.threshold),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Column `index` of row-major `values` with rows of `width`.
+fn column<T: Copy>(values: &[T], index: usize, width: usize) -> Vec<T> {
+    values.iter().skip(index).step_by(width).copied().collect()
 }
