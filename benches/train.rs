@@ -1,12 +1,13 @@
 //! Training throughput: one optimizer step (forward, backward, AdamW) of
 //! all-MiniLM-L6-v2 sequence classification at batch 16 × 128 tokens, the
-//! shape the PyTorch comparison uses. Prints samples/s (p50 step time).
+//! shape the PyTorch comparison uses, with the linear layers in fp32 and in
+//! bf16 (`--precision bf16`). Prints samples/s (p50 step time) for each.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bertrt::backend::cpu::CpuBackend;
-use bertrt::backend::train::AdamW;
+use bertrt::backend::train::{AdamW, Precision};
 use bertrt::backend::Backend;
 use bertrt::checkpoint::Checkpoint;
 use bertrt::config::BertConfig;
@@ -18,12 +19,18 @@ const BATCH: usize = 16;
 const SEQ: usize = 128;
 
 fn train_step(c: &mut Criterion) {
+    for precision in [Precision::Fp32, Precision::Bf16] {
+        train_step_in(c, precision);
+    }
+}
+
+fn train_step_in(c: &mut Criterion, precision: Precision) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/models/all-MiniLM-L6-v2");
     let config =
         BertConfig::from_file(&dir.join("config.json")).expect("run scripts/fetch-assets.sh first");
     let ckpt = Checkpoint::open(&dir.join("model.safetensors")).unwrap();
     let mut model = SequenceClassifier::new(
-        CpuBackend::new(0),
+        CpuBackend::new(0).with_training_precision(precision),
         config,
         &ckpt,
         Pooling::Pooler,
@@ -48,7 +55,8 @@ fn train_step(c: &mut Criterion) {
         .sample_size(10)
         .warm_up_time(Duration::from_secs(2))
         .measurement_time(Duration::from_secs(20));
-    group.bench_function(format!("{BATCH}x{SEQ}"), |b| {
+    let name = format!("{BATCH}x{SEQ}_{precision:?}").to_lowercase();
+    group.bench_function(name, |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
@@ -93,7 +101,7 @@ fn train_step(c: &mut Criterion) {
     samples.sort();
     let p50 = samples[samples.len() / 2].as_secs_f64();
     println!(
-        "\ntraining step {BATCH}x{SEQ} on {}: p50 {:.3} s, {:.1} samples/s ({} steps)",
+        "\ntraining step {BATCH}x{SEQ} on {}, {precision:?} matmuls: p50 {:.3} s, {:.1} samples/s ({} steps)",
         model.backend.describe(),
         p50,
         BATCH as f64 / p50,

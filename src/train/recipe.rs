@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::backend::train::Precision;
 use crate::error::{Error, Result};
 use crate::model::Pooling;
 
@@ -116,6 +117,9 @@ pub struct TrainRecipe {
     /// CPU threads (0: one per core).
     #[serde(default)]
     pub threads: usize,
+    /// What the linear layers multiply in (master weights stay fp32).
+    #[serde(default)]
+    pub precision: Precision,
     /// Keep the embeddings fixed.
     #[serde(default)]
     pub freeze_embeddings: bool,

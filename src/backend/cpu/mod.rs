@@ -14,12 +14,15 @@ pub use reference::ReferenceBackend;
 
 use isa::Isa;
 
+use crate::backend::train::Precision;
 use crate::backend::{Activation, Backend};
 use crate::checkpoint::HostTensor;
 
 pub struct CpuBackend {
     isa: Isa,
     pool: rayon::ThreadPool,
+    /// What training's linear layers multiply in (see [`train`]).
+    training_precision: Precision,
 }
 
 pub struct CpuLinear {
@@ -41,7 +44,18 @@ impl CpuBackend {
             .thread_name(|i| format!("bertrt-cpu-{i}"))
             .build()
             .expect("cannot start CPU worker threads");
-        CpuBackend { isa, pool }
+        CpuBackend {
+            isa,
+            pool,
+            training_precision: Precision::Fp32,
+        }
+    }
+
+    /// Training's linear layers multiply in `precision` (bf16 runs on
+    /// AVX512_BF16 where the host has it, see [`gemm::bf16_native`]).
+    pub fn with_training_precision(mut self, precision: Precision) -> Self {
+        self.training_precision = precision;
+        self
     }
 
     pub fn isa(&self) -> Isa {

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use super::gemm::{self, Strided};
 use super::simd::{self, multiversion};
 use super::{attention, ops, reference, CpuBackend};
-use crate::backend::train::{AdamW, Dropout, ParamGrads, TrainBackend};
+use crate::backend::train::{AdamW, Dropout, ParamGrads, Precision, TrainBackend};
 
 /// Rows per task for threaded row-wise loops.
 const ROWS_PER_TASK: usize = 32;
@@ -104,9 +104,21 @@ multiversion! {
     }
 }
 
+/// A threaded GEMM: [`gemm::sgemm`]'s signature.
+type GemmFn =
+    fn(usize, usize, usize, f32, Strided, Strided, f32, Option<&[f32]>, &mut [f32], usize);
+
 impl CpuBackend {
     fn threaded<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         self.pool.install(f)
+    }
+
+    /// The GEMM of the linear layers, in the training precision.
+    fn linear_gemm(&self) -> GemmFn {
+        match self.training_precision {
+            Precision::Fp32 => gemm::sgemm,
+            Precision::Bf16 => gemm::gemm_bf16,
+        }
     }
 }
 
@@ -149,10 +161,11 @@ impl TrainBackend for CpuBackend {
     ) {
         let n = bias.len();
         let k = weight.len() / n;
+        let gemm = self.linear_gemm();
         // Weights change every step, so they are packed per call (O(n·k)
         // against the GEMM's O(rows·n·k)), into reused scratch.
         self.threaded(|| {
-            gemm::sgemm(
+            gemm(
                 rows,
                 n,
                 k,
@@ -179,10 +192,11 @@ impl TrainBackend for CpuBackend {
         let n = d_out.len() / rows;
         let k = weight.len() / n;
         let d_out = &d_out[..rows * n];
+        let gemm = self.linear_gemm();
         self.threaded(|| {
             if let Some(d_input) = d_input {
                 // d_input[rows, k] = d_out[rows, n] · W[n, k].
-                gemm::sgemm(
+                gemm(
                     rows,
                     k,
                     n,
@@ -199,7 +213,7 @@ impl TrainBackend for CpuBackend {
                 return;
             };
             // d_weight[n, k] += d_outᵀ[n, rows] · input[rows, k].
-            gemm::sgemm(
+            gemm(
                 n,
                 k,
                 rows,

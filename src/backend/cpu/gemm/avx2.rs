@@ -15,12 +15,14 @@ const NR: usize = 16;
 pub(super) static KERNEL: Kernel = Kernel {
     mr: MR,
     nr: NR,
+    k_pack: 1,
     // A 256 × 16 B micro-panel (16 KiB) stays in L1 across the row loop,
     // and a 96 × 256 A block (96 KiB) in L2.
     kc: 256,
     mc: 96,
     tile,
     pack_a,
+    pack_a_transposed: super::pack::pack_a_transposed,
     pack_b,
     gelu: gelu_slice,
 };

@@ -9,12 +9,13 @@ use std::arch::x86_64::*;
 
 use super::{gelu, Kernel, Tile};
 
-const MR: usize = 12;
-const NR: usize = 32;
+pub(super) const MR: usize = 12;
+pub(super) const NR: usize = 32;
 
 pub(super) static KERNEL: Kernel = Kernel {
     mr: MR,
     nr: NR,
+    k_pack: 1,
     // Measured on Zen 4: long K blocks beat L1-sized ones (fewer passes over
     // C; the B micro-panel streams from L2 fast enough), and a 144 × 512 A
     // block (288 KiB) stays in a 1 MiB L2 next to the B panels.
@@ -22,6 +23,7 @@ pub(super) static KERNEL: Kernel = Kernel {
     mc: 144,
     tile,
     pack_a: super::avx2::pack_a,
+    pack_a_transposed: super::pack::pack_a_transposed,
     pack_b: super::avx2::pack_b,
     gelu: gelu_slice,
 };
@@ -84,7 +86,7 @@ unsafe fn tile_rows<const R: usize>(t: &Tile) {
 /// As for [`tile`].
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
 #[inline]
-unsafe fn store<const R: usize>(t: &Tile, acc: [[__m512; 2]; R]) {
+pub(super) unsafe fn store<const R: usize>(t: &Tile, acc: [[__m512; 2]; R]) {
     let masks = [col_mask(t.cols), col_mask(t.cols.saturating_sub(16))];
     let alpha = _mm512_set1_ps(t.alpha);
     let beta = _mm512_set1_ps(t.beta);
@@ -159,7 +161,7 @@ fn gelu_vec(x: __m512) -> __m512 {
 /// # Safety
 /// The host must support AVX-512F/BW/DQ/VL.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-unsafe fn gelu_slice(x: &mut [f32]) {
+pub(super) unsafe fn gelu_slice(x: &mut [f32]) {
     for chunk in x.chunks_mut(16) {
         let mask = col_mask(chunk.len());
         let p = chunk.as_mut_ptr();

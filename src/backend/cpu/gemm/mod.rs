@@ -12,6 +12,7 @@
 //! * the driver here: K blocking, M blocking, tile loops, and the split of
 //!   the output between rayon threads.
 
+mod bf16;
 mod gelu;
 mod pack;
 mod portable;
@@ -120,10 +121,11 @@ fn gelu_inplace_isa(isa: Isa, x: &mut [f32]) {
 }
 
 /// One micro-kernel call: `C = epilogue(alpha * A·B + beta * C + bias)` on a
-/// `rows × cols` tile over `kc` steps of K.
+/// `rows × cols` tile over `kc` packed steps of K (a step is
+/// [`Kernel::k_pack`] values of K).
 ///
 /// Every pointer must be valid for what the kernel touches: `a` for
-/// `kc * rows` floats (packed A panel), `b` for `kc * nr` (packed B panel),
+/// `kc * rows` slots (packed A panel), `b` for `kc * nr` (packed B panel),
 /// `c` for `rows` rows of `cols` floats at stride `ldc`, and `bias`, unless
 /// null, for `cols` floats.
 #[derive(Clone, Copy)]
@@ -154,13 +156,18 @@ pub(crate) struct Kernel {
     pub mr: usize,
     /// Tile columns (B panel width).
     pub nr: usize,
-    /// Largest K block.
+    /// Values of K per packed 32-bit slot: 1 for f32, 2 for bf16 pairs.
+    /// Packed panels hold `k.div_ceil(k_pack)` steps, the tail zero-padded.
+    pub k_pack: usize,
+    /// Largest K block (in values of K, a multiple of `k_pack`).
     pub kc: usize,
     /// Largest M block packed at once.
     pub mc: usize,
     /// Computes one [`Tile`]; `1 <= rows <= mr`, `1 <= cols <= nr`.
     pub tile: unsafe fn(&Tile),
     pub pack_a: PackAFn,
+    /// Packs an A block read transposed: element `(i, p)` at `src[p * lda + i]`.
+    pub pack_a_transposed: PackAFn,
     pub pack_b: PackBFn,
     /// GELU over a slice.
     pub gelu: unsafe fn(&mut [f32]),
@@ -209,7 +216,7 @@ struct Out {
 /// # Safety
 /// `out` must be valid as described for [`Tile`] over the whole `m × n`
 /// region, which no other thread may access meanwhile; `a` must hold an
-/// `m × k` matrix and `b` `n.div_ceil(nr) * k * nr` floats; `k > 0`.
+/// `m × k` matrix and `b` `n.div_ceil(nr) * k.div_ceil(k_pack) * nr` slots; `k > 0`.
 #[allow(clippy::too_many_arguments)] // operands and shape of one GEMM
 unsafe fn gemm_block(
     kern: &Kernel,
@@ -223,9 +230,12 @@ unsafe fn gemm_block(
 ) {
     let (mr, nr) = (kern.mr, kern.nr);
     // Even blocks: 385 must not become 384 + 1.
-    let kc_step = k.div_ceil(k.div_ceil(kern.kc));
+    let kc_step = k
+        .div_ceil(k.div_ceil(kern.kc))
+        .next_multiple_of(kern.k_pack);
     let mc_step = m.div_ceil(m.div_ceil(kern.mc)).next_multiple_of(mr);
-    let apack = apack.get_mut(mc_step.min(m) * kc_step);
+    let k_steps = k.div_ceil(kern.k_pack);
+    let apack = apack.get_mut(mc_step.min(m) * kc_step.div_ceil(kern.k_pack));
     let mut tile = Tile {
         a: std::ptr::null(),
         b: std::ptr::null(),
@@ -242,7 +252,8 @@ unsafe fn gemm_block(
     for pc in (0..k).step_by(kc_step) {
         let kc = kc_step.min(k - pc);
         let last = pc + kc == k;
-        tile.kc = kc;
+        let steps = kc.div_ceil(kern.k_pack);
+        tile.kc = steps;
         // Later K blocks accumulate onto the first; bias and GELU go on once,
         // with the last block.
         tile.beta = if pc == 0 { out.beta } else { 1.0 };
@@ -250,15 +261,16 @@ unsafe fn gemm_block(
         for ic in (0..m).step_by(mc_step) {
             let mc = mc_step.min(m - ic);
             let block = a.offset(ic, pc);
-            if block.transposed {
-                pack::pack_a_transposed(block.data, block.ld, mc, kc, mr, apack);
+            let pack_a = if block.transposed {
+                kern.pack_a_transposed
             } else {
-                // SAFETY: the kernel's instruction set runs on this host.
-                unsafe { (kern.pack_a)(block.data, block.ld, mc, kc, mr, apack) };
-            }
+                kern.pack_a
+            };
+            // SAFETY: the kernel's instruction set runs on this host.
+            unsafe { pack_a(block.data, block.ld, mc, kc, mr, apack) };
             for (q, j0) in (0..n).step_by(nr).enumerate() {
                 tile.cols = nr.min(n - j0);
-                tile.b = b[q * k * nr + pc * nr..].as_ptr();
+                tile.b = b[(q * k_steps + pc / kern.k_pack) * nr..].as_ptr();
                 tile.bias = if last && !out.bias.is_null() {
                     // SAFETY: `j0 < n` and the caller's bias holds `n` floats.
                     unsafe { out.bias.add(j0) }
@@ -267,7 +279,7 @@ unsafe fn gemm_block(
                 };
                 for ir in (0..mc).step_by(mr) {
                     tile.rows = mr.min(mc - ir);
-                    tile.a = apack[ir * kc..].as_ptr();
+                    tile.a = apack[ir * steps..].as_ptr();
                     // SAFETY: `(ic + ir, j0)` lies inside the caller's region.
                     tile.c = unsafe { out.c.add((ic + ir) * out.ldc + j0) };
                     // SAFETY: the packed panels hold `kc * rows` / `kc * nr`
@@ -422,7 +434,7 @@ pub fn linear(
 /// # Safety
 /// `out` must be valid over the whole `m × n` region (and its bias over `n`
 /// floats) and not accessed by anyone else meanwhile; `a` must hold an
-/// `m × k` matrix and `b` `n.div_ceil(nr) * k * nr` floats.
+/// `m × k` matrix and `b` `n.div_ceil(nr) * k.div_ceil(k_pack) * nr` slots.
 unsafe fn threaded_gemm(
     kern: &Kernel,
     a: Strided,
@@ -463,7 +475,7 @@ unsafe fn threaded_gemm(
                 sub.bias = sub.bias.add(j0);
             }
         }
-        let b = &b[cols.start * k * kern.nr..];
+        let b = &b[cols.start * k.div_ceil(kern.k_pack) * kern.nr..];
         SCRATCH.with(|s| {
             let s = &mut *s.borrow_mut();
             // SAFETY: the sub-region lies in the caller's region, is written
@@ -503,12 +515,52 @@ pub fn sgemm(
     c: &mut [f32],
     ldc: usize,
 ) {
-    sgemm_isa(Isa::detect(), m, n, k, alpha, a, b, beta, bias, c, ldc)
+    gemm_with(
+        kernel(Isa::detect()),
+        m,
+        n,
+        k,
+        alpha,
+        a,
+        b,
+        beta,
+        bias,
+        c,
+        ldc,
+    )
 }
 
-#[allow(clippy::too_many_arguments)] // `sgemm` plus the instruction set
-fn sgemm_isa(
-    isa: Isa,
+/// [`sgemm`] with the products in bf16 (A and B rounded to bf16, to
+/// nearest even, as they are packed) and the sums in f32: what PyTorch's
+/// bf16 autocast does to a matmul. Runs on AVX512_BF16 (`vdpbf16ps`) where
+/// the host has it ([`bf16_native`]), else on a portable kernel with the
+/// same numbers.
+#[allow(clippy::too_many_arguments)] // the BLAS sgemm signature, plus bias
+pub fn gemm_bf16(
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: Strided,
+    b: Strided,
+    beta: f32,
+    bias: Option<&[f32]>,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    gemm_with(bf16::kernel(), m, n, k, alpha, a, b, beta, bias, c, ldc)
+}
+
+/// Whether [`gemm_bf16`] runs on the host's bf16 instructions (rather than
+/// the slower portable kernel).
+pub fn bf16_native() -> bool {
+    bf16::native()
+}
+
+/// The threaded GEMM with kernel `kern`.
+#[allow(clippy::too_many_arguments)] // `sgemm` plus the kernel
+fn gemm_with(
+    kern: &Kernel,
     m: usize,
     n: usize,
     k: usize,
@@ -529,7 +581,6 @@ fn sgemm_isa(
     if m == 0 || n == 0 {
         return;
     }
-    let kern = kernel(isa);
     let out = Out {
         c: c.as_mut_ptr(),
         ldc,
@@ -539,7 +590,8 @@ fn sgemm_isa(
         gelu: false,
     };
     let mut packed = SHARED_B.take();
-    let panel_len = k * kern.nr;
+    let k_steps = k.div_ceil(kern.k_pack);
+    let panel_len = k_steps * kern.nr;
     let panels = packed.get_mut(n.div_ceil(kern.nr) * panel_len);
     if panel_len > 0 {
         // A few chunks per thread, so uneven chunks still balance.
@@ -552,7 +604,7 @@ fn sgemm_isa(
             .enumerate()
             .for_each(|(chunk, dst)| {
                 let j0 = chunk * chunk_panels * kern.nr;
-                let cols = (dst.len() / k).min(n - j0);
+                let cols = (dst.len() / k_steps).min(n - j0);
                 let src = b.offset(0, j0);
                 // SAFETY: the kernel's instruction set runs on this host;
                 // `src` holds the `k × cols` block (checked above).
@@ -672,7 +724,8 @@ unsafe fn sgemm_strided_ptr_isa(
     }
     SCRATCH.with(|s| {
         let s = &mut *s.borrow_mut();
-        let bpack = s.b.get_mut(n.div_ceil(kern.nr) * k * kern.nr);
+        let bpack =
+            s.b.get_mut(n.div_ceil(kern.nr) * k.div_ceil(kern.k_pack) * kern.nr);
         // SAFETY: the kernel's instruction set runs on this host; `b` holds
         // the `k × n` matrix (checked above).
         unsafe { (kern.pack_b)(b.data, b.ld, b.transposed, k, n, kern.nr, bpack) };

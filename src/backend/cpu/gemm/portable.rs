@@ -4,16 +4,18 @@
 
 use super::{gelu, Kernel, Tile};
 
-const MR: usize = 4;
-const NR: usize = 16;
+pub(super) const MR: usize = 4;
+pub(super) const NR: usize = 16;
 
 pub(super) static KERNEL: Kernel = Kernel {
     mr: MR,
     nr: NR,
+    k_pack: 1,
     kc: 256,
     mc: 128,
     tile,
     pack_a: super::pack::pack_a,
+    pack_a_transposed: super::pack::pack_a_transposed,
     pack_b: super::pack::pack_b,
     gelu: gelu::gelu_slice_scalar,
 };
@@ -36,6 +38,16 @@ unsafe fn tile(t: &Tile) {
             }
         }
     }
+    // SAFETY: forwarded contract.
+    unsafe { store(t, &acc) }
+}
+
+/// Applies `alpha`, `beta`, bias and GELU to the accumulators and writes the
+/// tile's valid `rows × cols` (also the bf16 portable kernel's epilogue).
+///
+/// # Safety
+/// `t` must satisfy the contract on [`Tile`], with `cols <= C`.
+pub(super) unsafe fn store<const R: usize, const C: usize>(t: &Tile, acc: &[[f32; C]; R]) {
     let bias = if t.bias.is_null() {
         &[][..]
     } else {

@@ -137,10 +137,13 @@ const STRIDED_CASES: [StridedCase; 7] = [
 ];
 
 /// Runs `gemm` (an sgemm under test, given a bias for the threaded one) on
-/// every case and every layout of A and B, against the `f64` reference.
+/// every case and every layout of A and B, against the `f64` reference —
+/// on A and B rounded to bf16 when `bf16` (a bf16 GEMM must then match to
+/// f32 accuracy: the products of bf16 values are exact in f32).
 fn check_strided(
     name: &str,
     with_bias: bool,
+    bf16: bool,
     gemm: impl Fn(&Case, Strided, Strided, Option<&[f32]>, &mut [f32]),
 ) {
     for &(m, n, k, pa, pb, pc, alpha, beta) in &STRIDED_CASES {
@@ -154,6 +157,12 @@ fn check_strided(
             let b = random(b_rows * ldb, seed + 1);
             let bias = random(n, seed + 3);
             let bias = with_bias.then_some(&bias[..]);
+            let round = |v: &[f32]| -> Vec<f32> {
+                v.iter()
+                    .map(|&x| if bf16 { round_bf16(x) } else { x })
+                    .collect()
+            };
+            let (a_ref, b_ref) = (round(&a), round(&b));
             let view = |data, ld, t| {
                 if t {
                     Strided::transposed(data, ld)
@@ -162,13 +171,14 @@ fn check_strided(
                 }
             };
             let (a, b) = (view(&a[..], lda, a_t), view(&b[..], ldb, b_t));
+            let (a_ref, b_ref) = (view(&a_ref[..], lda, a_t), view(&b_ref[..], ldb, b_t));
             let mut want = random(m * ldc, seed + 2);
             if beta == 0.0 {
                 // BLAS semantics: with beta == 0 old NaNs must not leak.
                 want.iter_mut().step_by(3).for_each(|v| *v = f32::NAN);
             }
             let mut got = want.clone();
-            sgemm_strided_reference(m, n, k, alpha, a, b, beta, &mut want, ldc);
+            sgemm_strided_reference(m, n, k, alpha, a_ref, b_ref, beta, &mut want, ldc);
             if let Some(bias) = bias {
                 for row in want.chunks_mut(ldc) {
                     row[..n].iter_mut().zip(bias).for_each(|(v, b)| *v += b);
@@ -216,7 +226,7 @@ struct Case {
 #[test]
 fn sgemm_strided_matches_reference() {
     for isa in Isa::available() {
-        check_strided(isa.name(), false, |t, a, b, _, c| {
+        check_strided(isa.name(), false, false, |t, a, b, _, c| {
             sgemm_strided_isa(isa, t.m, t.n, t.k, t.alpha, a, b, t.beta, c, t.ldc)
         });
     }
@@ -232,12 +242,65 @@ fn threaded_sgemm_matches_reference() {
         for isa in Isa::available() {
             for with_bias in [false, true] {
                 let name = format!("{} x{threads} bias={with_bias}", isa.name());
-                check_strided(&name, with_bias, |t, a, b, bias, c| {
+                check_strided(&name, with_bias, false, |t, a, b, bias, c| {
                     pool.install(|| {
-                        sgemm_isa(isa, t.m, t.n, t.k, t.alpha, a, b, t.beta, bias, c, t.ldc)
+                        gemm_with(
+                            kernel(isa),
+                            t.m,
+                            t.n,
+                            t.k,
+                            t.alpha,
+                            a,
+                            b,
+                            t.beta,
+                            bias,
+                            c,
+                            t.ldc,
+                        )
                     })
                 });
             }
+        }
+    }
+}
+
+/// `x` rounded to the nearest bf16, as an f32.
+fn round_bf16(x: f32) -> f32 {
+    f32::from_bits((bf16::to_bf16(x) as u32) << 16)
+}
+
+#[test]
+fn bf16_rounds_to_nearest_even() {
+    let bits = bf16::to_bf16;
+    assert_eq!(bits(1.0), 0x3f80);
+    assert_eq!(bits(-2.0), 0xc000);
+    // Ties go to the even neighbour; anything above a tie rounds up.
+    assert_eq!(bits(f32::from_bits(0x3f80_8000)), 0x3f80);
+    assert_eq!(bits(f32::from_bits(0x3f81_8000)), 0x3f82);
+    assert_eq!(bits(f32::from_bits(0x3f80_8001)), 0x3f81);
+    assert_eq!(bits(f32::INFINITY), 0x7f80);
+    assert_eq!(bits(f32::MAX), 0x7f80, "overflow rounds to infinity");
+    assert!(f32::from_bits((bits(f32::NAN) as u32) << 16).is_nan());
+    assert_eq!(bits(f32::from_bits(0x8000_0001)), 0x8000, "denormals flush");
+}
+
+#[test]
+fn bf16_gemm_matches_reference_on_rounded_inputs() {
+    let mut kernels = vec![("portable", &bf16::PORTABLE)];
+    if bf16::native() {
+        kernels.push(("avx512bf16", bf16::kernel()));
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    for (name, kern) in kernels {
+        for with_bias in [false, true] {
+            check_strided(name, with_bias, true, |t, a, b, bias, c| {
+                pool.install(|| {
+                    gemm_with(kern, t.m, t.n, t.k, t.alpha, a, b, t.beta, bias, c, t.ldc)
+                })
+            });
         }
     }
 }
