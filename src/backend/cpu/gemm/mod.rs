@@ -413,17 +413,7 @@ pub fn linear(
     };
     // SAFETY: `out` holds the `m × n` region at stride `n`, `bias` `n`
     // floats, `x` an `m × k` matrix and the panels all of W (checked above).
-    unsafe {
-        threaded_gemm(
-            kernel(w.isa()),
-            Strided::rows(x, k),
-            w.panels(),
-            m,
-            n,
-            k,
-            region,
-        )
-    };
+    unsafe { threaded_gemm(w.kernel(), Strided::rows(x, k), w.panels(), m, n, k, region) };
 }
 
 /// `C = epilogue(alpha·A·B + beta·C + bias)` with B already packed (all of

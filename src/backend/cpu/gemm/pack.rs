@@ -9,6 +9,7 @@
 //!   that exist (its row stride is that count, not `mr`), so edge tiles
 //!   neither read padding nor compute on it.
 
+use super::Kernel;
 use crate::backend::cpu::isa::Isa;
 
 /// One cache line of floats; the unit of [`AlignedBuf`].
@@ -125,12 +126,13 @@ pub(crate) fn pack_a_transposed(
 }
 
 /// A PyTorch `nn.Linear` weight `[n = out_features, k = in_features]`
-/// (row-major), packed once at load time into the panel layout of the
-/// micro-kernel for `isa`.
+/// (row-major), packed once at load time into the panel layout of one
+/// micro-kernel: f32 for an instruction set, or bf16 ([`Self::pack_bf16`]).
 pub struct PackedWeight {
     n: usize,
     k: usize,
     isa: Isa,
+    kernel: &'static Kernel,
     data: AlignedBuf,
 }
 
@@ -148,23 +150,38 @@ impl PackedWeight {
             "{} is not available on this host",
             isa.name()
         );
+        Self::pack_with(weight, n, k, isa, super::kernel(isa))
+    }
+
+    /// Packs for the bf16 kernel ([`super::gemm_bf16`]'s numbers: the
+    /// weight rounded to bf16 once, activations as they are packed).
+    pub fn pack_bf16(weight: &[f32], n: usize, k: usize) -> Self {
+        let isa = if super::bf16_native() {
+            Isa::Avx512
+        } else {
+            Isa::Portable
+        };
+        Self::pack_with(weight, n, k, isa, super::bf16::kernel())
+    }
+
+    fn pack_with(weight: &[f32], n: usize, k: usize, isa: Isa, kernel: &'static Kernel) -> Self {
         assert!(
             weight.len() >= n * k,
             "weight has {} values, need {n}x{k}",
             weight.len()
         );
-        let nr = super::kernel(isa).nr;
+        let (nr, steps) = (kernel.nr, k.div_ceil(kernel.k_pack));
         let mut data = AlignedBuf::default();
-        pack_b(
-            weight,
-            k,
-            true,
-            k,
+        let panels = data.get_mut(n.div_ceil(nr) * steps * nr);
+        // SAFETY: the kernel was chosen for this host.
+        unsafe { (kernel.pack_b)(weight, k, true, k, n, nr, panels) };
+        PackedWeight {
             n,
-            nr,
-            data.get_mut(n.div_ceil(nr) * k * nr),
-        );
-        PackedWeight { n, k, isa, data }
+            k,
+            isa,
+            kernel,
+            data,
+        }
     }
 
     /// Output features.
@@ -182,16 +199,32 @@ impl PackedWeight {
         self.isa
     }
 
-    /// Back to the `[n, k]` row-major weight.
+    /// Whether the weight is held in bf16 (packed by [`Self::pack_bf16`]).
+    pub fn is_bf16(&self) -> bool {
+        self.kernel.k_pack == 2
+    }
+
+    pub(crate) fn kernel(&self) -> &'static Kernel {
+        self.kernel
+    }
+
+    /// Back to the `[n, k]` row-major weight (rounded to bf16 if packed so).
     pub fn unpack(&self) -> Vec<f32> {
-        let nr = super::kernel(self.isa).nr;
+        let (nr, k_pack) = (self.kernel.nr, self.kernel.k_pack);
         let (n, k) = (self.n, self.k);
+        let steps = k.div_ceil(k_pack);
         let mut out = vec![0.0; n * k];
         let panels = self.panels();
         for (j, row) in out.chunks_exact_mut(k.max(1)).take(n).enumerate() {
-            let panel = &panels[(j / nr) * k * nr..];
+            let panel = &panels[(j / nr) * steps * nr..];
             for (p, v) in row.iter_mut().enumerate() {
-                *v = panel[p * nr + j % nr];
+                let slot = panel[(p / k_pack) * nr + j % nr];
+                *v = if k_pack == 1 {
+                    slot
+                } else {
+                    // Element `p % 2` of a bf16 pair: low half first.
+                    f32::from_bits((slot.to_bits() >> (16 * (p % 2))) << 16)
+                };
             }
         }
         out

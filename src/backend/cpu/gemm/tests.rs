@@ -306,6 +306,43 @@ fn bf16_gemm_matches_reference_on_rounded_inputs() {
 }
 
 #[test]
+fn bf16_packed_weight_rounds_once_and_runs_linear() {
+    for (n, k) in [(1, 1), (5, 3), (33, 17), (70, 0)] {
+        let w = random(n * k, (n * 31 + k) as u64);
+        let packed = PackedWeight::pack_bf16(&w, n, k);
+        assert!(packed.is_bf16());
+        let rounded: Vec<f32> = w.iter().map(|&v| round_bf16(v)).collect();
+        assert_eq!(packed.unpack(), rounded, "n={n} k={k}");
+    }
+    // Odd K, several K blocks, bias and GELU epilogues.
+    for (m, n, k) in [(1, 384, 384), (13, 33, 1537), (100, 17, 31)] {
+        let seed = (m * 1_000_003 + n * 1009 + k) as u64;
+        let x = random(m * k, seed);
+        let w = random(n * k, seed + 1);
+        let bias = random(n, seed + 2);
+        let round = |v: &[f32]| v.iter().map(|&x| round_bf16(x)).collect::<Vec<_>>();
+        let packed = PackedWeight::pack_bf16(&w, n, k);
+        for epilogue in [Epilogue::None, Epilogue::Gelu] {
+            let mut want = vec![0.0; m * n];
+            linear_reference(
+                &round(&x),
+                m,
+                &round(&w),
+                n,
+                k,
+                Some(&bias),
+                epilogue,
+                &mut want,
+            );
+            let mut got = vec![f32::NAN; m * n];
+            linear(&x, m, &packed, Some(&bias), epilogue, &mut got);
+            let err = rel_err(&got, &want);
+            assert!(err <= TOL, "m={m} n={n} k={k} {epilogue:?}: err {err}");
+        }
+    }
+}
+
+#[test]
 fn gelu_matches_reference() {
     let xs: Vec<f32> = (-200_000..=200_000).map(|i| i as f32 * 5e-5).collect();
     let want: Vec<f32> = xs.iter().map(|&x| gelu_erf(x)).collect();
