@@ -78,8 +78,13 @@ impl ArtifactMeta {
         if !path.exists() {
             return Ok(None);
         }
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let meta: ArtifactMeta = serde_json::from_str(&text).map_err(|e| Error::Config {
+        let json = read_meta_json(&path)?;
+        if json.get("task").is_none() {
+            // A model bertrt quantized but did not train: `bertrt.json`
+            // holds only the quantization record.
+            return Ok(None);
+        }
+        let meta: ArtifactMeta = serde_json::from_value(json).map_err(|e| Error::Config {
             path: path.clone(),
             message: e.to_string(),
         })?;
@@ -93,6 +98,94 @@ impl ArtifactMeta {
             });
         }
         Ok(Some(meta))
+    }
+}
+
+/// `bertrt.json` at `path` as JSON.
+fn read_meta_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: path.into(),
+        message: e.to_string(),
+    })
+}
+
+/// The `quantization` entry of `bertrt.json`: how an INT8 model was made
+/// and how close it measured to the f32 model it came from. Kept beside
+/// [`ArtifactMeta`]'s fields rather than among them, because a quantized
+/// model need not be a trained one.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct QuantizationRecord {
+    /// E.g. "int8 w8a8: weights per output channel, activations per token".
+    pub method: String,
+    /// SmoothQuant migration strength (0: no smoothing).
+    pub smoothing_alpha: f32,
+    /// Linear layers stored in INT8 (fused query/key/value as `...qkv`).
+    pub int8_layers: Vec<String>,
+    /// Linear layers kept in f32.
+    pub f32_layers: Vec<String>,
+    /// Where the calibration and accuracy sample came from, and its size.
+    pub calibration_source: String,
+    pub calibration_texts: usize,
+    /// Mean-pooled cosine INT8 vs f32, worst and mean over the sample.
+    pub worst_cosine: f64,
+    pub mean_cosine: f64,
+    /// Classifiers: fraction of the sample given the same label.
+    pub label_agreement: Option<f64>,
+    /// The bars the model was held to, and whether `--force` overrode them.
+    pub min_cosine: f64,
+    pub min_label_agreement: f64,
+    pub passed: bool,
+    /// Relative L2 error of each linear's output vs f32, on f32 inputs.
+    pub layer_errors: Vec<LayerError>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LayerError {
+    pub layer: String,
+    pub int8: bool,
+    /// Whether its INT8 weights carry SmoothQuant factors.
+    pub smoothed: bool,
+    /// Plain W8A8.
+    pub relative_error_plain: f64,
+    /// With the SmoothQuant factors (equal to plain when alpha is 0).
+    pub relative_error_smoothed: f64,
+}
+
+pub const QUANTIZATION_KEY: &str = "quantization";
+
+impl QuantizationRecord {
+    /// The record in `dir`'s `bertrt.json`, if any.
+    pub fn read(dir: &Path) -> Result<Option<Self>> {
+        let path = dir.join(META_FILE);
+        if !path.exists() {
+            return Ok(None);
+        }
+        match read_meta_json(&path)?.get(QUANTIZATION_KEY) {
+            None => Ok(None),
+            Some(record) => serde_json::from_value(record.clone())
+                .map(Some)
+                .map_err(|e| Error::Config {
+                    path,
+                    message: format!("{QUANTIZATION_KEY}: {e}"),
+                }),
+        }
+    }
+
+    /// `bertrt.json` for the INT8 copy of the model in `source`: its own
+    /// `bertrt.json` (if any) with this record added.
+    pub fn meta_json(&self, source: &Path) -> Result<serde_json::Value> {
+        let path = source.join(META_FILE);
+        let mut json = if path.exists() {
+            read_meta_json(&path)?
+        } else {
+            serde_json::json!({
+                "format_version": FORMAT_VERSION,
+                "bertrt_version": crate::VERSION,
+            })
+        };
+        json[QUANTIZATION_KEY] = serde_json::to_value(self).expect("serialisable");
+        Ok(json)
     }
 }
 
@@ -160,44 +253,11 @@ impl Artifact<'_> {
     /// Writes the directory beside `out`, then renames it into place
     /// (replacing a previous version of the model there).
     pub fn write(&self, out: &Path) -> Result<()> {
-        check_replaceable(out)?;
-        let name = out
-            .file_name()
-            .ok_or_else(|| Error::Invalid(format!("{}: not a directory name", out.display())))?
-            .to_string_lossy()
-            .into_owned();
-        let parent = match out.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-        let staging = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-        if staging.exists() {
-            std::fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
-        }
-        std::fs::create_dir(&staging).map_err(|e| Error::io(&staging, e))?;
-        self.write_files(&staging)?;
-
-        let previous = parent.join(format!(".{name}.old-{}", std::process::id()));
-        if out.exists() {
-            std::fs::rename(out, &previous).map_err(|e| Error::io(out, e))?;
-        }
-        std::fs::rename(&staging, out).map_err(|e| Error::io(out, e))?;
-        if previous.exists() {
-            std::fs::remove_dir_all(&previous).map_err(|e| Error::io(&previous, e))?;
-        }
-        Ok(())
+        write_dir_atomically(out, |staging| self.write_files(staging))
     }
 
     fn write_files(&self, dir: &Path) -> Result<()> {
-        let write = |file: &str, bytes: &[u8]| -> Result<()> {
-            let path = dir.join(file);
-            std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
-            // Durable before the rename publishes it.
-            std::fs::File::open(&path)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| Error::io(&path, e))
-        };
+        let write = |file: &str, bytes: &[u8]| write_durable(&dir.join(file), bytes);
         write("config.json", &pretty(self.config))?;
         write(
             META_FILE,
@@ -213,6 +273,52 @@ impl Artifact<'_> {
     }
 }
 
+/// Fills a staging directory beside `out` with `fill`, then renames it into
+/// place (replacing a previous bertrt model there, see
+/// [`check_replaceable`]): a crash never leaves a half-written model.
+pub fn write_dir_atomically(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    check_replaceable(out)?;
+    let name = out
+        .file_name()
+        .ok_or_else(|| Error::Invalid(format!("{}: not a directory name", out.display())))?
+        .to_string_lossy()
+        .into_owned();
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    let staging = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+    }
+    std::fs::create_dir(&staging).map_err(|e| Error::io(&staging, e))?;
+    if let Err(e) = fill(&staging) {
+        // Best effort: the error that stopped the write is the one to report.
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(e);
+    }
+
+    let previous = parent.join(format!(".{name}.old-{}", std::process::id()));
+    if out.exists() {
+        std::fs::rename(out, &previous).map_err(|e| Error::io(out, e))?;
+    }
+    std::fs::rename(&staging, out).map_err(|e| Error::io(out, e))?;
+    if previous.exists() {
+        std::fs::remove_dir_all(&previous).map_err(|e| Error::io(&previous, e))?;
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to `path` and syncs it, so it is durable before a rename
+/// publishes it.
+pub fn write_durable(path: &Path, bytes: &[u8]) -> Result<()> {
+    std::fs::write(path, bytes).map_err(|e| Error::io(path, e))?;
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(path, e))
+}
+
 /// Replaces one file of an existing model directory atomically (written
 /// beside it, then renamed over it).
 pub fn replace_file(dir: &Path, file: &str, bytes: &[u8]) -> Result<()> {
@@ -222,7 +328,7 @@ pub fn replace_file(dir: &Path, file: &str, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&staging, &path).map_err(|e| Error::io(&path, e))
 }
 
-fn pretty(value: &serde_json::Value) -> Vec<u8> {
+pub fn pretty(value: &serde_json::Value) -> Vec<u8> {
     let mut bytes = serde_json::to_vec_pretty(value).expect("serialisable");
     bytes.push(b'\n');
     bytes

@@ -1,0 +1,505 @@
+//! Calibration, per-layer error, the end-to-end accuracy check and the
+//! choice of INT8 layers (the steps in the module docs of `quant`).
+
+use std::path::Path;
+
+use crate::artifact::{LayerError, QuantizationRecord};
+use crate::backend::cpu::gemm::{self, Epilogue, PackedWeight};
+use crate::backend::cpu::int8::{linear_int8, Int8Isa, QuantizedWeight};
+use crate::backend::cpu::CpuBackend;
+use crate::checkpoint::Checkpoint;
+use crate::classify::{Classifier, Input};
+use crate::config::BertConfig;
+use crate::embed::Embedder;
+use crate::error::{Error, Result};
+use crate::model::linear::{Int8Tensors, ModelTensors};
+use crate::model::{
+    BertModel, F32Linears, LinearKind, LinearLoader, LinearSpec, ModelFiles, Pooling, TokenBatch,
+    Workspace,
+};
+
+use super::{Int8Linears, Int8Plan, QuantizeOptions};
+
+/// Texts of the sample used at most: enough to see every outlier channel
+/// BERT has (they are a property of the model, not of the input), few
+/// enough that quantizing takes seconds.
+pub const SAMPLE_LIMIT: usize = 128;
+/// Texts per forward pass.
+const BATCH: usize = 16;
+/// SmoothQuant factors are kept within this range of 1, so that a dead
+/// channel (all zeros in the sample) cannot blow up its weights.
+const SMOOTHING_RANGE: (f32, f32) = (1e-4, 1e4);
+
+/// A calibrated INT8 plan and how it measured against f32.
+#[derive(Clone, Debug)]
+pub struct Quantization {
+    pub plan: Int8Plan,
+    pub options: QuantizeOptions,
+    /// Every encoder linear, in forward order.
+    pub layers: Vec<LayerError>,
+    pub source: String,
+    pub texts: usize,
+    /// Mean-pooled cosine INT8 vs f32 over the sample: worst (and which
+    /// text) and mean.
+    pub worst_cosine: f64,
+    pub worst_text: usize,
+    pub mean_cosine: f64,
+    /// Classifiers: the fraction of texts given the same label.
+    pub label_agreement: Option<f64>,
+}
+
+impl Quantization {
+    /// Whether the INT8 model meets the bars of `options`.
+    pub fn passes(&self) -> bool {
+        self.worst_cosine >= self.options.min_cosine
+            && self
+                .label_agreement
+                .is_none_or(|a| a >= self.options.min_label_agreement)
+    }
+
+    pub fn int8_layers(&self) -> usize {
+        self.plan.len()
+    }
+
+    /// One line: how many linears are INT8 and how close to f32.
+    pub fn summary(&self) -> String {
+        let agreement = self
+            .label_agreement
+            .map(|a| format!(", label agreement {:.2}%", a * 100.0))
+            .unwrap_or_default();
+        format!(
+            "int8: {} of {} linears INT8, mean-pooled cosine to f32 worst {:.5}, mean {:.5}{agreement} on {} texts ({})",
+            self.int8_layers(),
+            self.layers.len(),
+            self.worst_cosine,
+            self.mean_cosine,
+            self.texts,
+            self.source
+        )
+    }
+
+    /// The accuracy figures and the per-layer table, for people.
+    pub fn report(&self) -> String {
+        let mut out = format!(
+            "INT8 vs f32 on {} texts ({}): mean-pooled cosine worst {:.5} (text {}), mean {:.5} (bar {})\n",
+            self.texts,
+            self.source,
+            self.worst_cosine,
+            self.worst_text + 1,
+            self.mean_cosine,
+            self.options.min_cosine
+        );
+        if let Some(agreement) = self.label_agreement {
+            out += &format!(
+                "label agreement {:.2}% (bar {:.2}%)\n",
+                agreement * 100.0,
+                self.options.min_label_agreement * 100.0
+            );
+        }
+        out += &format!(
+            "{} of {} linears INT8 (int8+sq: with SmoothQuant factors, alpha {}); relative L2 error of each linear's output on f32 inputs:\n",
+            self.int8_layers(),
+            self.layers.len(),
+            self.options.alpha
+        );
+        out += &format!(
+            "{:<46} {:>9} {:>10} {:>10}\n",
+            "linear", "precision", "plain", "smoothed"
+        );
+        for layer in &self.layers {
+            out += &format!(
+                "{:<46} {:>9} {:>9.3}% {:>9.3}%\n",
+                layer.layer,
+                match (layer.int8, layer.smoothed) {
+                    (true, true) => "int8+sq",
+                    (true, false) => "int8",
+                    (false, _) => "f32",
+                },
+                layer.relative_error_plain * 100.0,
+                layer.relative_error_smoothed * 100.0
+            );
+        }
+        out
+    }
+
+    /// What `bertrt.json` records.
+    pub fn record(&self) -> QuantizationRecord {
+        let (int8, f32): (Vec<&LayerError>, Vec<&LayerError>) =
+            self.layers.iter().partition(|l| l.int8);
+        let names = |layers: Vec<&LayerError>| layers.iter().map(|l| l.layer.clone()).collect();
+        QuantizationRecord {
+            method:
+                "int8 w8a8: symmetric weights per output channel, activations per token at run time"
+                    .into(),
+            smoothing_alpha: self.options.alpha,
+            int8_layers: names(int8),
+            f32_layers: names(f32),
+            calibration_source: self.source.clone(),
+            calibration_texts: self.texts,
+            worst_cosine: self.worst_cosine,
+            mean_cosine: self.mean_cosine,
+            label_agreement: self.label_agreement,
+            min_cosine: self.options.min_cosine,
+            min_label_agreement: self.options.min_label_agreement,
+            passed: self.passes(),
+            layer_errors: self.layers.clone(),
+        }
+    }
+}
+
+/// Whether `dir` holds an INT8 artifact.
+pub(super) fn is_int8_artifact(dir: &Path) -> Result<bool> {
+    let files = ModelFiles::locate(dir)?;
+    Ok(!Int8Tensors::open(&files.weights)?.is_empty())
+}
+
+/// Calibrates the f32 model in `dir` on `texts` (the first
+/// [`SAMPLE_LIMIT`]; `source` names them in reports), picks the INT8
+/// layers and measures the result. Classifiers (`config.json` architectures
+/// `*ForSequenceClassification`) are also judged on label agreement.
+pub fn quantize(
+    dir: &Path,
+    texts: &[String],
+    source: &str,
+    options: &QuantizeOptions,
+) -> Result<Quantization> {
+    options.check()?;
+    let files = ModelFiles::locate(dir)?;
+    if texts.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{source}: no texts to calibrate on"
+        )));
+    }
+    let ckpt = Checkpoint::open(&files.weights)?;
+    let tensors = ModelTensors::new(&ckpt)?;
+    if !tensors.int8.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{}: already INT8; quantize the f32 model it came from",
+            files.weights.display()
+        )));
+    }
+    let config = BertConfig::from_file(&files.config)?;
+    let classifier = config
+        .architectures
+        .iter()
+        .any(|a| a.ends_with("ForSequenceClassification"));
+    let texts: Vec<&str> = texts
+        .iter()
+        .take(SAMPLE_LIMIT)
+        .map(String::as_str)
+        .collect();
+
+    let mut reference = Subject::load(dir, classifier, &F32Linears)?;
+    let batches = texts
+        .chunks(BATCH)
+        .map(|chunk| reference.encode(chunk))
+        .collect::<Result<Vec<_>>>()?;
+    let specs = LinearSpec::encoder(&config);
+    let weights = specs
+        .iter()
+        .map(|spec| tensors.f32_linear(spec))
+        .collect::<Result<Vec<_>>>()?;
+
+    let input_max = channel_max_inputs(reference.model(), &batches, &specs)?;
+    let smoothing: Vec<Option<Vec<f32>>> = specs
+        .iter()
+        .zip(&weights)
+        .zip(&input_max)
+        .map(|((spec, (w, _)), x_max)| {
+            (options.alpha > 0.0)
+                .then(|| smoothing_factors(x_max, w, spec.in_features, options.alpha))
+        })
+        .collect();
+    let errors = layer_errors(reference.model(), &batches, &specs, &weights, &smoothing)?;
+    // Smoothing moves error from activations into weights; where that
+    // measures worse (layers without outlier channels), quantize plainly.
+    let smoothing: Vec<Option<Vec<f32>>> = smoothing
+        .into_iter()
+        .zip(&errors)
+        .map(|(s, &(plain, smoothed))| s.filter(|_| smoothed < plain))
+        .collect();
+    let chosen_error = |i: usize| errors[i].0.min(errors[i].1);
+    let expected = batches
+        .iter()
+        .map(|b| reference.outputs(b))
+        .collect::<Result<Vec<_>>>()?;
+    drop(reference);
+
+    // Worst first: the order in which layers go back to f32.
+    let mut order: Vec<usize> = (0..specs.len()).collect();
+    order.sort_by(|&a, &b| chosen_error(b).total_cmp(&chosen_error(a)));
+    let max_f32 = options
+        .max_f32_layers
+        .unwrap_or(specs.len())
+        .min(specs.len() - 1);
+    let mut kept_f32 = 0;
+    loop {
+        let plan: Int8Plan = order[kept_f32..]
+            .iter()
+            .map(|&i| (specs[i].name.clone(), smoothing[i].clone()))
+            .collect();
+        let mut int8 = Subject::load(dir, classifier, &Int8Linears::with_plan(plan.clone()))?;
+        let mut cosines = Vec::with_capacity(texts.len());
+        let (mut agree, mut labelled) = (0usize, 0usize);
+        for (batch, (want_pooled, want_labels)) in batches.iter().zip(&expected) {
+            let (pooled, labels) = int8.outputs(batch)?;
+            let hidden = config.hidden_size;
+            cosines.extend(
+                pooled
+                    .chunks_exact(hidden)
+                    .zip(want_pooled.chunks_exact(hidden))
+                    .map(|(a, b)| cosine(a, b)),
+            );
+            if let (Some(got), Some(want)) = (labels, want_labels) {
+                agree += got.iter().zip(want).filter(|(a, b)| a == b).count();
+                labelled += want.len();
+            }
+        }
+        let (worst_text, worst_cosine) = cosines
+            .iter()
+            .copied()
+            .enumerate()
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .expect("a non-empty sample");
+        let quantization = Quantization {
+            layers: specs
+                .iter()
+                .zip(&errors)
+                .map(|(spec, &(plain, smoothed))| LayerError {
+                    layer: spec.name.clone(),
+                    int8: plan.contains_key(&spec.name),
+                    smoothed: matches!(plan.get(&spec.name), Some(Some(_))),
+                    relative_error_plain: plain,
+                    relative_error_smoothed: smoothed,
+                })
+                .collect(),
+            plan,
+            options: options.clone(),
+            source: source.into(),
+            texts: texts.len(),
+            worst_cosine,
+            worst_text,
+            mean_cosine: cosines.iter().sum::<f64>() / cosines.len() as f64,
+            label_agreement: (labelled > 0).then(|| agree as f64 / labelled as f64),
+        };
+        if quantization.passes() || kept_f32 >= max_f32 {
+            return Ok(quantization);
+        }
+        kept_f32 += 1;
+    }
+}
+
+/// The model being measured: an embedder (mean pooling) or a classifier
+/// (mean pooling of its encoder, and its labels).
+enum Subject {
+    Encoder(Box<Embedder<CpuBackend>>),
+    Classifier(Box<Classifier<CpuBackend>>),
+}
+
+impl Subject {
+    fn load(dir: &Path, classifier: bool, linears: &dyn LinearLoader<CpuBackend>) -> Result<Self> {
+        let backend = CpuBackend::new(0);
+        Ok(if classifier {
+            Subject::Classifier(Box::new(Classifier::load_with(backend, dir, linears)?))
+        } else {
+            Subject::Encoder(Box::new(Embedder::load_with(
+                backend,
+                dir,
+                None,
+                Some(Pooling::Mean),
+                false,
+                linears,
+            )?))
+        })
+    }
+
+    fn model(&self) -> &BertModel<CpuBackend> {
+        match self {
+            Subject::Encoder(e) => &e.model,
+            Subject::Classifier(c) => &c.model,
+        }
+    }
+
+    fn encode(&self, texts: &[&str]) -> Result<TokenBatch> {
+        let encoded = match self {
+            Subject::Encoder(e) => e.tokenizer.encode_batch(texts)?,
+            Subject::Classifier(c) => c.encode(
+                &texts
+                    .iter()
+                    .map(|&text| Input { text, pair: None })
+                    .collect::<Vec<_>>(),
+            )?,
+        };
+        Ok(TokenBatch::from_encoded(&encoded))
+    }
+
+    /// Mean-pooled encoder output `[sequences, hidden]`, and for
+    /// classifiers (not regressors) the predicted labels.
+    fn outputs(&mut self, batch: &TokenBatch) -> Result<(Vec<f32>, Option<Vec<usize>>)> {
+        match self {
+            Subject::Encoder(e) => {
+                let mut ws = Workspace::new(e.model.backend());
+                e.model.forward(batch, &mut ws)?;
+                Ok((e.model.pool(batch, &mut ws, Pooling::Mean)?, None))
+            }
+            Subject::Classifier(c) => {
+                let pooled = c.pooled(batch, Pooling::Mean)?;
+                if c.regression {
+                    return Ok((pooled, None));
+                }
+                let classes = c.labels.len();
+                let labels = c
+                    .logits(batch)?
+                    .chunks_exact(classes)
+                    .map(|row| {
+                        (0..classes)
+                            .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+                            .unwrap_or(0)
+                    })
+                    .collect();
+                Ok((pooled, Some(labels)))
+            }
+        }
+    }
+}
+
+fn spec_index(layer: usize, kind: LinearKind) -> usize {
+    let position = LinearKind::ALL
+        .iter()
+        .position(|&k| k == kind)
+        .expect("a listed kind");
+    layer * LinearKind::ALL.len() + position
+}
+
+/// The largest `|input|` of each linear per input channel over the sample.
+fn channel_max_inputs(
+    model: &BertModel<CpuBackend>,
+    batches: &[TokenBatch],
+    specs: &[LinearSpec],
+) -> Result<Vec<Vec<f32>>> {
+    let mut max: Vec<Vec<f32>> = specs.iter().map(|s| vec![0.0; s.in_features]).collect();
+    let mut ws = Workspace::new(model.backend());
+    for batch in batches {
+        model.forward_observed(batch, &mut ws, &mut |layer, kind, input| {
+            let channels = &mut max[spec_index(layer, kind)];
+            for row in input.chunks_exact(channels.len()) {
+                channels
+                    .iter_mut()
+                    .zip(row)
+                    .for_each(|(m, x)| *m = m.max(x.abs()));
+            }
+        })?;
+    }
+    Ok(max)
+}
+
+/// SmoothQuant: `s[p] = max|X[:, p]|^α / max|W[:, p]|^(1-α)`, 1 where
+/// either is zero, kept within [`SMOOTHING_RANGE`].
+fn smoothing_factors(x_max: &[f32], weight: &[f32], k: usize, alpha: f32) -> Vec<f32> {
+    let mut w_max = vec![0.0f32; k];
+    for row in weight.chunks_exact(k) {
+        w_max
+            .iter_mut()
+            .zip(row)
+            .for_each(|(m, w)| *m = m.max(w.abs()));
+    }
+    x_max
+        .iter()
+        .zip(&w_max)
+        .map(|(&x, &w)| {
+            if x > 0.0 && w > 0.0 {
+                (x.powf(alpha) / w.powf(1.0 - alpha)).clamp(SMOOTHING_RANGE.0, SMOOTHING_RANGE.1)
+            } else {
+                1.0
+            }
+        })
+        .collect()
+}
+
+/// Relative L2 error `‖y_int8 − y_f32‖ / ‖y_f32‖` of each linear (before
+/// any GELU) on the f32 model's own inputs over the sample: plain W8A8 and
+/// with `smoothing`.
+fn layer_errors(
+    model: &BertModel<CpuBackend>,
+    batches: &[TokenBatch],
+    specs: &[LinearSpec],
+    weights: &[(Vec<f32>, Vec<f32>)],
+    smoothing: &[Option<Vec<f32>>],
+) -> Result<Vec<(f64, f64)>> {
+    struct Forms {
+        f32: PackedWeight,
+        plain: QuantizedWeight,
+        smoothed: Option<QuantizedWeight>,
+    }
+    let forms: Vec<Forms> = specs
+        .iter()
+        .zip(weights)
+        .zip(smoothing)
+        .map(|((spec, (w, _)), s)| {
+            let (n, k) = (spec.out_features(), spec.in_features);
+            Forms {
+                f32: PackedWeight::pack(w, n, k),
+                plain: QuantizedWeight::quantize(w, n, k),
+                smoothed: s
+                    .as_ref()
+                    .map(|s| QuantizedWeight::quantize_smoothed(w, n, k, s, Int8Isa::detect())),
+            }
+        })
+        .collect();
+    // Per linear: Σ err² plain, Σ err² smoothed, Σ ref².
+    let mut sums = vec![[0.0f64; 3]; specs.len()];
+    let mut ws = Workspace::new(model.backend());
+    let (mut exact, mut approx) = (Vec::new(), Vec::new());
+    for batch in batches {
+        model.forward_observed(batch, &mut ws, &mut |layer, kind, input| {
+            let i = spec_index(layer, kind);
+            let (form, bias) = (&forms[i], &weights[i].1);
+            let rows = input.len() / specs[i].in_features;
+            let n = specs[i].out_features();
+            exact.resize(rows * n, 0.0);
+            approx.resize(rows * n, 0.0);
+            gemm::linear(
+                input,
+                rows,
+                &form.f32,
+                Some(bias),
+                Epilogue::None,
+                &mut exact,
+            );
+            let ref2: f64 = exact.iter().map(|&y| (y as f64).powi(2)).sum();
+            let mut error = |weight: &QuantizedWeight| {
+                linear_int8(input, rows, weight, Some(bias), false, &mut approx);
+                approx
+                    .iter()
+                    .zip(&exact)
+                    .map(|(&a, &e)| ((a - e) as f64).powi(2))
+                    .sum::<f64>()
+            };
+            let plain = error(&form.plain);
+            let smoothed = form.smoothed.as_ref().map_or(plain, &mut error);
+            let s = &mut sums[i];
+            s[0] += plain;
+            s[1] += smoothed;
+            s[2] += ref2;
+        })?;
+    }
+    Ok(sums
+        .iter()
+        .map(|[plain, smoothed, norm]| {
+            let norm = norm.max(f64::MIN_POSITIVE);
+            ((plain / norm).sqrt(), (smoothed / norm).sqrt())
+        })
+        .collect())
+}
+
+/// Cosine similarity in f64; two zero vectors are identical (1).
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
+    let na: f64 = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    match (na > 0.0, nb > 0.0) {
+        (true, true) => dot / (na * nb),
+        (false, false) => 1.0,
+        _ => 0.0,
+    }
+}
