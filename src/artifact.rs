@@ -118,8 +118,9 @@ fn read_meta_json(path: &Path) -> Result<serde_json::Value> {
 pub struct QuantizationRecord {
     /// E.g. "int8 w8a8: weights per output channel, activations per token".
     pub method: String,
-    /// SmoothQuant migration strength (0: no smoothing).
-    pub smoothing_alpha: f32,
+    /// SmoothQuant strength asked for (`None`: chosen per layer, see
+    /// [`LayerError::alpha`]).
+    pub smoothing_alpha: Option<f32>,
     /// Linear layers stored in INT8 (fused query/key/value as `...qkv`).
     pub int8_layers: Vec<String>,
     /// Linear layers kept in f32.
@@ -136,20 +137,26 @@ pub struct QuantizationRecord {
     pub min_cosine: f64,
     pub min_label_agreement: f64,
     pub passed: bool,
-    /// Relative L2 error of each linear's output vs f32, on f32 inputs.
+    /// Every encoder linear, in forward order.
     pub layer_errors: Vec<LayerError>,
 }
 
+/// How one linear measured: relative L2 error `‖y_int8 − y_f32‖ / ‖y_f32‖`
+/// of its output on the f32 model's inputs, over all sample tokens and for
+/// the worst sample text.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct LayerError {
     pub layer: String,
+    /// Whether it is stored INT8 (else it was kept f32, and the errors say
+    /// what INT8 would have cost).
     pub int8: bool,
-    /// Whether its INT8 weights carry SmoothQuant factors.
-    pub smoothed: bool,
-    /// Plain W8A8.
-    pub relative_error_plain: f64,
-    /// With the SmoothQuant factors (equal to plain when alpha is 0).
-    pub relative_error_smoothed: f64,
+    /// SmoothQuant strength of its INT8 weights (0: plain W8A8).
+    pub alpha: f32,
+    pub relative_error: f64,
+    pub worst_text_error: f64,
+    /// The same for plain W8A8, for comparison.
+    pub plain_relative_error: f64,
+    pub plain_worst_text_error: f64,
 }
 
 pub const QUANTIZATION_KEY: &str = "quantization";

@@ -59,6 +59,8 @@ fn int8_minilm_matches_f32_on_every_fixture_sentence() {
     let (linears, quantization) = minilm_int8();
     println!("{}", quantization.report());
     assert!(quantization.passes());
+    // Per-linear SmoothQuant strength keeps every linear INT8 on MiniLM.
+    assert_eq!(quantization.int8_layers(), 24, "{}", quantization.report());
     let texts = fixture_texts();
     let f32 = embed_each(&mut embedder(&dir, &F32Linears), &texts);
     let int8 = embed_each(&mut embedder(&dir, linears), &texts);
@@ -284,7 +286,7 @@ fn quantize_refuses_below_the_bar_unless_forced() {
         .unwrap()
         .unwrap();
     assert!(!record.passed && record.worst_cosine < 0.995);
-    assert_eq!(record.smoothing_alpha, 0.0);
+    assert_eq!(record.smoothing_alpha, Some(0.0));
 
     // The INT8 model serves embed like any model.
     let input = tmp.path().join("texts.txt");
@@ -299,6 +301,19 @@ fn quantize_refuses_below_the_bar_unless_forced() {
     assert!(ok, "{stderr}");
     let line: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(line["embedding"].as_array().unwrap().len(), 384);
+
+    // --int8 quantizes an f32 model on load and says how it measured.
+    let (ok, stdout, stderr) = bertrt(&[
+        "embed",
+        "--int8",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("int8: 24 of 24 linears INT8"), "{stderr}");
+    assert_eq!(stdout.lines().count(), 1);
 }
 
 /// A tiny classifier (random weights): label agreement is measured, the

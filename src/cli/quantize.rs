@@ -24,9 +24,10 @@ pub struct Args {
     /// Write the INT8 model even if it misses the accuracy bars.
     #[arg(long)]
     force: bool,
-    /// SmoothQuant migration strength in 0..=1 (0: plain W8A8).
-    #[arg(long, default_value_t = quant::DEFAULT_ALPHA)]
-    alpha: f32,
+    /// SmoothQuant strength in 0..=1 for every linear (0: plain W8A8)
+    /// [default: the best of 0, 0.25, 0.5, 0.75 per linear].
+    #[arg(long)]
+    alpha: Option<f32>,
     /// At most this many linears stay f32 to reach the bars [default: as many as needed].
     #[arg(long)]
     max_f32_layers: Option<usize>,

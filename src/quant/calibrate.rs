@@ -26,6 +26,10 @@ use super::{Int8Linears, Int8Plan, QuantizeOptions};
 pub const SAMPLE_LIMIT: usize = 128;
 /// Texts per forward pass.
 const BATCH: usize = 16;
+/// The SmoothQuant strengths tried per linear when `--alpha` is not given
+/// (0: plain W8A8). Which one suits a linear varies: in MiniLM-L6 the FFN
+/// up-projections want 0.5-0.75, some down-projections none.
+pub const ALPHA_CANDIDATES: [f32; 4] = [0.0, 0.25, 0.5, 0.75];
 /// SmoothQuant factors are kept within this range of 1, so that a dead
 /// channel (all zeros in the sample) cannot blow up its weights.
 const SMOOTHING_RANGE: (f32, f32) = (1e-4, 1e4);
@@ -97,26 +101,25 @@ impl Quantization {
             );
         }
         out += &format!(
-            "{} of {} linears INT8 (int8+sq: with SmoothQuant factors, alpha {}); relative L2 error of each linear's output on f32 inputs:\n",
+            "{} of {} linears INT8. Relative L2 error of each linear's output vs f32 on f32 inputs, \
+             over all tokens and for the worst text (alpha: SmoothQuant strength, 0 = plain W8A8):\n",
             self.int8_layers(),
             self.layers.len(),
-            self.options.alpha
         );
         out += &format!(
-            "{:<46} {:>9} {:>10} {:>10}\n",
-            "linear", "precision", "plain", "smoothed"
+            "{:<42} {:>9} {:>5} {:>9} {:>10} {:>11} {:>10}\n",
+            "linear", "precision", "alpha", "error", "worst text", "plain error", "worst text"
         );
         for layer in &self.layers {
             out += &format!(
-                "{:<46} {:>9} {:>9.3}% {:>9.3}%\n",
+                "{:<42} {:>9} {:>5} {:>8.3}% {:>9.3}% {:>10.3}% {:>9.3}%\n",
                 layer.layer,
-                match (layer.int8, layer.smoothed) {
-                    (true, true) => "int8+sq",
-                    (true, false) => "int8",
-                    (false, _) => "f32",
-                },
-                layer.relative_error_plain * 100.0,
-                layer.relative_error_smoothed * 100.0
+                if layer.int8 { "int8" } else { "f32" },
+                layer.alpha,
+                layer.relative_error * 100.0,
+                layer.worst_text_error * 100.0,
+                layer.plain_relative_error * 100.0,
+                layer.plain_worst_text_error * 100.0
             );
         }
         out
@@ -201,24 +204,41 @@ pub fn quantize(
         .collect::<Result<Vec<_>>>()?;
 
     let input_max = channel_max_inputs(reference.model(), &batches, &specs)?;
-    let smoothing: Vec<Option<Vec<f32>>> = specs
+    let alphas = match options.alpha {
+        Some(alpha) if alpha > 0.0 => vec![0.0, alpha],
+        Some(_) => vec![0.0],
+        None => ALPHA_CANDIDATES.to_vec(),
+    };
+    let candidates: Vec<Vec<Candidate>> = specs
         .iter()
         .zip(&weights)
         .zip(&input_max)
         .map(|((spec, (w, _)), x_max)| {
-            (options.alpha > 0.0)
-                .then(|| smoothing_factors(x_max, w, spec.in_features, options.alpha))
+            alphas
+                .iter()
+                .map(|&alpha| Candidate {
+                    alpha,
+                    smoothing: (alpha > 0.0)
+                        .then(|| smoothing_factors(x_max, w, spec.in_features, alpha)),
+                    error: LinearError::default(),
+                })
+                .collect()
         })
         .collect();
-    let errors = layer_errors(reference.model(), &batches, &specs, &weights, &smoothing)?;
-    // Smoothing moves error from activations into weights; where that
-    // measures worse (layers without outlier channels), quantize plainly.
-    let smoothing: Vec<Option<Vec<f32>>> = smoothing
-        .into_iter()
-        .zip(&errors)
-        .map(|(s, &(plain, smoothed))| s.filter(|_| smoothed < plain))
+    let candidates = measure_candidates(reference.model(), &batches, &specs, &weights, candidates)?;
+    // Per linear, the candidate whose worst text suffers least: the guard
+    // judges the worst text too, and outlier tokens ([CLS], [SEP]) weigh
+    // most in short texts. With a fixed --alpha, that alpha.
+    let chosen: Vec<&Candidate> = candidates
+        .iter()
+        .map(|c| match options.alpha {
+            Some(_) => c.last().expect("a candidate"),
+            None => c
+                .iter()
+                .min_by(|a, b| a.error.worst_text.total_cmp(&b.error.worst_text))
+                .expect("a candidate"),
+        })
         .collect();
-    let chosen_error = |i: usize| errors[i].0.min(errors[i].1);
     let expected = batches
         .iter()
         .map(|b| reference.outputs(b))
@@ -227,7 +247,12 @@ pub fn quantize(
 
     // Worst first: the order in which layers go back to f32.
     let mut order: Vec<usize> = (0..specs.len()).collect();
-    order.sort_by(|&a, &b| chosen_error(b).total_cmp(&chosen_error(a)));
+    order.sort_by(|&a, &b| {
+        chosen[b]
+            .error
+            .worst_text
+            .total_cmp(&chosen[a].error.worst_text)
+    });
     let max_f32 = options
         .max_f32_layers
         .unwrap_or(specs.len())
@@ -236,7 +261,7 @@ pub fn quantize(
     loop {
         let plan: Int8Plan = order[kept_f32..]
             .iter()
-            .map(|&i| (specs[i].name.clone(), smoothing[i].clone()))
+            .map(|&i| (specs[i].name.clone(), chosen[i].smoothing.clone()))
             .collect();
         let mut int8 = Subject::load(dir, classifier, &Int8Linears::with_plan(plan.clone()))?;
         let mut cosines = Vec::with_capacity(texts.len());
@@ -264,13 +289,16 @@ pub fn quantize(
         let quantization = Quantization {
             layers: specs
                 .iter()
-                .zip(&errors)
-                .map(|(spec, &(plain, smoothed))| LayerError {
+                .zip(&chosen)
+                .zip(&candidates)
+                .map(|((spec, chosen), candidates)| LayerError {
                     layer: spec.name.clone(),
                     int8: plan.contains_key(&spec.name),
-                    smoothed: matches!(plan.get(&spec.name), Some(Some(_))),
-                    relative_error_plain: plain,
-                    relative_error_smoothed: smoothed,
+                    alpha: chosen.alpha,
+                    relative_error: chosen.error.all_tokens,
+                    worst_text_error: chosen.error.worst_text,
+                    plain_relative_error: candidates[0].error.all_tokens,
+                    plain_worst_text_error: candidates[0].error.worst_text,
                 })
                 .collect(),
             plan,
@@ -416,44 +444,61 @@ fn smoothing_factors(x_max: &[f32], weight: &[f32], k: usize, alpha: f32) -> Vec
         .collect()
 }
 
-/// Relative L2 error `‖y_int8 − y_f32‖ / ‖y_f32‖` of each linear (before
-/// any GELU) on the f32 model's own inputs over the sample: plain W8A8 and
-/// with `smoothing`.
-fn layer_errors(
+/// One way to quantize a linear: plain (`alpha` 0) or with SmoothQuant
+/// factors, and how it measured.
+struct Candidate {
+    alpha: f32,
+    smoothing: Option<Vec<f32>>,
+    error: LinearError,
+}
+
+/// Relative L2 error `‖y_int8 − y_f32‖ / ‖y_f32‖` of a linear's output
+/// (before any GELU) on the f32 model's own inputs.
+#[derive(Clone, Copy, Debug, Default)]
+struct LinearError {
+    /// Over every token of the sample.
+    all_tokens: f64,
+    /// The largest over the sample's texts, each measured on its own tokens.
+    worst_text: f64,
+}
+
+/// Measures every candidate of every linear on the sample.
+fn measure_candidates(
     model: &BertModel<CpuBackend>,
     batches: &[TokenBatch],
     specs: &[LinearSpec],
     weights: &[(Vec<f32>, Vec<f32>)],
-    smoothing: &[Option<Vec<f32>>],
-) -> Result<Vec<(f64, f64)>> {
-    struct Forms {
-        f32: PackedWeight,
-        plain: QuantizedWeight,
-        smoothed: Option<QuantizedWeight>,
-    }
-    let forms: Vec<Forms> = specs
+    mut candidates: Vec<Vec<Candidate>>,
+) -> Result<Vec<Vec<Candidate>>> {
+    let reference: Vec<PackedWeight> = specs
         .iter()
         .zip(weights)
-        .zip(smoothing)
-        .map(|((spec, (w, _)), s)| {
+        .map(|(spec, (w, _))| PackedWeight::pack(w, spec.out_features(), spec.in_features))
+        .collect();
+    let quantized: Vec<Vec<QuantizedWeight>> = specs
+        .iter()
+        .zip(weights)
+        .zip(&candidates)
+        .map(|((spec, (w, _)), candidates)| {
             let (n, k) = (spec.out_features(), spec.in_features);
-            Forms {
-                f32: PackedWeight::pack(w, n, k),
-                plain: QuantizedWeight::quantize(w, n, k),
-                smoothed: s
-                    .as_ref()
-                    .map(|s| QuantizedWeight::quantize_smoothed(w, n, k, s, Int8Isa::detect())),
-            }
+            candidates
+                .iter()
+                .map(|c| match &c.smoothing {
+                    Some(s) => QuantizedWeight::quantize_smoothed(w, n, k, s, Int8Isa::detect()),
+                    None => QuantizedWeight::quantize(w, n, k),
+                })
+                .collect()
         })
         .collect();
-    // Per linear: Σ err² plain, Σ err² smoothed, Σ ref².
-    let mut sums = vec![[0.0f64; 3]; specs.len()];
+    // Per linear and candidate: Σ err² and Σ ref² over all tokens.
+    let mut totals: Vec<Vec<[f64; 2]>> =
+        candidates.iter().map(|c| vec![[0.0; 2]; c.len()]).collect();
     let mut ws = Workspace::new(model.backend());
     let (mut exact, mut approx) = (Vec::new(), Vec::new());
     for batch in batches {
         model.forward_observed(batch, &mut ws, &mut |layer, kind, input| {
             let i = spec_index(layer, kind);
-            let (form, bias) = (&forms[i], &weights[i].1);
+            let bias = &weights[i].1;
             let rows = input.len() / specs[i].in_features;
             let n = specs[i].out_features();
             exact.resize(rows * n, 0.0);
@@ -461,35 +506,44 @@ fn layer_errors(
             gemm::linear(
                 input,
                 rows,
-                &form.f32,
+                &reference[i],
                 Some(bias),
                 Epilogue::None,
                 &mut exact,
             );
-            let ref2: f64 = exact.iter().map(|&y| (y as f64).powi(2)).sum();
-            let mut error = |weight: &QuantizedWeight| {
+            for (c, weight) in quantized[i].iter().enumerate() {
                 linear_int8(input, rows, weight, Some(bias), false, &mut approx);
-                approx
-                    .iter()
-                    .zip(&exact)
-                    .map(|(&a, &e)| ((a - e) as f64).powi(2))
-                    .sum::<f64>()
-            };
-            let plain = error(&form.plain);
-            let smoothed = form.smoothed.as_ref().map_or(plain, &mut error);
-            let s = &mut sums[i];
-            s[0] += plain;
-            s[1] += smoothed;
-            s[2] += ref2;
+                for text in batch.offsets.windows(2) {
+                    let range = text[0] * n..text[1] * n;
+                    let (err2, ref2) = approx[range.clone()]
+                        .iter()
+                        .zip(&exact[range])
+                        .fold((0.0f64, 0.0f64), |(e, r), (&a, &x)| {
+                            (e + ((a - x) as f64).powi(2), r + (x as f64).powi(2))
+                        });
+                    let error = &mut candidates[i][c].error;
+                    error.worst_text = error.worst_text.max(relative(err2, ref2));
+                    totals[i][c][0] += err2;
+                    totals[i][c][1] += ref2;
+                }
+            }
         })?;
     }
-    Ok(sums
-        .iter()
-        .map(|[plain, smoothed, norm]| {
-            let norm = norm.max(f64::MIN_POSITIVE);
-            ((plain / norm).sqrt(), (smoothed / norm).sqrt())
-        })
-        .collect())
+    for (candidates, totals) in candidates.iter_mut().zip(&totals) {
+        for (c, [err2, ref2]) in candidates.iter_mut().zip(totals) {
+            c.error.all_tokens = relative(*err2, *ref2);
+        }
+    }
+    Ok(candidates)
+}
+
+/// `sqrt(err2 / ref2)`; 0 when both are 0.
+fn relative(err2: f64, ref2: f64) -> f64 {
+    if err2 == 0.0 {
+        0.0
+    } else {
+        (err2 / ref2).sqrt()
+    }
 }
 
 /// Cosine similarity in f64; two zero vectors are identical (1).

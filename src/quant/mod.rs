@@ -6,14 +6,15 @@
 //! sample (dev texts, else [`BUILTIN_SENTENCES`]) and
 //! 1. records each linear's largest input magnitude per input channel;
 //! 2. derives SmoothQuant factors
-//!    `s[p] = max|X[:, p]|^α / max|W[:, p]|^(1-α)` (the activation is
+//!    `s[p] = max|X[:, p]|^α / max|W[:, p]|^(1-α)` for a few α (the activation is
 //!    divided by `s`, the weight multiplied: BERT's LayerNorm outputs carry a
 //!    few channels far larger than the rest, which would otherwise set every
 //!    token's quantization step). They cannot be folded into the preceding
 //!    LayerNorm as in pre-LN models: in BERT (post-LN) that output is also
 //!    the residual, so the INT8 kernel applies `1/s` while it quantizes;
-//! 3. measures each linear's relative output error on f32 inputs (plain and
-//!    smoothed), and the whole model against f32 (mean-pooled cosine; label
+//! 3. measures each linear's relative output error on f32 inputs for each α
+//!    (0: plain W8A8) and keeps the α whose worst sample text suffers least;
+//!    then measures the whole model against f32 (mean-pooled cosine; label
 //!    agreement for classifiers);
 //! 4. while the model misses the bar, moves the linear with the largest
 //!    error back to f32 (at most `max_f32_layers` of them).
@@ -34,15 +35,12 @@ use crate::error::{Error, Result};
 use crate::model::linear::{Int8Part, ModelTensors};
 use crate::model::{F32Linears, LinearLoader, LinearSpec};
 
-pub use calibrate::{quantize, Quantization};
+pub use calibrate::{quantize, Quantization, ALPHA_CANDIDATES, SAMPLE_LIMIT};
 pub use write::write_int8_artifact;
 
 /// The accuracy bars of `bertrt quantize`.
 pub const MIN_COSINE: f64 = 0.995;
 pub const MIN_LABEL_AGREEMENT: f64 = 0.99;
-/// SmoothQuant's usual migration strength: the difficulty split evenly
-/// between activations and weights.
-pub const DEFAULT_ALPHA: f32 = 0.5;
 
 /// The calibration sample when no dev texts are given: short and long,
 /// plain and noisy, several scripts, and the empty text (two tokens, so
@@ -82,8 +80,9 @@ pub const BUILTIN_SOURCE: &str = "built-in sentences";
 /// How `bertrt quantize` (and `--int8` on load) builds and judges a plan.
 #[derive(Clone, Debug, PartialEq)]
 pub struct QuantizeOptions {
-    /// SmoothQuant migration strength in `[0, 1]`; 0 turns smoothing off.
-    pub alpha: f32,
+    /// SmoothQuant strength in `[0, 1]` for every linear (0: plain W8A8);
+    /// `None` tries [`calibrate::ALPHA_CANDIDATES`] per linear.
+    pub alpha: Option<f32>,
     /// How many linears may be kept in f32 to reach the bar (`None`: any).
     pub max_f32_layers: Option<usize>,
     pub min_cosine: f64,
@@ -93,7 +92,7 @@ pub struct QuantizeOptions {
 impl Default for QuantizeOptions {
     fn default() -> Self {
         QuantizeOptions {
-            alpha: DEFAULT_ALPHA,
+            alpha: None,
             max_f32_layers: None,
             min_cosine: MIN_COSINE,
             min_label_agreement: MIN_LABEL_AGREEMENT,
@@ -103,10 +102,9 @@ impl Default for QuantizeOptions {
 
 impl QuantizeOptions {
     fn check(&self) -> Result<()> {
-        if !(0.0..=1.0).contains(&self.alpha) {
+        if let Some(alpha) = self.alpha.filter(|a| !(0.0..=1.0).contains(a)) {
             return Err(Error::Invalid(format!(
-                "--alpha {} is outside 0..=1 (0 turns smoothing off, 0.5 is usual)",
-                self.alpha
+                "--alpha {alpha} is outside 0..=1 (0 turns smoothing off, 0.5 is usual)"
             )));
         }
         for (flag, value) in [
