@@ -3,9 +3,13 @@
 //! - `config.json`: the base model's config with `architectures`,
 //!   `id2label`, `label2id` and `problem_type` set, so `transformers` loads
 //!   the directory as `BertForSequenceClassification`;
-//! - `model.safetensors`: Hugging Face names (`bert.*`, `classifier.*`);
+//! - `model.safetensors`: Hugging Face names (`bert.*`, `classifier.*`); an
+//!   INT8 model (`bertrt quantize`) stores its quantized linears as int8
+//!   weights + f32 scales under the names documented in
+//!   [`crate::model::linear`];
 //! - `tokenizer.json`: the tokenizer with bertrt's truncation recorded;
-//! - `bertrt.json`: what `transformers` has no place for ([`ArtifactMeta`]).
+//! - `bertrt.json`: what `transformers` has no place for ([`ArtifactMeta`]),
+//!   and for INT8 models the [`QuantizationRecord`].
 //!
 //! A directory is written next to its destination and renamed into place,
 //! so a crash never leaves a half-written model.

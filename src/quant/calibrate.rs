@@ -264,23 +264,9 @@ pub fn quantize(
             .map(|&i| (specs[i].name.clone(), chosen[i].smoothing.clone()))
             .collect();
         let mut int8 = Subject::load(dir, classifier, &Int8Linears::with_plan(plan.clone()))?;
-        let mut cosines = Vec::with_capacity(texts.len());
-        let (mut agree, mut labelled) = (0usize, 0usize);
-        for (batch, (want_pooled, want_labels)) in batches.iter().zip(&expected) {
-            let (pooled, labels) = int8.outputs(batch)?;
-            let hidden = config.hidden_size;
-            cosines.extend(
-                pooled
-                    .chunks_exact(hidden)
-                    .zip(want_pooled.chunks_exact(hidden))
-                    .map(|(a, b)| cosine(a, b)),
-            );
-            if let (Some(got), Some(want)) = (labels, want_labels) {
-                agree += got.iter().zip(want).filter(|(a, b)| a == b).count();
-                labelled += want.len();
-            }
-        }
-        let (worst_text, worst_cosine) = cosines
+        let closeness = compare(&mut int8, &batches, &expected, config.hidden_size)?;
+        let (worst_text, worst_cosine) = closeness
+            .cosines
             .iter()
             .copied()
             .enumerate()
@@ -307,8 +293,8 @@ pub fn quantize(
             texts: texts.len(),
             worst_cosine,
             worst_text,
-            mean_cosine: cosines.iter().sum::<f64>() / cosines.len() as f64,
-            label_agreement: (labelled > 0).then(|| agree as f64 / labelled as f64),
+            mean_cosine: closeness.cosines.iter().sum::<f64>() / closeness.cosines.len() as f64,
+            label_agreement: closeness.label_agreement,
         };
         if quantization.passes() || kept_f32 >= max_f32 {
             return Ok(quantization);
@@ -316,6 +302,47 @@ pub fn quantize(
         kept_f32 += 1;
     }
 }
+
+/// How close a model's outputs are to the f32 model's.
+struct Closeness {
+    /// Mean-pooled cosine, per text.
+    cosines: Vec<f64>,
+    /// Classifiers: the fraction of texts given the same label.
+    label_agreement: Option<f64>,
+}
+
+/// Runs `subject` on `batches` and compares with `expected` (the f32
+/// model's [`Subject::outputs`]).
+fn compare(
+    subject: &mut Subject,
+    batches: &[TokenBatch],
+    expected: &[Outputs],
+    hidden: usize,
+) -> Result<Closeness> {
+    let mut cosines = Vec::new();
+    let (mut agree, mut labelled) = (0usize, 0usize);
+    for (batch, (want_pooled, want_labels)) in batches.iter().zip(expected) {
+        let (pooled, labels) = subject.outputs(batch)?;
+        cosines.extend(
+            pooled
+                .chunks_exact(hidden)
+                .zip(want_pooled.chunks_exact(hidden))
+                .map(|(a, b)| cosine(a, b)),
+        );
+        if let (Some(got), Some(want)) = (labels, want_labels) {
+            agree += got.iter().zip(want).filter(|(a, b)| a == b).count();
+            labelled += want.len();
+        }
+    }
+    Ok(Closeness {
+        cosines,
+        label_agreement: (labelled > 0).then(|| agree as f64 / labelled as f64),
+    })
+}
+
+/// Mean-pooled encoder output `[sequences, hidden]`, and for classifiers
+/// (not regressors) the predicted labels.
+type Outputs = (Vec<f32>, Option<Vec<usize>>);
 
 /// The model being measured: an embedder (mean pooling) or a classifier
 /// (mean pooling of its encoder, and its labels).
@@ -361,9 +388,7 @@ impl Subject {
         Ok(TokenBatch::from_encoded(&encoded))
     }
 
-    /// Mean-pooled encoder output `[sequences, hidden]`, and for
-    /// classifiers (not regressors) the predicted labels.
-    fn outputs(&mut self, batch: &TokenBatch) -> Result<(Vec<f32>, Option<Vec<usize>>)> {
+    fn outputs(&mut self, batch: &TokenBatch) -> Result<Outputs> {
         match self {
             Subject::Encoder(e) => {
                 let mut ws = Workspace::new(e.model.backend());
