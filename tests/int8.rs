@@ -379,4 +379,34 @@ fn classifier_label_agreement_and_artifact() {
         .unwrap()
         .unwrap();
     assert_eq!(record.label_agreement, Some(agreement));
+
+    // predict runs the INT8 artifact; eval --int8 quantizes the f32 one.
+    let input = tmp.path().join("texts.txt");
+    std::fs::write(&input, "the cat sat\na big dog\n").unwrap();
+    let (ok, stdout, stderr) = bertrt(&[
+        "predict",
+        "--model",
+        out.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    let data = tmp.path().join("dev.csv");
+    std::fs::write(
+        &data,
+        "text,label\nthe cat sat,neg\na big dog ran,pos\nsmall cats,neg\n",
+    )
+    .unwrap();
+    let (ok, stdout, stderr) = bertrt(&[
+        "eval",
+        "--int8",
+        "--model",
+        dir.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("label agreement"), "{stderr}");
+    assert!(stdout.contains("accuracy"), "{stdout}");
 }

@@ -253,11 +253,7 @@ impl Int8Tensors {
         self.entries.is_empty()
     }
 
-    /// Whether `{prefix}.weight_int8` is stored (with or without `bert.`).
-    pub fn contains(&self, prefix: &str) -> bool {
-        self.entry(prefix, INT8_WEIGHT).is_some()
-    }
-
+    /// `{prefix}.{suffix}`, with or without the `bert.` prefix.
     fn entry(&self, prefix: &str, suffix: &str) -> Option<(String, &RawEntry)> {
         let alternative = match prefix.strip_prefix("bert.") {
             Some(rest) => rest.to_string(),

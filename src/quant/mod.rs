@@ -158,10 +158,6 @@ impl Int8Linears {
             Some(quantization),
         ))
     }
-
-    pub fn plan(&self) -> &Int8Plan {
-        &self.plan
-    }
 }
 
 impl LinearLoader<CpuBackend> for Int8Linears {

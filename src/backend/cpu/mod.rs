@@ -35,13 +35,6 @@ enum CpuWeight {
     Int8(int8::QuantizedWeight),
 }
 
-impl CpuLinear {
-    /// Whether the layer runs in INT8.
-    pub fn is_int8(&self) -> bool {
-        matches!(self.weight, CpuWeight::Int8(_))
-    }
-}
-
 impl CpuBackend {
     /// A backend on `threads` threads (0: one per core), using the widest
     /// instruction set the host has.
