@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use bertrt::backend::cpu::CpuBackend;
 use bertrt::embed::Embedder;
 use bertrt::model::{F32Linears, LinearLoader, Pooling};
-use bertrt::quant::{self, Int8Linears, Quantization, QuantizeOptions, BUILTIN_SOURCE};
+use bertrt::quant::{self, Int8Linears, Quantization, QuantizeOptions, Sample, BUILTIN_SOURCE};
 use common::cosine;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
@@ -130,7 +130,7 @@ fn int8_artifact_round_trips() {
     assert!(size(out) < size(&common::minilm_dir()) * 3 / 4);
 
     // Quantizing twice is refused rather than compounding the error.
-    let err = quant::quantize(out, &texts, "fixtures", &QuantizeOptions::default()).unwrap_err();
+    let err = quant::quantize(out, &Sample::builtin(), &QuantizeOptions::default()).unwrap_err();
     assert!(err.to_string().contains("already INT8"), "{err}");
 }
 
@@ -352,7 +352,8 @@ fn classifier_label_agreement_and_artifact() {
         min_cosine: 0.0,
         ..QuantizeOptions::default()
     };
-    let quantization = quant::quantize(&dir, &texts, "tiny", &options).unwrap();
+    let quantization =
+        quant::quantize(&dir, &Sample::from_texts("tiny", texts.clone()), &options).unwrap();
     println!("{}", quantization.report());
     let agreement = quantization
         .label_agreement

@@ -3,7 +3,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use bertrt::data::{self, DataSpec};
-use bertrt::quant::{self, Int8Linears, QuantizeOptions, BUILTIN_SENTENCES, BUILTIN_SOURCE};
+use bertrt::quant::{self, Int8Linears, QuantizeOptions, Sample};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -15,7 +15,8 @@ pub struct Args {
     out: PathBuf,
     /// Calibration and accuracy sample: a labeled dev split (.csv, .tsv or
     /// .jsonl, as for finetune --valid) or a text file, one text per line
-    /// [default: built-in sentences]. At most the first 128 texts are used.
+    /// [default: built-in sentences only]. The first 128 texts are used,
+    /// with the built-in sentences added as edge cases.
     #[arg(long)]
     calibration: Option<PathBuf>,
     /// Column (CSV/TSV) or key (JSON Lines) of the calibration text.
@@ -40,15 +41,12 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let (texts, source) = match &args.calibration {
-        Some(path) => (
+    let sample = match &args.calibration {
+        Some(path) => Sample::from_texts(
+            &path.display().to_string(),
             read_texts(path, &args.text_column)?,
-            path.display().to_string(),
         ),
-        None => (
-            BUILTIN_SENTENCES.iter().map(|s| s.to_string()).collect(),
-            BUILTIN_SOURCE.to_string(),
-        ),
+        None => Sample::builtin(),
     };
     let options = QuantizeOptions {
         alpha: args.alpha,
@@ -56,7 +54,7 @@ pub fn run(args: Args) -> Result<()> {
         min_cosine: args.min_cosine,
         min_label_agreement: args.min_agreement,
     };
-    let quantization = quant::quantize(&args.model, &texts, &source, &options)?;
+    let quantization = quant::quantize(&args.model, &sample, &options)?;
     print!("{}", quantization.report());
     if !quantization.passes() && args.force {
         eprintln!("warning: below the accuracy bar; writing anyway (--force)");

@@ -18,11 +18,11 @@ use crate::model::{
     Workspace,
 };
 
-use super::{Int8Linears, Int8Plan, QuantizeOptions};
+use super::{Int8Linears, Int8Plan, QuantizeOptions, Sample};
 
-/// Texts of the sample used at most: enough to see every outlier channel
-/// BERT has (they are a property of the model, not of the input), few
-/// enough that quantizing takes seconds.
+/// Dev texts used at most: enough to see every outlier channel BERT has
+/// (they are a property of the model, not of the input), few enough that
+/// quantizing takes seconds.
 pub const SAMPLE_LIMIT: usize = 128;
 /// Texts per forward pass.
 const BATCH: usize = 16;
@@ -156,19 +156,14 @@ pub(super) fn is_int8_artifact(dir: &Path) -> Result<bool> {
     Ok(!Int8Tensors::open(&files.weights)?.is_empty())
 }
 
-/// Calibrates the f32 model in `dir` on `texts` (the first
-/// [`SAMPLE_LIMIT`]; `source` names them in reports), picks the INT8
-/// layers and measures the result. Classifiers (`config.json` architectures
+/// Calibrates the f32 model in `dir` on `sample`, picks the INT8 layers and
+/// measures the result. Classifiers (`config.json` architectures
 /// `*ForSequenceClassification`) are also judged on label agreement.
-pub fn quantize(
-    dir: &Path,
-    texts: &[String],
-    source: &str,
-    options: &QuantizeOptions,
-) -> Result<Quantization> {
+pub fn quantize(dir: &Path, sample: &Sample, options: &QuantizeOptions) -> Result<Quantization> {
     options.check()?;
     let files = ModelFiles::locate(dir)?;
-    if texts.is_empty() {
+    let source = &sample.source;
+    if sample.texts.is_empty() {
         return Err(Error::Invalid(format!(
             "{source}: no texts to calibrate on"
         )));
@@ -186,11 +181,7 @@ pub fn quantize(
         .architectures
         .iter()
         .any(|a| a.ends_with("ForSequenceClassification"));
-    let texts: Vec<&str> = texts
-        .iter()
-        .take(SAMPLE_LIMIT)
-        .map(String::as_str)
-        .collect();
+    let texts: Vec<&str> = sample.texts.iter().map(String::as_str).collect();
 
     let mut reference = Subject::load(dir, classifier, &F32Linears)?;
     let batches = texts
@@ -289,7 +280,7 @@ pub fn quantize(
                 .collect(),
             plan,
             options: options.clone(),
-            source: source.into(),
+            source: source.clone(),
             texts: texts.len(),
             worst_cosine,
             worst_text,

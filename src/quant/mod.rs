@@ -3,7 +3,7 @@
 //! model may be written.
 //!
 //! A plan comes from calibration ([`quantize`]): the f32 model runs a
-//! sample (dev texts, else [`BUILTIN_SENTENCES`]) and
+//! [`Sample`] (dev texts if given, always with [`BUILTIN_SENTENCES`]) and
 //! 1. records each linear's largest input magnitude per input channel;
 //! 2. derives SmoothQuant factors
 //!    `s[p] = max|X[:, p]|^α / max|W[:, p]|^(1-α)` for a few α (the activation is
@@ -42,9 +42,9 @@ pub use write::write_int8_artifact;
 pub const MIN_COSINE: f64 = 0.995;
 pub const MIN_LABEL_AGREEMENT: f64 = 0.99;
 
-/// The calibration sample when no dev texts are given: short and long,
-/// plain and noisy, several scripts, and the empty text (two tokens, so
-/// mean pooling averages nothing away: the hardest case for INT8).
+/// Part of every calibration sample: short and long, plain and noisy,
+/// several scripts, and the empty text (two tokens, so mean pooling
+/// averages nothing away: the hardest case for INT8).
 pub const BUILTIN_SENTENCES: &[&str] = &[
     "",
     "Hello!",
@@ -76,6 +76,43 @@ pub const BUILTIN_SENTENCES: &[&str] = &[
 
 /// How the record names [`BUILTIN_SENTENCES`] as the calibration source.
 pub const BUILTIN_SOURCE: &str = "built-in sentences";
+
+/// The texts INT8 is calibrated on and judged by.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sample {
+    /// Where the texts came from, for reports and the record.
+    pub source: String,
+    pub texts: Vec<String>,
+}
+
+impl Sample {
+    /// [`BUILTIN_SENTENCES`], plus all of them joined into one long text:
+    /// long inputs reach positions, and activation ranges, that short ones
+    /// never do.
+    pub fn builtin() -> Self {
+        let mut texts: Vec<String> = BUILTIN_SENTENCES.iter().map(|s| s.to_string()).collect();
+        texts.push(BUILTIN_SENTENCES.join(" "));
+        Sample {
+            source: BUILTIN_SOURCE.into(),
+            texts,
+        }
+    }
+
+    /// The first [`SAMPLE_LIMIT`] of `texts` (from `source`), then the
+    /// built-in ones: edge cases (the empty text, a long one) a dev split
+    /// may lack, which the accuracy guard should see anyway.
+    pub fn from_texts(source: &str, texts: Vec<String>) -> Self {
+        let builtin = Self::builtin();
+        Sample {
+            source: format!("{source} + {}", builtin.source),
+            texts: texts
+                .into_iter()
+                .take(SAMPLE_LIMIT)
+                .chain(builtin.texts)
+                .collect(),
+        }
+    }
+}
 
 /// How `bertrt quantize` (and `--int8` on load) builds and judges a plan.
 #[derive(Clone, Debug, PartialEq)]
@@ -144,15 +181,14 @@ impl Int8Linears {
     }
 
     /// What CPU commands load `dir` with: with `int8`, an f32 model is
-    /// calibrated on [`BUILTIN_SENTENCES`] and quantized as `bertrt quantize`
+    /// calibrated on [`Sample::builtin`] and quantized as `bertrt quantize`
     /// would (the returned [`Quantization`] says how it measured); an INT8
     /// artifact loads as stored either way.
     pub fn for_model(dir: &Path, int8: bool) -> Result<(Self, Option<Quantization>)> {
         if !int8 || calibrate::is_int8_artifact(dir)? {
             return Ok((Self::stored(), None));
         }
-        let texts: Vec<String> = BUILTIN_SENTENCES.iter().map(|s| s.to_string()).collect();
-        let quantization = quantize(dir, &texts, BUILTIN_SOURCE, &QuantizeOptions::default())?;
+        let quantization = quantize(dir, &Sample::builtin(), &QuantizeOptions::default())?;
         Ok((
             Self::with_plan(quantization.plan.clone()),
             Some(quantization),
