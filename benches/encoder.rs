@@ -1,5 +1,7 @@
-//! Encoder forward latency of all-MiniLM-L6-v2 on the CPU backend: batch 1 at
-//! sequence lengths 16..512 and 32 × 128, with p50/p95/p99 per shape.
+//! Encoder forward latency of all-MiniLM-L6-v2 on the CPU backend, f32 and
+//! INT8 (quantized on load as `--int8` does: built-in calibration
+//! sentences, SmoothQuant per linear): batch 1 at sequence lengths 16..512
+//! and 32 × 128, with p50/p95/p99 per shape.
 //!
 //! Criterion reports means; for tail latency every iteration is timed on its
 //! own (`iter_custom`), and the percentiles are printed as a table and
@@ -10,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use bertrt::backend::cpu::CpuBackend;
 use bertrt::model::{BertModel, ModelFiles, TokenBatch, Workspace};
+use bertrt::quant::Int8Linears;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 
 const SHAPES: &[(usize, usize)] = &[
@@ -42,13 +45,12 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[rank].as_secs_f64() * 1e3
 }
 
-fn encoder(c: &mut Criterion) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/models/all-MiniLM-L6-v2");
-    let files = ModelFiles::locate(&dir)
-        .unwrap_or_else(|e| panic!("{e}\nrun scripts/fetch-assets.sh first"));
-    let model = BertModel::load(CpuBackend::new(0), &files).unwrap();
+/// p50/p95/p99 (ms) and the sample count per shape of [`SHAPES`].
+type Latencies = Vec<([f64; 3], usize)>;
+
+fn measure(c: &mut Criterion, group_name: &str, model: &BertModel<CpuBackend>) -> Latencies {
     let mut ws = Workspace::new(model.backend());
-    let mut group = c.benchmark_group("minilm_l6_forward");
+    let mut group = c.benchmark_group(group_name);
     group
         .sample_size(20)
         .warm_up_time(Duration::from_millis(500))
@@ -72,35 +74,73 @@ fn encoder(c: &mut Criterion) {
         });
         samples.sort();
         rows.push((
-            batch,
-            seq,
-            samples.len(),
             [50.0, 95.0, 99.0].map(|p| percentile(&samples, p)),
+            samples.len(),
         ));
     }
     group.finish();
+    rows
+}
 
+fn shapes_json(rows: &Latencies) -> Vec<serde_json::Value> {
+    SHAPES
+        .iter()
+        .zip(rows)
+        .map(|(&(batch, seq), ([p50, p95, p99], n))| {
+            serde_json::json!({
+                "batch": batch, "seq": seq, "samples": n,
+                "p50_ms": p50, "p95_ms": p95, "p99_ms": p99,
+            })
+        })
+        .collect()
+}
+
+fn encoder(c: &mut Criterion) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/models/all-MiniLM-L6-v2");
+    let files = ModelFiles::locate(&dir)
+        .unwrap_or_else(|e| panic!("{e}\nrun scripts/fetch-assets.sh first"));
+    let model = BertModel::load(CpuBackend::new(0), &files).unwrap();
+    let f32_rows = measure(c, "minilm_l6_forward", &model);
+    drop(model);
+
+    let (linears, quantization) = Int8Linears::for_model(&dir, true).unwrap();
+    let quantization = quantization.expect("an f32 model is calibrated");
+    let int8 = BertModel::load_with(CpuBackend::new(0), &files, &linears).unwrap();
+    let int8_rows = measure(c, "minilm_l6_forward_int8", &int8);
+
+    let backend = int8.backend();
     println!(
-        "\nall-MiniLM-L6-v2 forward, {} (ms)",
-        model.backend_description()
+        "\nall-MiniLM-L6-v2 forward, {}, INT8 path {} (ms)\n{}",
+        int8.backend_description(),
+        backend.int8_isa().name(),
+        quantization.summary()
     );
     println!(
-        "{:>6} {:>5} {:>8} {:>9} {:>9} {:>9}",
-        "batch", "seq", "samples", "p50", "p95", "p99"
+        "{:>6} {:>5} | {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} | {:>9}",
+        "batch", "seq", "f32 p50", "p95", "p99", "int8 p50", "p95", "p99", "int8/f32"
     );
-    let mut json = Vec::new();
-    for (batch, seq, n, [p50, p95, p99]) in &rows {
-        println!("{batch:>6} {seq:>5} {n:>8} {p50:>9.3} {p95:>9.3} {p99:>9.3}");
-        json.push(serde_json::json!({
-            "batch": batch, "seq": seq, "samples": n,
-            "p50_ms": p50, "p95_ms": p95, "p99_ms": p99,
-        }));
+    for ((&(batch, seq), (f, _)), (q, _)) in SHAPES.iter().zip(&f32_rows).zip(&int8_rows) {
+        println!(
+            "{batch:>6} {seq:>5} | {:>8.3} {:>8.3} {:>8.3} | {:>8.3} {:>8.3} {:>8.3} | {:>8.2}x",
+            f[0],
+            f[1],
+            f[2],
+            q[0],
+            q[1],
+            q[2],
+            q[0] / f[0]
+        );
     }
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-encoder.json");
     let report = serde_json::json!({
         "model": "all-MiniLM-L6-v2",
-        "backend": model.backend_description(),
-        "shapes": json,
+        "backend": int8.backend_description(),
+        "shapes": shapes_json(&f32_rows),
+        "int8": {
+            "path": backend.int8_isa().name(),
+            "quantization": quantization.summary(),
+            "shapes": shapes_json(&int8_rows),
+        },
     });
     std::fs::write(&out, serde_json::to_vec_pretty(&report).unwrap()).unwrap();
     println!("written to {}", out.display());

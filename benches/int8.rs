@@ -1,7 +1,8 @@
 //! GOP/s of the INT8 `linear_int8` against the f32 `linear` on BERT-small
 //! shapes (criterion, throughput in "elements" = 2·M·N·K ops, including
 //! the per-call activation quantization), plus a table of both and their
-//! ratio when run with `cargo bench --bench int8`.
+//! ratio, and INT8 with SmoothQuant factors (`+sq`), when run with
+//! `cargo bench --bench int8`.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -27,6 +28,9 @@ struct Case {
     x: Vec<f32>,
     f32_weight: PackedWeight,
     int8_weight: QuantizedWeight,
+    /// The same weight with SmoothQuant factors, whose activation multiply
+    /// is fused into the quantization.
+    smoothed_weight: QuantizedWeight,
     bias: Vec<f32>,
     out: Vec<f32>,
 }
@@ -39,6 +43,13 @@ impl Case {
             x: values(m * k, 1),
             f32_weight: PackedWeight::pack(&w, n, k),
             int8_weight: QuantizedWeight::quantize(&w, n, k),
+            smoothed_weight: QuantizedWeight::quantize_smoothed(
+                &w,
+                n,
+                k,
+                &values(k, 4).iter().map(|v| 1.5 + v).collect::<Vec<_>>(),
+                int8::Int8Isa::detect(),
+            ),
             bias: values(n, 3),
             out: vec![0.0; m * n],
         }
@@ -65,6 +76,18 @@ impl Case {
             black_box(&self.x),
             self.m,
             &self.int8_weight,
+            Some(&self.bias),
+            false,
+            &mut self.out,
+        );
+        black_box(&self.out);
+    }
+
+    fn run_int8_smoothed(&mut self) {
+        int8::linear_int8(
+            black_box(&self.x),
+            self.m,
+            &self.smoothed_weight,
             Some(&self.bias),
             false,
             &mut self.out,
@@ -161,8 +184,8 @@ fn table() {
         limit.map_or("not measured".into(), |l| format!("{l:.0} GOP/s"))
     );
     println!(
-        "{:>6} {:>10} {:>10} {:>10} {:>7} {:>8}",
-        "M", "N x K", "f32 GF/s", "int8 GOP/s", "ratio", "% limit"
+        "{:>6} {:>10} {:>10} {:>10} {:>7} {:>8} {:>10}",
+        "M", "N x K", "f32 GF/s", "int8 GOP/s", "ratio", "% limit", "+sq GOP/s"
     );
     for m in MS {
         for (n, k) in SHAPES {
@@ -170,9 +193,10 @@ fn table() {
             let budget = Duration::from_millis(100);
             let f = gops(&mut case, Case::run_f32, budget);
             let q = gops(&mut case, Case::run_int8, budget);
+            let sq = gops(&mut case, Case::run_int8_smoothed, budget);
             let share = limit.map_or("-".into(), |l| format!("{:.1}%", 100.0 * q / l));
             println!(
-                "{m:>6} {:>10} {f:>10.1} {q:>10.1} {:>6.2}x {share:>8}",
+                "{m:>6} {:>10} {f:>10.1} {q:>10.1} {:>6.2}x {share:>8} {sq:>10.1}",
                 format!("{n}x{k}"),
                 q / f,
             );

@@ -3,9 +3,13 @@
 //! - `config.json`: the base model's config with `architectures`,
 //!   `id2label`, `label2id` and `problem_type` set, so `transformers` loads
 //!   the directory as `BertForSequenceClassification`;
-//! - `model.safetensors`: Hugging Face names (`bert.*`, `classifier.*`);
+//! - `model.safetensors`: Hugging Face names (`bert.*`, `classifier.*`); an
+//!   INT8 model (`bertrt quantize`) stores its quantized linears as int8
+//!   weights + f32 scales under the names documented in
+//!   [`crate::model::linear`];
 //! - `tokenizer.json`: the tokenizer with bertrt's truncation recorded;
-//! - `bertrt.json`: what `transformers` has no place for ([`ArtifactMeta`]).
+//! - `bertrt.json`: what `transformers` has no place for ([`ArtifactMeta`]),
+//!   and for INT8 models the [`QuantizationRecord`].
 //!
 //! A directory is written next to its destination and renamed into place,
 //! so a crash never leaves a half-written model.
@@ -103,8 +107,13 @@ impl ArtifactMeta {
         if !path.exists() {
             return Ok(None);
         }
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let meta: ArtifactMeta = serde_json::from_str(&text).map_err(|e| Error::Config {
+        let json = read_meta_json(&path)?;
+        if json.get("task").is_none() {
+            // A model bertrt quantized but did not train: `bertrt.json`
+            // holds only the quantization record.
+            return Ok(None);
+        }
+        let meta: ArtifactMeta = serde_json::from_value(json).map_err(|e| Error::Config {
             path: path.clone(),
             message: e.to_string(),
         })?;
@@ -168,6 +177,101 @@ impl ProblemType {
     }
 }
 
+/// `bertrt.json` at `path` as JSON.
+fn read_meta_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: path.into(),
+        message: e.to_string(),
+    })
+}
+
+/// The `quantization` entry of `bertrt.json`: how an INT8 model was made
+/// and how close it measured to the f32 model it came from. Kept beside
+/// [`ArtifactMeta`]'s fields rather than among them, because a quantized
+/// model need not be a trained one.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct QuantizationRecord {
+    /// E.g. "int8 w8a8: weights per output channel, activations per token".
+    pub method: String,
+    /// SmoothQuant strength asked for (`None`: chosen per layer, see
+    /// [`LayerError::alpha`]).
+    pub smoothing_alpha: Option<f32>,
+    /// Linear layers stored in INT8 (fused query/key/value as `...qkv`).
+    pub int8_layers: Vec<String>,
+    /// Linear layers kept in f32.
+    pub f32_layers: Vec<String>,
+    /// Where the calibration and accuracy sample came from, and its size.
+    pub calibration_source: String,
+    pub calibration_texts: usize,
+    /// Mean-pooled cosine INT8 vs f32, worst and mean over the sample.
+    pub worst_cosine: f64,
+    pub mean_cosine: f64,
+    /// Classifiers: fraction of the sample given the same label.
+    pub label_agreement: Option<f64>,
+    /// The bars the model was held to, and whether `--force` overrode them.
+    pub min_cosine: f64,
+    pub min_label_agreement: f64,
+    pub passed: bool,
+    /// Every encoder linear, in forward order.
+    pub layer_errors: Vec<LayerError>,
+}
+
+/// How one linear measured: relative L2 error `‖y_int8 − y_f32‖ / ‖y_f32‖`
+/// of its output on the f32 model's inputs, over all sample tokens and for
+/// the worst sample text.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LayerError {
+    pub layer: String,
+    /// Whether it is stored INT8 (else it was kept f32, and the errors say
+    /// what INT8 would have cost).
+    pub int8: bool,
+    /// SmoothQuant strength of its INT8 weights (0: plain W8A8).
+    pub alpha: f32,
+    pub relative_error: f64,
+    pub worst_text_error: f64,
+    /// The same for plain W8A8, for comparison.
+    pub plain_relative_error: f64,
+    pub plain_worst_text_error: f64,
+}
+
+pub const QUANTIZATION_KEY: &str = "quantization";
+
+impl QuantizationRecord {
+    /// The record in `dir`'s `bertrt.json`, if any.
+    pub fn read(dir: &Path) -> Result<Option<Self>> {
+        let path = dir.join(META_FILE);
+        if !path.exists() {
+            return Ok(None);
+        }
+        match read_meta_json(&path)?.get(QUANTIZATION_KEY) {
+            None => Ok(None),
+            Some(record) => serde_json::from_value(record.clone())
+                .map(Some)
+                .map_err(|e| Error::Config {
+                    path,
+                    message: format!("{QUANTIZATION_KEY}: {e}"),
+                }),
+        }
+    }
+
+    /// `bertrt.json` for the INT8 copy of the model in `source`: its own
+    /// `bertrt.json` (if any) with this record added.
+    pub fn meta_json(&self, source: &Path) -> Result<serde_json::Value> {
+        let path = source.join(META_FILE);
+        let mut json = if path.exists() {
+            read_meta_json(&path)?
+        } else {
+            serde_json::json!({
+                "format_version": FORMAT_VERSION,
+                "bertrt_version": crate::VERSION,
+            })
+        };
+        json[QUANTIZATION_KEY] = serde_json::to_value(self).expect("serialisable");
+        Ok(json)
+    }
+}
+
 /// `config.json` for a sequence classifier, multi-label classifier or
 /// one-output regressor, from the base model's.
 pub fn classifier_config(
@@ -227,44 +331,11 @@ impl Artifact<'_> {
     /// Writes the directory beside `out`, then renames it into place
     /// (replacing a previous version of the model there).
     pub fn write(&self, out: &Path) -> Result<()> {
-        check_replaceable(out)?;
-        let name = out
-            .file_name()
-            .ok_or_else(|| Error::Invalid(format!("{}: not a directory name", out.display())))?
-            .to_string_lossy()
-            .into_owned();
-        let parent = match out.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-        let staging = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-        if staging.exists() {
-            std::fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
-        }
-        std::fs::create_dir(&staging).map_err(|e| Error::io(&staging, e))?;
-        self.write_files(&staging)?;
-
-        let previous = parent.join(format!(".{name}.old-{}", std::process::id()));
-        if out.exists() {
-            std::fs::rename(out, &previous).map_err(|e| Error::io(out, e))?;
-        }
-        std::fs::rename(&staging, out).map_err(|e| Error::io(out, e))?;
-        if previous.exists() {
-            std::fs::remove_dir_all(&previous).map_err(|e| Error::io(&previous, e))?;
-        }
-        Ok(())
+        write_dir_atomically(out, |staging| self.write_files(staging))
     }
 
     fn write_files(&self, dir: &Path) -> Result<()> {
-        let write = |file: &str, bytes: &[u8]| -> Result<()> {
-            let path = dir.join(file);
-            std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
-            // Durable before the rename publishes it.
-            std::fs::File::open(&path)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| Error::io(&path, e))
-        };
+        let write = |file: &str, bytes: &[u8]| write_durable(&dir.join(file), bytes);
         write("config.json", &pretty(self.config))?;
         write(
             META_FILE,
@@ -280,6 +351,52 @@ impl Artifact<'_> {
     }
 }
 
+/// Fills a staging directory beside `out` with `fill`, then renames it into
+/// place (replacing a previous bertrt model there, see
+/// [`check_replaceable`]): a crash never leaves a half-written model.
+pub fn write_dir_atomically(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    check_replaceable(out)?;
+    let name = out
+        .file_name()
+        .ok_or_else(|| Error::Invalid(format!("{}: not a directory name", out.display())))?
+        .to_string_lossy()
+        .into_owned();
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    let staging = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+    }
+    std::fs::create_dir(&staging).map_err(|e| Error::io(&staging, e))?;
+    if let Err(e) = fill(&staging) {
+        // Best effort: the error that stopped the write is the one to report.
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(e);
+    }
+
+    let previous = parent.join(format!(".{name}.old-{}", std::process::id()));
+    if out.exists() {
+        std::fs::rename(out, &previous).map_err(|e| Error::io(out, e))?;
+    }
+    std::fs::rename(&staging, out).map_err(|e| Error::io(out, e))?;
+    if previous.exists() {
+        std::fs::remove_dir_all(&previous).map_err(|e| Error::io(&previous, e))?;
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to `path` and syncs it, so it is durable before a rename
+/// publishes it.
+pub fn write_durable(path: &Path, bytes: &[u8]) -> Result<()> {
+    std::fs::write(path, bytes).map_err(|e| Error::io(path, e))?;
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(path, e))
+}
+
 /// Replaces one file of an existing model directory atomically (written
 /// beside it, then renamed over it).
 pub fn replace_file(dir: &Path, file: &str, bytes: &[u8]) -> Result<()> {
@@ -289,7 +406,7 @@ pub fn replace_file(dir: &Path, file: &str, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&staging, &path).map_err(|e| Error::io(&path, e))
 }
 
-fn pretty(value: &serde_json::Value) -> Vec<u8> {
+pub fn pretty(value: &serde_json::Value) -> Vec<u8> {
     let mut bytes = serde_json::to_vec_pretty(value).expect("serialisable");
     bytes.push(b'\n');
     bytes

@@ -10,7 +10,9 @@ use crate::config::BertConfig;
 use crate::error::{Error, Result};
 use crate::eval::calibration::{sigmoid, softmax_with_temperature};
 use crate::eval::thresholds::DEFAULT_THRESHOLD;
-use crate::model::{load_linear, BertModel, ModelFiles, Pooling, TokenBatch, Workspace};
+use crate::model::{
+    load_linear, BertModel, F32Linears, LinearLoader, ModelFiles, Pooling, TokenBatch, Workspace,
+};
 use crate::tokenize::{BertTokenizer, Encoded};
 
 /// One input: a text, or a text pair for pair tasks.
@@ -38,6 +40,12 @@ pub struct Classifier<B: Backend> {
 
 impl<B: Backend> Classifier<B> {
     pub fn load(backend: B, dir: &Path) -> Result<Self> {
+        Self::load_with(backend, dir, &F32Linears)
+    }
+
+    /// [`Self::load`] with `linears` choosing each encoder linear's form
+    /// (e.g. `crate::quant::Int8Linears`); the classifier head stays f32.
+    pub fn load_with(backend: B, dir: &Path, linears: &dyn LinearLoader<B>) -> Result<Self> {
         let files = ModelFiles::locate(dir)?;
         let config = BertConfig::from_file(&files.config)?;
         let meta = ArtifactMeta::read(dir)?;
@@ -56,7 +64,7 @@ impl<B: Backend> Classifier<B> {
             .as_ref()
             .map_or(Pooling::Pooler, |m| m.preprocessing.pooling);
         let temperature = meta.as_ref().map_or(1.0, |m| m.temperature);
-        let model = BertModel::from_checkpoint(backend, config, &ckpt)?;
+        let model = BertModel::from_checkpoint_with(backend, config, &ckpt, linears)?;
         let head = load_linear(model.backend(), &ckpt, "classifier", labels.len(), hidden)?;
         let tokenizer = BertTokenizer::from_dir(dir, max_length)?;
         let workspace = Workspace::new(model.backend());

@@ -4,7 +4,9 @@ use std::path::Path;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::model::{BertModel, ModelFiles, Pooling, TokenBatch, Workspace};
+use crate::model::{
+    BertModel, F32Linears, LinearLoader, ModelFiles, Pooling, TokenBatch, Workspace,
+};
 use crate::tokenize::BertTokenizer;
 
 pub struct Embedder<B: Backend> {
@@ -26,8 +28,21 @@ impl<B: Backend> Embedder<B> {
         pooling: Option<Pooling>,
         normalize: bool,
     ) -> Result<Self> {
+        Self::load_with(backend, dir, max_length, pooling, normalize, &F32Linears)
+    }
+
+    /// [`Self::load`] with `linears` choosing each encoder linear's form
+    /// (e.g. `crate::quant::Int8Linears`).
+    pub fn load_with(
+        backend: B,
+        dir: &Path,
+        max_length: Option<usize>,
+        pooling: Option<Pooling>,
+        normalize: bool,
+        linears: &dyn LinearLoader<B>,
+    ) -> Result<Self> {
         let files = ModelFiles::locate(dir)?;
-        let model = BertModel::load(backend, &files)?;
+        let model = BertModel::load_with(backend, &files, linears)?;
         let limit = model.config().max_position_embeddings;
         let max_length = max_length.unwrap_or(limit);
         if max_length > limit || max_length < 2 {

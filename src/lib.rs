@@ -16,6 +16,7 @@ pub mod embed;
 pub mod error;
 pub mod eval;
 pub mod model;
+pub mod quant;
 pub mod rng;
 pub mod serve;
 pub mod tokenize;

@@ -7,6 +7,7 @@ mod finetune;
 mod info;
 mod input;
 mod predict;
+mod quantize;
 mod serve;
 mod tokenize;
 
@@ -40,6 +41,8 @@ enum Command {
     Eval(eval::Args),
     /// Classify text lines to JSON lines {"label": ..., "probs": {...}}.
     Predict(predict::Args),
+    /// Quantize a model to INT8, checked against f32; writes an INT8 model directory.
+    Quantize(quantize::Args),
     /// Serve a model over HTTP with dynamic batching (/embed, /predict, /tokenize, /metrics).
     Serve(serve::Args),
 }
@@ -65,6 +68,7 @@ pub fn run() -> ExitCode {
         Command::Finetune(args) => finetune::run(*args),
         Command::Eval(args) => eval::run(args),
         Command::Predict(args) => predict::run(args),
+        Command::Quantize(args) => quantize::run(args),
         Command::Serve(args) => serve::run(args),
     };
     match result {

@@ -8,6 +8,7 @@ use crate::backend::{Activation, Backend};
 use crate::checkpoint::Checkpoint;
 use crate::config::BertConfig;
 use crate::error::{Error, Result};
+use crate::model::linear::{F32Linears, LinearKind, LinearLoader, ModelTensors};
 use crate::model::{ModelFiles, Pooling, TokenBatch};
 
 struct LayerNorm<B: Backend> {
@@ -56,46 +57,28 @@ struct BertLayer<B: Backend> {
 }
 
 impl<B: Backend> BertLayer<B> {
-    fn load(backend: &B, ckpt: &Checkpoint, config: &BertConfig, index: usize) -> Result<Self> {
-        let (hidden, inter) = (config.hidden_size, config.intermediate_size);
+    fn load(
+        backend: &B,
+        tensors: &ModelTensors,
+        config: &BertConfig,
+        index: usize,
+        loader: &dyn LinearLoader<B>,
+    ) -> Result<Self> {
+        let hidden = config.hidden_size;
         let prefix = format!("encoder.layer.{index}");
-        let mut qkv_weight = Vec::with_capacity(3 * hidden * hidden);
-        let mut qkv_bias = Vec::with_capacity(3 * hidden);
-        for part in ["query", "key", "value"] {
-            let name = format!("{prefix}.attention.self.{part}");
-            qkv_weight
-                .extend_from_slice(&ckpt.tensor(&format!("{name}.weight"), &[hidden, hidden])?);
-            qkv_bias.extend_from_slice(&ckpt.tensor(&format!("{name}.bias"), &[hidden])?);
-        }
+        let linear = |kind: LinearKind| loader.load(backend, tensors, &kind.spec(index, config));
+        let ckpt = tensors.checkpoint;
         Ok(BertLayer {
-            attention_qkv: backend.prepare_linear(&qkv_weight, &qkv_bias, 3 * hidden, hidden),
-            attention_output_dense: load_linear(
-                backend,
-                ckpt,
-                &format!("{prefix}.attention.output.dense"),
-                hidden,
-                hidden,
-            )?,
+            attention_qkv: linear(LinearKind::Qkv)?,
+            attention_output_dense: linear(LinearKind::AttentionOutput)?,
             attention_output_layer_norm: LayerNorm::load(
                 backend,
                 ckpt,
                 &format!("{prefix}.attention.output.LayerNorm"),
                 hidden,
             )?,
-            intermediate_dense: load_linear(
-                backend,
-                ckpt,
-                &format!("{prefix}.intermediate.dense"),
-                inter,
-                hidden,
-            )?,
-            output_dense: load_linear(
-                backend,
-                ckpt,
-                &format!("{prefix}.output.dense"),
-                hidden,
-                inter,
-            )?,
+            intermediate_dense: linear(LinearKind::Intermediate)?,
+            output_dense: linear(LinearKind::Output)?,
             output_layer_norm: LayerNorm::load(
                 backend,
                 ckpt,
@@ -146,12 +129,30 @@ pub struct BertModel<B: Backend> {
 impl<B: Backend> BertModel<B> {
     /// Loads `config.json` and `model.safetensors` from a model directory.
     pub fn load(backend: B, files: &ModelFiles) -> Result<Self> {
-        let config = BertConfig::from_file(&files.config)?;
-        let ckpt = Checkpoint::open(&files.weights)?;
-        Self::from_checkpoint(backend, config, &ckpt)
+        Self::load_with(backend, files, &F32Linears)
     }
 
+    /// [`Self::load`] with `loader` choosing each encoder linear's form.
+    pub fn load_with(backend: B, files: &ModelFiles, loader: &dyn LinearLoader<B>) -> Result<Self> {
+        let config = BertConfig::from_file(&files.config)?;
+        let ckpt = Checkpoint::open(&files.weights)?;
+        Self::from_checkpoint_with(backend, config, &ckpt, loader)
+    }
+
+    /// Loads every linear layer in f32 (an INT8 artifact's dequantized).
     pub fn from_checkpoint(backend: B, config: BertConfig, ckpt: &Checkpoint) -> Result<Self> {
+        Self::from_checkpoint_with(backend, config, ckpt, &F32Linears)
+    }
+
+    /// Loads with `loader` choosing each encoder linear's form (the pooler
+    /// stays f32: it runs on one row per sequence).
+    pub fn from_checkpoint_with(
+        backend: B,
+        config: BertConfig,
+        ckpt: &Checkpoint,
+        loader: &dyn LinearLoader<B>,
+    ) -> Result<Self> {
+        let tensors = ModelTensors::new(ckpt)?;
         let hidden = config.hidden_size;
         let param = |name: &str, shape: &[usize]| -> Result<B::Param> {
             Ok(backend.param(ckpt.tensor(name, shape)?))
@@ -172,7 +173,7 @@ impl<B: Backend> BertModel<B> {
             layer_norm: LayerNorm::load(&backend, ckpt, "embeddings.LayerNorm", hidden)?,
         };
         let layers = (0..config.num_hidden_layers)
-            .map(|i| BertLayer::load(&backend, ckpt, &config, i))
+            .map(|i| BertLayer::load(&backend, &tensors, &config, i, loader))
             .collect::<Result<Vec<_>>>()?;
         let pooler_dense = if ckpt.contains("pooler.dense.weight") {
             Some(load_linear(&backend, ckpt, "pooler.dense", hidden, hidden)?)
@@ -207,6 +208,18 @@ impl<B: Backend> BertModel<B> {
     /// Runs the encoder; the last hidden state, `[tokens, hidden]` in packed
     /// order, is then in the workspace (see [`Self::last_hidden_state`]).
     pub fn forward(&self, batch: &TokenBatch, ws: &mut Workspace<B>) -> Result<()> {
+        self.forward_observed(batch, ws, &mut |_, _, _| {})
+    }
+
+    /// [`Self::forward`], showing `observe` the input of every encoder
+    /// linear (layer index, which linear, `[tokens, in_features]`) before it
+    /// runs: for calibration and per-layer error reports.
+    pub fn forward_observed(
+        &self,
+        batch: &TokenBatch,
+        ws: &mut Workspace<B>,
+        observe: &mut dyn FnMut(usize, LinearKind, &B::Tensor),
+    ) -> Result<()> {
         self.check_batch(batch)?;
         let be = &self.backend;
         let c = &self.config;
@@ -232,7 +245,8 @@ impl<B: Backend> BertModel<B> {
         let norm = &emb.layer_norm;
         be.layer_norm(&mut ws.hidden, None, &norm.weight, &norm.bias, eps, hidden);
 
-        for layer in &self.layers {
+        for (index, layer) in self.layers.iter().enumerate() {
+            observe(index, LinearKind::Qkv, &ws.hidden);
             be.matmul(
                 &mut ws.qkv,
                 &ws.hidden,
@@ -247,6 +261,7 @@ impl<B: Backend> BertModel<B> {
                 c.num_attention_heads,
                 c.head_dim(),
             );
+            observe(index, LinearKind::AttentionOutput, &ws.context);
             be.matmul(
                 &mut ws.projected,
                 &ws.context,
@@ -265,6 +280,7 @@ impl<B: Backend> BertModel<B> {
             );
             std::mem::swap(&mut ws.hidden, &mut ws.projected);
 
+            observe(index, LinearKind::Intermediate, &ws.hidden);
             be.matmul(
                 &mut ws.intermediate,
                 &ws.hidden,
@@ -272,6 +288,7 @@ impl<B: Backend> BertModel<B> {
                 &layer.intermediate_dense,
                 Activation::Gelu,
             );
+            observe(index, LinearKind::Output, &ws.intermediate);
             be.matmul(
                 &mut ws.projected,
                 &ws.intermediate,

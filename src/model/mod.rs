@@ -1,9 +1,11 @@
 //! BERT, written once over the [`Backend`](crate::backend::Backend) ops.
 
 mod bert;
+pub mod linear;
 
 pub(crate) use bert::load_linear;
 pub use bert::{BertModel, Workspace};
+pub use linear::{F32Linears, LinearKind, LinearLoader, LinearSpec};
 
 use std::path::{Path, PathBuf};
 

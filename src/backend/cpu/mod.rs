@@ -25,9 +25,17 @@ pub struct CpuBackend {
     training_precision: Precision,
 }
 
+/// A linear layer in the precision chosen for it at load.
 pub struct CpuLinear {
-    weight: gemm::PackedWeight,
+    weight: CpuWeight,
     bias: Vec<f32>,
+}
+
+enum CpuWeight {
+    /// f32, packed for the GEMM micro-kernels.
+    F32(gemm::PackedWeight),
+    /// int8 per output channel, activations quantized per token on each call.
+    Int8(int8::QuantizedWeight),
 }
 
 impl CpuBackend {
@@ -60,6 +68,26 @@ impl CpuBackend {
 
     pub fn isa(&self) -> Isa {
         self.isa
+    }
+
+    /// The INT8 path this backend's kernels run (capped like its [`Isa`]).
+    pub fn int8_isa(&self) -> int8::Int8Isa {
+        int8::Int8Isa::best_under(self.isa)
+    }
+
+    /// A linear layer that runs in INT8; `weight` was quantized for
+    /// [`Self::int8_isa`].
+    pub fn prepare_linear_int8(&self, weight: int8::QuantizedWeight, bias: &[f32]) -> CpuLinear {
+        assert_eq!(
+            weight.isa(),
+            self.int8_isa(),
+            "weight quantized for another path"
+        );
+        assert_eq!(bias.len(), weight.n(), "one bias per output channel");
+        CpuLinear {
+            weight: CpuWeight::Int8(weight),
+            bias: bias.to_vec(),
+        }
     }
 }
 
@@ -101,7 +129,12 @@ impl Backend for CpuBackend {
         in_features: usize,
     ) -> CpuLinear {
         CpuLinear {
-            weight: gemm::PackedWeight::pack_for(weight, out_features, in_features, self.isa),
+            weight: CpuWeight::F32(gemm::PackedWeight::pack_for(
+                weight,
+                out_features,
+                in_features,
+                self.isa,
+            )),
             bias: bias.to_vec(),
         }
     }
@@ -142,16 +175,30 @@ impl Backend for CpuBackend {
         layer: &CpuLinear,
         activation: Activation,
     ) {
-        let (n, k) = (layer.weight.n(), layer.weight.k());
-        self.pool.install(|| {
-            gemm::linear(
-                &input[..rows * k],
-                rows,
-                &layer.weight,
-                Some(&layer.bias),
-                epilogue(activation),
-                &mut out[..rows * n],
-            )
+        let bias = Some(layer.bias.as_slice());
+        self.pool.install(|| match &layer.weight {
+            CpuWeight::F32(weight) => {
+                let (n, k) = (weight.n(), weight.k());
+                gemm::linear(
+                    &input[..rows * k],
+                    rows,
+                    weight,
+                    bias,
+                    epilogue(activation),
+                    &mut out[..rows * n],
+                )
+            }
+            CpuWeight::Int8(weight) => {
+                let (n, k) = (weight.n(), weight.k());
+                int8::linear_int8(
+                    &input[..rows * k],
+                    rows,
+                    weight,
+                    bias,
+                    activation == Activation::Gelu,
+                    &mut out[..rows * n],
+                )
+            }
         });
     }
 

@@ -59,8 +59,8 @@ pub(super) static KERNEL_VNNI_EVEX: Kernel = Kernel {
 /// # Safety
 /// The host must support AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn quantize(x: &[f32], q: &mut [u8], xor: u8) -> f32 {
-    quantize_row_with(x, q, xor)
+unsafe fn quantize(x: &[f32], multipliers: Option<&[f32]>, q: &mut [u8], xor: u8) -> f32 {
+    quantize_row_with(x, multipliers, q, xor)
 }
 
 /// A way to add 4 byte products per 32-bit lane.

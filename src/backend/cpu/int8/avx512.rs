@@ -27,8 +27,8 @@ pub(super) static KERNEL: Kernel = Kernel {
 /// # Safety
 /// The host must support AVX-512F/BW/DQ/VL.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-unsafe fn quantize(x: &[f32], q: &mut [u8], xor: u8) -> f32 {
-    quantize_row_with(x, q, xor)
+unsafe fn quantize(x: &[f32], multipliers: Option<&[f32]>, q: &mut [u8], xor: u8) -> f32 {
+    quantize_row_with(x, multipliers, q, xor)
 }
 
 /// # Safety

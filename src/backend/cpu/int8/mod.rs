@@ -11,6 +11,14 @@
 //! * `out[i,j] = fma(f32(Σ_p qx[i,p]·qw[j,p]), sx[i]·sw[j], bias[j])`, then
 //!   GELU if asked.
 //!
+//! Optionally with SmoothQuant's per-input-channel migration
+//! (<https://arxiv.org/abs/2211.10438>): a weight quantized as `W·diag(s)`
+//! quantizes its activations as `x·diag(1/s)`, the product unchanged. A
+//! large `s[p]` for an outlier channel `p` shrinks it in every row, so
+//! it no longer coarsens the step of all the row's other channels. The
+//! multiply is fused into the activation quantization (one more multiply
+//! per value, no extra pass).
+//!
 //! The integer sum is exact on every path (`|Σ| <= 127²·k < 2³¹` for
 //! `k <= MAX_K`), and every path rounds the same float operations in the
 //! same order, so each kernel matches [`linear_int8_reference`] bit for bit
@@ -117,7 +125,8 @@ impl Int8Isa {
         }
     }
 
-    fn best_under(cap: Isa) -> Int8Isa {
+    /// The fastest path allowed under the f32 instruction set `cap`.
+    pub fn best_under(cap: Isa) -> Int8Isa {
         [Int8Isa::Avx512Vnni, Int8Isa::AvxVnni, Int8Isa::Avx2]
             .into_iter()
             .find(|isa| isa.runs_under(cap))
@@ -153,8 +162,10 @@ fn vnni() -> (bool, bool) {
 }
 
 /// Quantizes one row: writes `q` (`-127..=127`, stored as `q ^ xor`, so
-/// `xor = 0x80` gives `q + 128`) for each value of `x` and returns the
-/// scale `max |x| / 127`.
+/// `xor = 0x80` gives `q + 128`) for each value of `x`, multiplied first by
+/// its channel's entry of `multipliers` if given (SmoothQuant's `1/s`, see
+/// [`QuantizedWeight::quantize_smoothed`]), and returns the scale
+/// `max |x| / 127` of the (multiplied) row.
 ///
 /// Inlined into each kernel's `#[target_feature]` wrapper so one body
 /// vectorises for every instruction set; all of them compute the same
@@ -162,24 +173,43 @@ fn vnni() -> (bool, bool) {
 /// `q = 0` and scale 0; NaN or infinity gives `q = 0` and a NaN or infinite
 /// scale, so the non-finite input shows in the output as with f32.
 #[inline(always)]
-fn quantize_row_with(x: &[f32], q: &mut [u8], xor: u8) -> f32 {
+fn quantize_row_with(x: &[f32], multipliers: Option<&[f32]>, q: &mut [u8], xor: u8) -> f32 {
     // Integer max of the magnitude bits, which order non-negative floats
     // like their values (NaN above infinity): an integer reduction
     // vectorises without the caveats of a float one.
-    let max_bits = x.iter().fold(0u32, |m, v| m.max(v.to_bits() & 0x7fff_ffff));
+    let magnitude = |v: f32| v.to_bits() & 0x7fff_ffff;
+    let max_bits = match multipliers {
+        None => x.iter().fold(0u32, |m, &v| m.max(magnitude(v))),
+        Some(mul) => x
+            .iter()
+            .zip(mul)
+            .fold(0u32, |m, (&v, &c)| m.max(magnitude(v * c))),
+    };
     let max = f32::from_bits(max_bits);
     let inv = 127.0 / max;
-    for (d, &v) in q.iter_mut().zip(x) {
-        // `|v * inv| <= 127 (1 + 2⁻²³)²`, so adding 1.5 · 2²³ lands in
-        // [2²³, 2²⁴), where the float step is 1: the sum is rounded to an
-        // integer (ties to even) and that integer, `-127..=127`, sits in the
-        // low mantissa bits. Pure integer work after one add, so it
-        // vectorises (a saturating `f32 as i8` does not). NaN products (zero
-        // or non-finite rows) give 0.
+    // `|v * inv| <= 127 (1 + 2⁻²³)²`, so adding 1.5 · 2²³ lands in
+    // [2²³, 2²⁴), where the float step is 1: the sum is rounded to an
+    // integer (ties to even) and that integer, `-127..=127`, sits in the
+    // low mantissa bits. Pure integer work after one add, so it
+    // vectorises (a saturating `f32 as i8` does not). NaN products (zero
+    // or non-finite rows) give 0.
+    let level = |v: f32| {
         let q = (v * inv + ROUND_MAGIC)
             .to_bits()
             .wrapping_sub(ROUND_MAGIC.to_bits());
-        *d = (q as u8) ^ xor;
+        (q as u8) ^ xor
+    };
+    match multipliers {
+        None => {
+            for (d, &v) in q.iter_mut().zip(x) {
+                *d = level(v);
+            }
+        }
+        Some(mul) => {
+            for ((d, &v), &c) in q.iter_mut().zip(x).zip(mul) {
+                *d = level(v * c);
+            }
+        }
     }
     max / 127.0
 }
@@ -189,8 +219,8 @@ fn quantize_row_with(x: &[f32], q: &mut [u8], xor: u8) -> f32 {
 const ROUND_MAGIC: f32 = 12_582_912.0;
 
 /// [`quantize_row_with`] for the portable path, the reference and weights.
-fn quantize_row(x: &[f32], q: &mut [u8], xor: u8) -> f32 {
-    quantize_row_with(x, q, xor)
+fn quantize_row(x: &[f32], multipliers: Option<&[f32]>, q: &mut [u8], xor: u8) -> f32 {
+    quantize_row_with(x, multipliers, q, xor)
 }
 
 /// One micro-kernel call: a `rows × cols` tile of
@@ -219,6 +249,10 @@ struct Tile {
     ldc: usize,
 }
 
+/// [`quantize_row_with`]'s signature: row, channel multipliers, output,
+/// xor.
+type QuantizeRow = unsafe fn(&[f32], Option<&[f32]>, &mut [u8], u8) -> f32;
+
 /// A micro-kernel, its tile shape and its activation format.
 struct Kernel {
     /// Most rows per tile.
@@ -230,7 +264,7 @@ struct Kernel {
     /// Computes one [`Tile`]; `1 <= rows <= mr`, `1 <= cols <= nr`.
     tile: unsafe fn(&Tile),
     /// [`quantize_row_with`] compiled for the kernel's instruction set.
-    quantize: unsafe fn(&[f32], &mut [u8], u8) -> f32,
+    quantize: QuantizeRow,
     /// Below this many multiply-adds one thread beats several: about 20 µs
     /// of this kernel on one core. Waking a second thread and splitting
     /// cost about 10 µs on a 2-core Zen 4 (AVX-512 VNNI at 16 × 384 × 384,
@@ -330,7 +364,15 @@ fn linear_with(
             if tn == 1 {
                 gemm_split_m(kern, w, x, a, scales, tm, out);
             } else {
-                quantize_rows(kern, x, k, a, scales, x.len() >= PARALLEL_MIN_QUANT);
+                quantize_rows(
+                    kern,
+                    x,
+                    k,
+                    w.activation_multipliers(),
+                    a,
+                    scales,
+                    x.len() >= PARALLEL_MIN_QUANT,
+                );
                 gemm_grid(kern, w, a, scales, (tm, tn), out);
             }
         }
@@ -365,6 +407,7 @@ fn quantize_rows(
     kern: &Kernel,
     x: &[f32],
     k: usize,
+    multipliers: Option<&[f32]>,
     a: &mut [u8],
     scales: &mut [f32],
     parallel: bool,
@@ -379,7 +422,7 @@ fn quantize_rows(
     let one = |((row, q), s): ((&[f32], &mut [u8]), &mut f32)| {
         let (q, pad) = q.split_at_mut(k);
         // SAFETY: the kernel's instruction set runs on this host.
-        *s = unsafe { (kern.quantize)(row, q, xor) };
+        *s = unsafe { (kern.quantize)(row, multipliers, q, xor) };
         pad.fill(xor);
     };
     if parallel {
@@ -474,7 +517,7 @@ unsafe fn gemm_split_m(
     let (m, k) = (scales.len(), w.k());
     let panels = 0..w.n().div_ceil(PANEL);
     if tm == 1 {
-        quantize_rows(kern, x, k, a, scales, false);
+        quantize_rows(kern, x, k, w.activation_multipliers(), a, scales, false);
         // SAFETY: forwarded contract, for all rows.
         unsafe { gemm_block(kern, w, a, scales, 0..m, panels, out) };
         return;
@@ -488,7 +531,7 @@ unsafe fn gemm_split_m(
         .enumerate()
         .with_max_len(1)
         .for_each(|(t, ((a, scales), x))| {
-            quantize_rows(kern, x, k, a, scales, false);
+            quantize_rows(kern, x, k, w.activation_multipliers(), a, scales, false);
             let rows = t * rows_per..t * rows_per + scales.len();
             // SAFETY: the row ranges of different tasks are disjoint.
             unsafe { gemm_block(kern, w, a, scales, rows, panels.clone(), shared.get()) };

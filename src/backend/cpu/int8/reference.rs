@@ -4,7 +4,7 @@ use super::{check_operands, quantize_row, QuantizedWeight};
 use crate::backend::cpu::gemm::gelu_erf;
 
 /// What [`super::linear_int8`] computes, one output at a time: the same
-/// per-row activation quantization, an exact `i32` dot product with the
+/// per-row activation quantization (after the weight's smoothing, if any), an exact `i32` dot product with the
 /// int8 weights, and the same epilogue
 /// `fma(f32(dot), sx[i] · sw[j], bias[j])` (an FMA because that is what the
 /// SIMD kernels do; `f32::mul_add` rounds once, like them), then the
@@ -22,7 +22,7 @@ pub fn linear_int8_reference(
     let qw = w.to_int8();
     let mut qx = vec![0u8; k];
     for i in 0..m {
-        let sx = quantize_row(&x[i * k..][..k], &mut qx, 0);
+        let sx = quantize_row(&x[i * k..][..k], w.activation_multipliers(), &mut qx, 0);
         for (j, o) in out[i * n..][..n].iter_mut().enumerate() {
             let dot: i32 = qx
                 .iter()

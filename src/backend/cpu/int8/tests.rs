@@ -227,14 +227,14 @@ fn weight_quantization_round_trips() {
 fn rows_round_to_nearest_even() {
     let x = [127.0, 0.5, 1.5, 2.5, -0.5, -1.5, 63.5, -127.0, 0.49];
     let mut q = [0u8; 9];
-    assert_eq!(quantize_row(&x, &mut q, 0), 1.0);
+    assert_eq!(quantize_row(&x, None, &mut q, 0), 1.0);
     let q: Vec<i8> = q.iter().map(|&v| v as i8).collect();
     assert_eq!(q, [127, 0, 2, 2, 0, -2, 64, -127, 0]);
     let mut offset = [0u8; 9];
-    quantize_row(&x, &mut offset, 0x80);
+    quantize_row(&x, None, &mut offset, 0x80);
     assert_eq!(offset[..3], [255, 128, 130]);
     let mut zero = [7u8; 3];
-    assert_eq!(quantize_row(&[0.0; 3], &mut zero, 0), 0.0);
+    assert_eq!(quantize_row(&[0.0; 3], None, &mut zero, 0), 0.0);
     assert_eq!(zero, [0; 3]);
 }
 
@@ -336,4 +336,76 @@ fn detect_is_available() {
     let available = Int8Isa::available();
     assert!(available.contains(&Int8Isa::detect()));
     assert_eq!(available[0], Int8Isa::Portable);
+}
+
+/// SmoothQuant factors for `x` `[m, k]` and `w` `[n, k]`:
+/// `s[p] = sqrt(max |x[:, p]| / max |w[:, p]|)` (α = 0.5).
+fn smoothing_for(x: &[f32], w: &[f32], k: usize) -> Vec<f32> {
+    let channel_max = |a: &[f32]| {
+        let mut max = vec![0.0f32; k];
+        for row in a.chunks(k) {
+            max.iter_mut()
+                .zip(row)
+                .for_each(|(m, v)| *m = m.max(v.abs()));
+        }
+        max
+    };
+    let (xm, wm) = (channel_max(x), channel_max(w));
+    xm.iter().zip(&wm).map(|(a, b)| (a / b).sqrt()).collect()
+}
+
+#[test]
+fn smoothed_weights_match_reference_on_every_path() {
+    for (name, isa, kern) in kernels() {
+        for (m, n, k) in [(3, 33, 31), (17, 96, 384), (130, 50, 1536)] {
+            let mut x = random(m * k, (m + n + k) as u64);
+            for row in x.chunks_mut(k) {
+                row[k / 2] *= 30.0;
+            }
+            let w = random(n * k, 3);
+            let bias = random(n, 4);
+            let q = QuantizedWeight::quantize_smoothed(&w, n, k, &smoothing_for(&x, &w, k), isa);
+            let mut want = vec![0.0; m * n];
+            linear_int8_reference(&x, m, &q, Some(&bias), false, &mut want);
+            let mut got = vec![f32::NAN; m * n];
+            linear_with(kern, &x, m, &q, Some(&bias), false, &mut got);
+            assert_eq!(got, want, "{name}: m={m} n={n} k={k}");
+        }
+    }
+}
+
+#[test]
+fn smoothing_restores_precision_lost_to_an_outlier_channel() {
+    let (m, n, k) = (64, 384, 384);
+    let mut x = random(m * k, 1);
+    for row in x.chunks_mut(k) {
+        row[17] = 20.0;
+    }
+    let w = random(n * k, 2);
+    let mut exact = vec![0.0; m * n];
+    linear_reference(&x, m, &w, n, k, None, Epilogue::None, &mut exact);
+    let relative_error = |q: &QuantizedWeight| {
+        let mut got = vec![0.0; m * n];
+        linear_int8(&x, m, q, None, false, &mut got);
+        let err: f64 = got
+            .iter()
+            .zip(&exact)
+            .map(|(g, e)| ((g - e) as f64).powi(2))
+            .sum();
+        let norm: f64 = exact.iter().map(|e| (*e as f64).powi(2)).sum();
+        (err / norm).sqrt()
+    };
+    let plain = relative_error(&QuantizedWeight::quantize(&w, n, k));
+    let smoothed =
+        QuantizedWeight::quantize_smoothed(&w, n, k, &smoothing_for(&x, &w, k), Int8Isa::detect());
+    let smooth = relative_error(&smoothed);
+    assert!(smooth < 0.5 * plain, "smoothed {smooth} vs plain {plain}");
+    // Dequantizing undoes the factors.
+    let deq = smoothed.dequantize();
+    let worst = deq
+        .iter()
+        .zip(&w)
+        .map(|(d, v)| (d - v).abs())
+        .fold(0.0, f32::max);
+    assert!(worst < 0.05, "dequantized weight off by {worst}");
 }

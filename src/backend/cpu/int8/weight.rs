@@ -28,6 +28,17 @@ pub struct QuantizedWeight {
     scales: Vec<f32>,
     /// `Σ_p qw[j,p]` per output channel, padded with zeros to whole panels.
     col_sums: Vec<i32>,
+    /// SmoothQuant migration, if any: the weights carry `s`, activations
+    /// are multiplied by `1/s` before they are quantized.
+    smoothing: Option<Smoothing>,
+}
+
+#[derive(Clone)]
+struct Smoothing {
+    /// `s`, one per input channel.
+    divisors: Vec<f32>,
+    /// `1/s`, what the activation quantization multiplies by.
+    multipliers: Vec<f32>,
 }
 
 impl QuantizedWeight {
@@ -55,10 +66,57 @@ impl QuantizedWeight {
                 .zip(q.chunks_exact_mut(k))
                 .zip(&mut scales)
             {
-                *s = quantize_row(row, bytemuck::cast_slice_mut(out), 0);
+                *s = quantize_row(row, None, bytemuck::cast_slice_mut(out), 0);
             }
         }
         Self::from_int8(&q, &scales, n, k, isa)
+    }
+
+    /// Quantizes `weight · diag(smoothing)` (`smoothing`: `k` positive
+    /// per-input-channel factors) and divides activations by `smoothing`
+    /// before quantizing them at run time: the same product, with the
+    /// activations' outlier channels moved into the weights (SmoothQuant).
+    pub fn quantize_smoothed(
+        weight: &[f32],
+        n: usize,
+        k: usize,
+        smoothing: &[f32],
+        isa: Int8Isa,
+    ) -> Self {
+        assert!(
+            weight.len() >= n * k,
+            "weight has {} values, need {n}x{k}",
+            weight.len()
+        );
+        assert_eq!(smoothing.len(), k, "one smoothing factor per input channel");
+        let mut scaled = weight[..n * k].to_vec();
+        if k > 0 {
+            for row in scaled.chunks_exact_mut(k) {
+                row.iter_mut().zip(smoothing).for_each(|(w, s)| *w *= s);
+            }
+        }
+        Self::quantize_for(&scaled, n, k, isa).with_smoothing(smoothing)
+    }
+
+    /// Declares that the int8 weights carry the per-input-channel factors
+    /// `smoothing` (as [`Self::quantize_smoothed`] makes them), so that
+    /// activations are divided by them; for weights read back with
+    /// [`Self::from_int8`].
+    pub fn with_smoothing(mut self, smoothing: &[f32]) -> Self {
+        assert_eq!(
+            smoothing.len(),
+            self.k,
+            "one smoothing factor per input channel"
+        );
+        assert!(
+            smoothing.iter().all(|s| s.is_finite() && *s > 0.0),
+            "smoothing factors must be finite and positive"
+        );
+        self.smoothing = Some(Smoothing {
+            divisors: smoothing.to_vec(),
+            multipliers: smoothing.iter().map(|s| 1.0 / s).collect(),
+        });
+        self
     }
 
     /// Packs already-quantized weights: `q` row-major `[n, k]` in
@@ -102,6 +160,7 @@ impl QuantizedWeight {
             data,
             scales: padded_scales,
             col_sums,
+            smoothing: None,
         }
     }
 
@@ -130,6 +189,16 @@ impl QuantizedWeight {
         &self.col_sums[..self.n]
     }
 
+    /// The per-input-channel smoothing factors `s` the weights carry, if any.
+    pub fn smoothing(&self) -> Option<&[f32]> {
+        self.smoothing.as_ref().map(|s| s.divisors.as_slice())
+    }
+
+    /// `1/s` per input channel, applied to activations before quantization.
+    pub(super) fn activation_multipliers(&self) -> Option<&[f32]> {
+        self.smoothing.as_ref().map(|s| s.multipliers.as_slice())
+    }
+
     /// The int8 weights, row-major `[n, k]`.
     pub fn to_int8(&self) -> Vec<i8> {
         let (n, k) = (self.n, self.k);
@@ -145,13 +214,16 @@ impl QuantizedWeight {
         out
     }
 
-    /// Back to f32, row-major `[n, k]`: `q * scale` (for error reports).
+    /// Back to f32, row-major `[n, k]`: `q * scale / smoothing`.
     pub fn dequantize(&self) -> Vec<f32> {
         let k = self.k;
         let mut out: Vec<f32> = self.to_int8().into_iter().map(f32::from).collect();
         if k > 0 {
             for (row, &s) in out.chunks_exact_mut(k).zip(self.scales()) {
                 row.iter_mut().for_each(|v| *v *= s);
+                if let Some(smoothing) = self.smoothing() {
+                    row.iter_mut().zip(smoothing).for_each(|(v, d)| *v /= d);
+                }
             }
         }
         out
@@ -179,6 +251,7 @@ impl std::fmt::Debug for QuantizedWeight {
             .field("n", &self.n)
             .field("k", &self.k)
             .field("isa", &self.isa)
+            .field("smoothed", &self.smoothing.is_some())
             .finish_non_exhaustive()
     }
 }
