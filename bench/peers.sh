@@ -2,7 +2,7 @@
 # bertrt against its CPU peers, back to back in one run on this machine:
 #   inference: ONNX Runtime fp32 (plain export and the ORT transformer
 #              optimizer's fused graph) and ORT quantize_dynamic int8, vs
-#              bertrt fp32 and INT8 (`cargo bench --bench encoder`), batch 1
+#              bertrt fp32, bf16 and INT8 (`cargo bench --bench encoder`), batch 1
 #              at seq 16..512 and 32 x 128;
 #   training:  PyTorch fp32 and bf16 autocast vs bertrt fp32 and bf16
 #              (`cargo bench --bench train`), batch 16 x seq 128.
@@ -68,6 +68,9 @@ print(f"bertrt: {ours.get('backend', '?')}; onnxruntime {json.load(open(f'{out}/
 print("ratio = bertrt p50 / peer p50 (below 1: bertrt faster)")
 table("fp32", by_shape(ours["shapes"]),
       {"ORT-optimized": by_shape(ort["fp32-opt"]), "ORT plain": by_shape(ort["fp32"])})
+if "bf16" in ours:
+    table("bf16 (bertrt) vs fp32 (ORT has no bf16 CPU kernels here)", by_shape(ours["bf16"]["shapes"]),
+          {"ORT-optimized": by_shape(ort["fp32-opt"])})
 if "int8" in ours:
     table("int8", by_shape(ours["int8"]["shapes"]), {"ORT int8": by_shape(ort["int8"])})
 

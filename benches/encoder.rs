@@ -1,7 +1,7 @@
-//! Encoder forward latency of all-MiniLM-L6-v2 on the CPU backend, f32 and
-//! INT8 (quantized on load as `--int8` does: built-in calibration
-//! sentences, SmoothQuant per linear): batch 1 at sequence lengths 16..512
-//! and 32 × 128, with p50/p95/p99 per shape.
+//! Encoder forward latency of all-MiniLM-L6-v2 on the CPU backend, f32,
+//! bf16 (`--dtype bf16`) and INT8 (quantized on load as `--int8` does:
+//! built-in calibration sentences, SmoothQuant per linear): batch 1 at
+//! sequence lengths 16..512 and 32 × 128, with p50/p95/p99 per shape.
 //!
 //! Criterion reports means; for tail latency every iteration is timed on its
 //! own (`iter_custom`), and the percentiles are printed as a table and
@@ -10,9 +10,10 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use bertrt::backend::cpu::gemm;
 use bertrt::backend::cpu::CpuBackend;
 use bertrt::model::{BertModel, ModelFiles, TokenBatch, Workspace};
-use bertrt::quant::Int8Linears;
+use bertrt::quant::{Bf16Linears, Int8Linears};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 
 const SHAPES: &[(usize, usize)] = &[
@@ -103,6 +104,10 @@ fn encoder(c: &mut Criterion) {
     let f32_rows = measure(c, "minilm_l6_forward", &model);
     drop(model);
 
+    let bf16 = BertModel::load_with(CpuBackend::new(0), &files, &Bf16Linears).unwrap();
+    let bf16_rows = measure(c, "minilm_l6_forward_bf16", &bf16);
+    drop(bf16);
+
     let (linears, quantization) = Int8Linears::for_model(&dir, true).unwrap();
     let quantization = quantization.expect("an f32 model is calibrated");
     let int8 = BertModel::load_with(CpuBackend::new(0), &files, &linears).unwrap();
@@ -116,18 +121,35 @@ fn encoder(c: &mut Criterion) {
         quantization.summary()
     );
     println!(
-        "{:>6} {:>5} | {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} | {:>9}",
-        "batch", "seq", "f32 p50", "p95", "p99", "int8 p50", "p95", "p99", "int8/f32"
+        "{:>6} {:>5} | {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} | {:>9} {:>9}",
+        "batch",
+        "seq",
+        "f32 p50",
+        "p95",
+        "p99",
+        "bf16 p50",
+        "p95",
+        "p99",
+        "int8 p50",
+        "p95",
+        "p99",
+        "bf16/f32",
+        "int8/f32"
     );
-    for ((&(batch, seq), (f, _)), (q, _)) in SHAPES.iter().zip(&f32_rows).zip(&int8_rows) {
+    for (i, &(batch, seq)) in SHAPES.iter().enumerate() {
+        let (f, b, q) = (f32_rows[i].0, bf16_rows[i].0, int8_rows[i].0);
         println!(
-            "{batch:>6} {seq:>5} | {:>8.3} {:>8.3} {:>8.3} | {:>8.3} {:>8.3} {:>8.3} | {:>8.2}x",
+            "{batch:>6} {seq:>5} | {:>8.3} {:>8.3} {:>8.3} | {:>8.3} {:>8.3} {:>8.3} | {:>8.3} {:>8.3} {:>8.3} | {:>8.2}x {:>8.2}x",
             f[0],
             f[1],
             f[2],
+            b[0],
+            b[1],
+            b[2],
             q[0],
             q[1],
             q[2],
+            b[0] / f[0],
             q[0] / f[0]
         );
     }
@@ -136,6 +158,10 @@ fn encoder(c: &mut Criterion) {
         "model": "all-MiniLM-L6-v2",
         "backend": int8.backend_description(),
         "shapes": shapes_json(&f32_rows),
+        "bf16": {
+            "native": gemm::bf16_native(),
+            "shapes": shapes_json(&bf16_rows),
+        },
         "int8": {
             "path": backend.int8_isa().name(),
             "quantization": quantization.summary(),

@@ -7,8 +7,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bertrt::backend::cpu::CpuBackend;
-use bertrt::backend::train::{AdamW, Precision};
+use bertrt::backend::train::AdamW;
 use bertrt::backend::Backend;
+use bertrt::backend::Precision;
 use bertrt::checkpoint::Checkpoint;
 use bertrt::config::BertConfig;
 use bertrt::model::{Pooling, TokenBatch};

@@ -51,8 +51,9 @@ fn embeddings(stdout: &str) -> Vec<Vec<f32>> {
         .collect()
 }
 
-#[test]
-fn embed_matches_pytorch_mean_pooling() {
+/// `bertrt embed` of the fixture sentences (with `extra` flags) against
+/// PyTorch's fp32 mean pooling: the worst cosine.
+fn embed_fixture_worst_cosine(extra: &[&str]) -> f64 {
     let model = common::minilm_dir();
     let fixture = Fixture::open("forward.safetensors");
     let texts = fixture_texts();
@@ -63,24 +64,41 @@ fn embed_matches_pytorch_mean_pooling() {
         .map(|t| serde_json::to_string(t).unwrap() + "\n")
         .collect();
     let model_arg = model.to_str().unwrap();
-    let (ok, stdout, stderr) = bertrt(
-        &[
-            "embed",
-            "--model",
-            model_arg,
-            "--jsonl",
-            "--batch-size",
-            "5",
-        ],
-        &input,
-    );
+    let mut args = vec![
+        "embed",
+        "--model",
+        model_arg,
+        "--jsonl",
+        "--batch-size",
+        "5",
+    ];
+    args.extend_from_slice(extra);
+    let (ok, stdout, stderr) = bertrt(&args, &input);
     assert!(ok, "{stderr}");
     let got = embeddings(&stdout);
     assert_eq!(got.len(), texts.len());
-    for (i, e) in got.iter().enumerate() {
-        let c = cosine(e, &fixture.get(&format!("s{i}.mean_pooled")).1);
-        assert!(c >= 0.99999, "sentence {i}: cosine {c}");
-    }
+    got.iter()
+        .enumerate()
+        .map(|(i, e)| cosine(e, &fixture.get(&format!("s{i}.mean_pooled")).1))
+        .fold(1.0, f64::min)
+}
+
+#[test]
+fn embed_matches_pytorch_mean_pooling() {
+    let worst = embed_fixture_worst_cosine(&[]);
+    assert!(worst >= 0.99999, "worst cosine {worst}");
+}
+
+#[test]
+fn embed_bf16_stays_close_to_pytorch_fp32() {
+    let worst = embed_fixture_worst_cosine(&["--dtype", "bf16"]);
+    eprintln!("--dtype bf16: worst cosine to PyTorch fp32 {worst:.6}");
+    assert!(worst >= 0.9995, "worst cosine {worst}");
+    let (ok, _, stderr) = bertrt(
+        &["embed", "--model", "unused", "--int8", "--dtype", "bf16"],
+        "",
+    );
+    assert!(!ok && stderr.contains("--dtype"), "{stderr}");
 }
 
 #[test]

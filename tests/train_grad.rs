@@ -4,7 +4,7 @@
 mod common;
 
 use bertrt::backend::cpu::CpuBackend;
-use bertrt::backend::train::Precision;
+use bertrt::backend::Precision;
 use bertrt::checkpoint::Checkpoint;
 use bertrt::config::BertConfig;
 use bertrt::model::{Pooling, TokenBatch};

@@ -17,6 +17,28 @@ pub mod train;
 
 use crate::checkpoint::HostTensor;
 
+/// What matrix products compute in. Everything else (master weights,
+/// gradients, optimizer state, attention, LayerNorm, activations) stays f32.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    /// Operands rounded to bf16, products summed in f32: PyTorch's bf16
+    /// autocast for matmuls.
+    Bf16,
+}
+
 /// Applied to a matmul's output after the bias.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {

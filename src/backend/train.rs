@@ -36,29 +36,6 @@ pub struct AdamW {
     pub step: u32,
 }
 
-/// What a training step's matrix products (the linear layers, forward and
-/// backward) compute in. Master weights, gradients, optimizer state and
-/// every other op stay f32 either way.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    clap::ValueEnum,
-    serde::Serialize,
-    serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    #[default]
-    Fp32,
-    /// Operands rounded to bf16, products summed in f32 — PyTorch's bf16
-    /// autocast for matmuls.
-    Bf16,
-}
-
 /// The gradients of a layer's weight and bias, or None when it is frozen.
 pub type ParamGrads<'a, T> = Option<(&'a mut T, &'a mut T)>;
 

@@ -26,11 +26,8 @@ pub struct Args {
     /// CPU threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// Run the encoder's linear layers in INT8: an f32 model is quantized on
-    /// load (calibrated on built-in sentences, as `bertrt quantize` does);
-    /// an INT8 model (from `bertrt quantize`) runs INT8 without this flag.
-    #[arg(long)]
-    int8: bool,
+    #[command(flatten)]
+    numerics: super::quantize::Numerics,
 }
 
 #[derive(Serialize)]
@@ -42,14 +39,14 @@ pub fn run(args: Args) -> Result<()> {
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    let linears = super::quantize::load_linears(&args.model.model, args.int8)?;
+    let linears = args.numerics.load_linears(&args.model.model)?;
     let mut embedder = Embedder::load_with(
         CpuBackend::new(args.threads),
         &args.model.model,
         args.model.max_length,
         args.pooling,
         args.normalize,
-        &linears,
+        linears.as_ref(),
     )?;
     for_each_chunk(&args.input, args.batch_size, |texts, out| {
         for embedding in embedder.embed(texts)? {

@@ -35,17 +35,14 @@ pub struct Args {
     /// CPU threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// Run the encoder's linear layers in INT8: an f32 model is quantized on
-    /// load (calibrated on built-in sentences, as `bertrt quantize` does);
-    /// an INT8 model (from `bertrt quantize`) runs INT8 without this flag.
-    #[arg(long)]
-    int8: bool,
+    #[command(flatten)]
+    numerics: super::quantize::Numerics,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let linears = super::quantize::load_linears(&args.model, args.int8)?;
+    let linears = args.numerics.load_linears(&args.model)?;
     let mut classifier =
-        Classifier::load_with(CpuBackend::new(args.threads), &args.model, &linears)?;
+        Classifier::load_with(CpuBackend::new(args.threads), &args.model, linears.as_ref())?;
     let multi_label = matches!(classifier.decision, Decision::MultiLabel { .. });
     let trained_delimiter = classifier
         .meta

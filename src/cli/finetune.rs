@@ -4,7 +4,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use bertrt::backend::cpu::{gemm, CpuBackend};
-use bertrt::backend::train::Precision;
+use bertrt::backend::Precision;
 use bertrt::model::Pooling;
 use bertrt::train::{finetune, finetune_seeds, Metric, Task, TrainRecipe};
 

@@ -2,8 +2,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+use bertrt::backend::cpu::CpuBackend;
+use bertrt::backend::Precision;
 use bertrt::data::{self, DataSpec};
-use bertrt::quant::{self, Int8Linears, QuantizeOptions, Sample};
+use bertrt::model::LinearLoader;
+use bertrt::quant::{self, Bf16Linears, Int8Linears, QuantizeOptions, Sample};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -90,10 +93,34 @@ fn read_texts(path: &Path, text_column: &str) -> Result<Vec<String>> {
     Ok(texts)
 }
 
+/// The precision flags of embed/predict/eval.
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub struct Numerics {
+    /// Run the encoder's linear layers in INT8: an f32 model is quantized on
+    /// load (calibrated on built-in sentences, as `bertrt quantize` does);
+    /// an INT8 model (from `bertrt quantize`) runs INT8 without this flag.
+    #[arg(long, conflicts_with = "dtype")]
+    pub int8: bool,
+    /// What the encoder's linear layers multiply in: fp32, or bf16 operands
+    /// with f32 sums (fastest on CPUs with AVX512_BF16).
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    pub dtype: Precision,
+}
+
+impl Numerics {
+    /// How to load `dir`'s linear layers.
+    pub fn load_linears(&self, dir: &Path) -> Result<Box<dyn LinearLoader<CpuBackend>>> {
+        Ok(match self.dtype {
+            Precision::Bf16 => Box::new(Bf16Linears),
+            Precision::Fp32 => Box::new(load_linears(dir, self.int8)?),
+        })
+    }
+}
+
 /// How embed/predict/eval load `dir`: with `int8`, an f32 model is
 /// quantized on load (calibrated on built-in sentences; the result is
 /// reported on stderr); an INT8 model runs INT8 either way.
-pub fn load_linears(dir: &Path, int8: bool) -> Result<Int8Linears> {
+fn load_linears(dir: &Path, int8: bool) -> Result<Int8Linears> {
     let (linears, quantization) = Int8Linears::for_model(dir, int8)?;
     if let Some(q) = quantization {
         eprintln!("{}", q.summary());

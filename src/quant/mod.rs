@@ -22,6 +22,10 @@
 //! Attention, LayerNorm, embeddings, the pooler and classifier heads stay
 //! f32. [`Int8Linears`] loads a model with a plan, or an INT8 artifact as
 //! stored (see [`crate::model::linear`] for its tensor names).
+//!
+//! [`Bf16Linears`] is the other reduced-precision form: every encoder
+//! linear in bf16 (no calibration needed: bf16 keeps f32's range, and its
+//! products are summed in f32).
 
 mod calibrate;
 mod write;
@@ -219,6 +223,29 @@ impl LinearLoader<CpuBackend> for Int8Linears {
             }
             None => F32Linears.load(backend, tensors, spec),
         }
+    }
+}
+
+/// A [`LinearLoader`] for the CPU backend: every encoder linear with its
+/// products in bf16 (`--dtype bf16`).
+pub struct Bf16Linears;
+
+impl LinearLoader<CpuBackend> for Bf16Linears {
+    fn load(
+        &self,
+        backend: &CpuBackend,
+        tensors: &ModelTensors,
+        spec: &LinearSpec,
+    ) -> Result<CpuLinear> {
+        if stored_int8(tensors, spec)?.is_some() {
+            return Err(Error::Invalid(format!(
+                "{} is an INT8 model ({} is stored in INT8); run it without --dtype bf16",
+                tensors.checkpoint.path().display(),
+                spec.name
+            )));
+        }
+        let (weight, bias) = tensors.f32_linear(spec)?;
+        Ok(backend.prepare_linear_bf16(&weight, &bias, spec.out_features(), spec.in_features))
     }
 }
 

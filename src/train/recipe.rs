@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::train::Precision;
+use crate::backend::Precision;
 use crate::error::{Error, Result};
 use crate::model::Pooling;
 

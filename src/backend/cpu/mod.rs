@@ -14,8 +14,7 @@ pub use reference::ReferenceBackend;
 
 use isa::Isa;
 
-use crate::backend::train::Precision;
-use crate::backend::{Activation, Backend};
+use crate::backend::{Activation, Backend, Precision};
 use crate::checkpoint::HostTensor;
 
 pub struct CpuBackend {
@@ -73,6 +72,26 @@ impl CpuBackend {
     /// The INT8 path this backend's kernels run (capped like its [`Isa`]).
     pub fn int8_isa(&self) -> int8::Int8Isa {
         int8::Int8Isa::best_under(self.isa)
+    }
+
+    /// A linear layer whose products run in bf16 (the weight rounded once
+    /// here, activations as they are packed; sums in f32).
+    pub fn prepare_linear_bf16(
+        &self,
+        weight: &[f32],
+        bias: &[f32],
+        out_features: usize,
+        in_features: usize,
+    ) -> CpuLinear {
+        assert_eq!(bias.len(), out_features, "one bias per output feature");
+        CpuLinear {
+            weight: CpuWeight::F32(gemm::PackedWeight::pack_bf16(
+                weight,
+                out_features,
+                in_features,
+            )),
+            bias: bias.to_vec(),
+        }
     }
 
     /// A linear layer that runs in INT8; `weight` was quantized for

@@ -11,7 +11,8 @@ use rayon::prelude::*;
 use super::gemm::{self, Strided};
 use super::simd::{self, multiversion};
 use super::{attention, ops, reference, CpuBackend};
-use crate::backend::train::{AdamW, Dropout, ParamGrads, Precision, TrainBackend};
+use crate::backend::train::{AdamW, Dropout, ParamGrads, TrainBackend};
+use crate::backend::Precision;
 
 /// Rows per task for threaded row-wise loops.
 const ROWS_PER_TASK: usize = 32;
