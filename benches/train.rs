@@ -99,6 +99,10 @@ fn train_step_in(c: &mut Criterion, precision: Precision) {
         })
     });
     group.finish();
+    if samples.is_empty() {
+        // Filtered out on the command line.
+        return;
+    }
     samples.sort();
     let p50 = samples[samples.len() / 2].as_secs_f64();
     println!(

@@ -161,7 +161,7 @@ fn attend_block(
         if let Some(saved) = task.probs.get_mut(h) {
             saved.copy_from_slice(scores);
             let first = task.probs_base + h * keys * keys + (task.row - task.start) * keys;
-            ops::dropout_slice(scores, dropout, first);
+            ops::dropout_slice(isa, scores, dropout, first);
         }
         let scores = Strided::rows(scores, keys);
         gemm::sgemm_strided(

@@ -89,6 +89,83 @@ multiversion! {
 }
 
 multiversion! {
+    /// LayerNorm of the rows of `x` into `out`, saving each row's mean and
+    /// 1/std (reductions in [`simd::LANES`] partial sums, so they vectorise).
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm_forward_rows(
+        out: &mut [f32],
+        x: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        eps: f32,
+        mean: &mut [f32],
+        rstd: &mut [f32],
+    ) {
+        let cols = gamma.len();
+        let rows = out.chunks_exact_mut(cols).zip(x.chunks_exact(cols));
+        for ((o, row), (mu, rs)) in rows.zip(mean.iter_mut().zip(rstd.iter_mut())) {
+            let m = simd::sum(row) / cols as f32;
+            let var = simd::sum_squared_deviation(row, m) / cols as f32;
+            let r = 1.0 / (var + eps).sqrt();
+            for (((o, &v), &g), &b) in o.iter_mut().zip(row).zip(gamma).zip(beta) {
+                *o = (v - m) * r * g + b;
+            }
+            *mu = m;
+            *rs = r;
+        }
+    }
+}
+
+multiversion! {
+    /// LayerNorm backward over rows: writes `d_x`, adds into `d_gamma` and
+    /// `d_beta`.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm_backward_rows(
+        d_x: &mut [f32],
+        d_out: &[f32],
+        x: &[f32],
+        gamma: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        d_gamma: &mut [f32],
+        d_beta: &mut [f32],
+    ) {
+        const L: usize = simd::LANES;
+        let cols = gamma.len();
+        for (r, d_x_row) in d_x.chunks_exact_mut(cols).enumerate() {
+            let (mu, rs) = (mean[r], rstd[r]);
+            let dy = &d_out[r * cols..(r + 1) * cols];
+            let xr = &x[r * cols..(r + 1) * cols];
+            // Σ dxhat and Σ dxhat·xhat, dxhat = dy·gamma, in lane partials.
+            let (mut sum_d, mut sum_dx) = ([0.0f32; L], [0.0f32; L]);
+            let full = cols - cols % L;
+            for c0 in (0..full).step_by(L) {
+                for l in 0..L {
+                    let c = c0 + l;
+                    let dxhat = dy[c] * gamma[c];
+                    sum_d[l] += dxhat;
+                    sum_dx[l] += dxhat * (xr[c] - mu) * rs;
+                }
+            }
+            for c in full..cols {
+                let dxhat = dy[c] * gamma[c];
+                sum_d[0] += dxhat;
+                sum_dx[0] += dxhat * (xr[c] - mu) * rs;
+            }
+            let mean_dxhat = sum_d.iter().sum::<f32>() / cols as f32;
+            let mean_dxhat_xhat = sum_dx.iter().sum::<f32>() / cols as f32;
+            for c in 0..cols {
+                let xhat = (xr[c] - mu) * rs;
+                let dxhat = dy[c] * gamma[c];
+                d_x_row[c] = rs * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat);
+                d_gamma[c] += dy[c] * xhat;
+                d_beta[c] += dy[c];
+            }
+        }
+    }
+}
+
+multiversion! {
     fn adamw_slice(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], update: AdamW) {
         let AdamW { lr, beta1, beta2, eps, weight_decay, step } = update;
         let correction1 = 1.0 - beta1.powi(step as i32);
@@ -257,19 +334,17 @@ impl TrainBackend for CpuBackend {
         rstd: &mut Vec<f32>,
     ) {
         let cols = gamma.len();
+        let isa = self.isa;
+        let task = ROWS_PER_TASK * cols;
         self.threaded(|| {
-            out.par_chunks_mut(cols)
-                .zip(x.par_chunks(cols))
-                .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
-                .for_each(|((o, row), (mu, rs))| {
-                    let m = row.iter().sum::<f32>() / cols as f32;
-                    let var = row.iter().map(|v| (v - m) * (v - m)).sum::<f32>() / cols as f32;
-                    let r = 1.0 / (var + eps).sqrt();
-                    for c in 0..cols {
-                        o[c] = (row[c] - m) * r * gamma[c] + beta[c];
-                    }
-                    *mu = m;
-                    *rs = r;
+            out.par_chunks_mut(task)
+                .zip(x.par_chunks(task))
+                .zip(
+                    mean.par_chunks_mut(ROWS_PER_TASK)
+                        .zip(rstd.par_chunks_mut(ROWS_PER_TASK)),
+                )
+                .for_each(|((o, x), (mu, rs))| {
+                    layer_norm_forward_rows(isa, o, x, gamma, beta, eps, mu, rs)
                 })
         });
     }
@@ -286,37 +361,28 @@ impl TrainBackend for CpuBackend {
     ) {
         let cols = gamma.len();
         let rows = mean.len();
+        let isa = self.isa;
         // Per-task partial sums of d_gamma / d_beta, reduced after.
         let partials: Vec<(Vec<f32>, Vec<f32>)> = self.threaded(|| {
             d_x[..rows * cols]
                 .par_chunks_mut(ROWS_PER_TASK * cols)
                 .enumerate()
                 .map(|(task, d_x)| {
-                    let mut d_g = vec![0.0f32; cols];
-                    let mut d_b = vec![0.0f32; cols];
-                    for (i, d_x_row) in d_x.chunks_exact_mut(cols).enumerate() {
-                        let r = task * ROWS_PER_TASK + i;
-                        let (mu, rs) = (mean[r], rstd[r]);
-                        let dy = &d_out[r * cols..(r + 1) * cols];
-                        let xr = &x[r * cols..(r + 1) * cols];
-                        let mut mean_dxhat = 0.0f32;
-                        let mut mean_dxhat_xhat = 0.0f32;
-                        for c in 0..cols {
-                            let xhat = (xr[c] - mu) * rs;
-                            let dxhat = dy[c] * gamma[c];
-                            mean_dxhat += dxhat;
-                            mean_dxhat_xhat += dxhat * xhat;
-                            d_g[c] += dy[c] * xhat;
-                            d_b[c] += dy[c];
-                        }
-                        mean_dxhat /= cols as f32;
-                        mean_dxhat_xhat /= cols as f32;
-                        for c in 0..cols {
-                            let xhat = (xr[c] - mu) * rs;
-                            let dxhat = dy[c] * gamma[c];
-                            d_x_row[c] = rs * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat);
-                        }
-                    }
+                    let (mut d_g, mut d_b) = (vec![0.0f32; cols], vec![0.0f32; cols]);
+                    let first = task * ROWS_PER_TASK;
+                    let count = d_x.len() / cols;
+                    let range = first * cols..(first + count) * cols;
+                    layer_norm_backward_rows(
+                        isa,
+                        d_x,
+                        &d_out[range.clone()],
+                        &x[range],
+                        gamma,
+                        &mean[first..first + count],
+                        &rstd[first..first + count],
+                        &mut d_g,
+                        &mut d_b,
+                    );
                     (d_g, d_b)
                 })
                 .collect()
@@ -370,6 +436,7 @@ impl TrainBackend for CpuBackend {
         let hidden = heads * head_dim;
         let stride = 3 * hidden;
         let scale = 1.0 / (head_dim as f32).sqrt();
+        let isa = self.isa;
         let tasks = head_tasks(offsets, heads);
         let d_qkv_ptr = SharedMut(d_qkv.as_mut_ptr());
         self.threaded(|| {
@@ -390,7 +457,7 @@ impl TrainBackend for CpuBackend {
                     // d_v = dropout(P)ᵀ · d_o
                     dropped.clear();
                     dropped.extend_from_slice(p);
-                    ops::dropout_slice(dropped, dropout, t.probs_offset);
+                    ops::dropout_slice(isa, dropped, dropout, t.probs_offset);
                     let dropped = Strided::transposed(dropped, len);
                     // SAFETY: each task owns its (rows, head columns) blocks
                     // of d_qkv, which outlives the loop.
@@ -411,7 +478,7 @@ impl TrainBackend for CpuBackend {
                     // d_p = dropout(d_o · vᵀ); d_s = P ⊙ (d_p − rowsum(d_p ⊙ P)) · scale
                     d_s.resize(len * len, 0.0);
                     gemm::sgemm_strided(len, len, d, 1.0, d_o, v, 0.0, d_s, len);
-                    ops::dropout_slice(d_s, dropout, t.probs_offset);
+                    ops::dropout_slice(isa, d_s, dropout, t.probs_offset);
                     for (d_row, p_row) in d_s.chunks_exact_mut(len).zip(p.chunks_exact(len)) {
                         let dot: f32 = d_row.iter().zip(p_row).map(|(x, y)| x * y).sum();
                         for (g, &pv) in d_row.iter_mut().zip(p_row) {
@@ -453,10 +520,11 @@ impl TrainBackend for CpuBackend {
         if dropout.is_off() {
             return;
         }
+        let isa = self.isa;
         self.threaded(|| {
             x.par_chunks_mut(1 << 14)
                 .enumerate()
-                .for_each(|(i, chunk)| ops::dropout_slice(chunk, dropout, i << 14))
+                .for_each(|(i, chunk)| ops::dropout_slice(isa, chunk, dropout, i << 14))
         });
     }
 
