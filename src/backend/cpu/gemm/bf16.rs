@@ -136,7 +136,8 @@ unsafe fn pack_a<C: Convert>(
 }
 
 /// Packs an A block read transposed (`a(i, p) = src[p * lda + i]`): each
-/// slot row of a panel interleaves two source rows.
+/// slot row interleaves two source rows, converted whole (all `mc` rows of
+/// the block in one call) and then split between the panels.
 ///
 /// # Safety
 /// As for [`pack_a`].
@@ -149,16 +150,19 @@ unsafe fn pack_a_transposed<C: Convert>(
     dst: &mut [f32],
 ) {
     let steps = kc.div_ceil(2);
-    for (r, panel) in dst[..mc * steps].chunks_mut(mr * steps).enumerate() {
-        let rows = panel.len() / steps;
-        let i0 = r * mr;
-        for (q, out) in panel.chunks_exact_mut(rows).enumerate() {
-            let lo = &src[2 * q * lda + i0..][..rows];
-            let hi = (2 * q + 1 < kc).then(|| &src[(2 * q + 1) * lda + i0..][..rows]);
+    SLOTS.with_borrow_mut(|slots| {
+        slots.resize(mc, 0.0);
+        for q in 0..steps {
+            let lo = &src[2 * q * lda..][..mc];
+            let hi = (2 * q + 1 < kc).then(|| &src[(2 * q + 1) * lda..][..mc]);
             // SAFETY: forwarded contract.
-            unsafe { C::interleave(lo, hi, out) };
+            unsafe { C::interleave(lo, hi, slots) };
+            for (r, panel) in dst[..mc * steps].chunks_mut(mr * steps).enumerate() {
+                let rows = panel.len() / steps;
+                panel[q * rows..(q + 1) * rows].copy_from_slice(&slots[r * mr..][..rows]);
+            }
         }
-    }
+    });
 }
 
 /// Packs B (`k × n`) into `nr`-column panels of slots.
