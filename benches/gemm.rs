@@ -1,6 +1,6 @@
-//! GFLOP/s of `linear` on BERT shapes (criterion, throughput in "elements"
-//! = flops), plus a compact table at one and all threads when run with
-//! `cargo bench --bench gemm`.
+//! GFLOP/s of `linear` on BERT shapes, with f32 and bf16 weights (criterion,
+//! throughput in "elements" = flops), plus a compact table at one and all
+//! threads when run with `cargo bench --bench gemm`.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -42,11 +42,17 @@ struct Case {
 }
 
 impl Case {
-    fn new(m: usize, n: usize, k: usize) -> Case {
+    /// With `bf16`, the weight is packed for the bf16 kernel.
+    fn new(m: usize, n: usize, k: usize, bf16: bool) -> Case {
+        let w = values(n * k, 2);
         Case {
             m,
             x: values(m * k, 1),
-            w: PackedWeight::pack(&values(n * k, 2), n, k),
+            w: if bf16 {
+                PackedWeight::pack_bf16(&w, n, k)
+            } else {
+                PackedWeight::pack(&w, n, k)
+            },
             bias: values(n, 3),
             out: vec![0.0; m * n],
         }
@@ -85,10 +91,15 @@ fn configure<'a>(
 }
 
 fn linear(c: &mut Criterion) {
-    let mut group = configure(c, "linear");
+    linear_in(c, "linear", false);
+    linear_in(c, "linear_bf16", true);
+}
+
+fn linear_in(c: &mut Criterion, name: &str, bf16: bool) {
+    let mut group = configure(c, name);
     for (n, k) in SHAPES {
         for m in MS {
-            let mut case = Case::new(m, n, k);
+            let mut case = Case::new(m, n, k, bf16);
             group.throughput(Throughput::Elements(case.flops()));
             group.bench_function(BenchmarkId::new(format!("{n}x{k}"), m), |b| {
                 b.iter(|| case.run(Epilogue::None))
@@ -102,7 +113,7 @@ fn linear_gelu(c: &mut Criterion) {
     let mut group = configure(c, "linear_gelu");
     for (n, k) in GELU_SHAPES {
         for m in MS {
-            let mut case = Case::new(m, n, k);
+            let mut case = Case::new(m, n, k, false);
             group.throughput(Throughput::Elements(case.flops()));
             group.bench_function(BenchmarkId::new(format!("{n}x{k}"), m), |b| {
                 b.iter(|| case.run(Epilogue::Gelu))
@@ -182,7 +193,7 @@ fn table() {
         counts.push(all);
     }
     println!("\nlinear GFLOP/s (best of ~0.1 s per cell)");
-    print!("{:>8} {:>11}", "threads", "N x K");
+    print!("{:>5} {:>8} {:>11}", "dtype", "threads", "N x K");
     for m in MS {
         print!(" {:>8}", format!("M={m}"));
     }
@@ -193,13 +204,15 @@ fn table() {
             .build()
             .unwrap();
         pool.install(|| {
-            for (n, k) in SHAPES {
-                print!("{threads:>8} {:>11}", format!("{n}x{k}"));
-                for m in MS {
-                    let mut case = Case::new(m, n, k);
-                    print!(" {:>8.1}", gflops(&mut case, Duration::from_millis(100)));
+            for (dtype, bf16) in [("f32", false), ("bf16", true)] {
+                for (n, k) in SHAPES {
+                    print!("{dtype:>5} {threads:>8} {:>11}", format!("{n}x{k}"));
+                    for m in MS {
+                        let mut case = Case::new(m, n, k, bf16);
+                        print!(" {:>8.1}", gflops(&mut case, Duration::from_millis(100)));
+                    }
+                    println!();
                 }
-                println!();
             }
         });
     }
