@@ -29,12 +29,13 @@ use crate::backend::cpu::CpuBackend;
 use crate::error::{Error, Result};
 use crate::model::TokenBatch;
 use metrics::Metrics;
-use model::Task;
+use model::{Precision, Task};
 use queue::{Limits, Queue};
 use routes::App;
 
 pub struct Options {
     pub model: PathBuf,
+    pub precision: Precision,
     pub host: String,
     /// 0 picks a free port (the bound address is printed).
     pub port: u16,
@@ -64,6 +65,7 @@ pub fn run(options: Options) -> Result<()> {
     let loaded = model::load(
         &options.model,
         options.workers,
+        options.precision,
         options.max_input_length,
         options.truncate,
         || CpuBackend::new(threads),
