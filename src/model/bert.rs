@@ -208,6 +208,11 @@ impl<B: Backend> BertModel<B> {
     /// order, is then in the workspace (see [`Self::last_hidden_state`]).
     pub fn forward(&self, batch: &TokenBatch, ws: &mut Workspace<B>) -> Result<()> {
         self.check_batch(batch)?;
+        self.backend.run(|| self.encoder_ops(batch, ws));
+        Ok(())
+    }
+
+    fn encoder_ops(&self, batch: &TokenBatch, ws: &mut Workspace<B>) {
         let be = &self.backend;
         let c = &self.config;
         let (tokens, hidden) = (batch.tokens(), c.hidden_size);
@@ -290,7 +295,6 @@ impl<B: Backend> BertModel<B> {
             );
             std::mem::swap(&mut ws.hidden, &mut ws.projected);
         }
-        Ok(())
     }
 
     /// `[tokens, hidden]` from the last [`Self::forward`], in packed order.
