@@ -1,8 +1,9 @@
 //! The HTTP surface: routes, their handlers, and request accounting.
 //!
-//! Handlers validate and tokenize (on tokio's blocking pool, off both the
-//! async threads and the model threads), then queue the tokens and await the
-//! worker's reply. Response shapes follow text-embeddings-inference.
+//! Handlers validate and tokenize (off the model threads: short inputs on the
+//! request's own task, long ones on tokio's blocking pool), then queue the
+//! tokens and await the worker's reply. Response shapes follow
+//! text-embeddings-inference.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
