@@ -290,7 +290,11 @@ async fn tokenize(
                 .map(|span| match span.chars {
                     Some((start, stop)) => Token {
                         id: span.id,
-                        text: &text[bytes[start]..bytes[stop]],
+                        // Offsets come from the tokenizer; never index past the text.
+                        text: match (bytes.get(start), bytes.get(stop)) {
+                            (Some(&from), Some(&to)) if from <= to => &text[from..to],
+                            _ => &span.token,
+                        },
                         special: false,
                         start: Some(start),
                         stop: Some(stop),
