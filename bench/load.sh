@@ -4,8 +4,12 @@
 # Starts the release server, drives POST /embed with `hey` (a real HTTP load
 # tool; fixed request counts, keep-alive connections) at several concurrency
 # levels, and prints throughput and p50/p95/p99 per level. Then:
-#   - the in-process numbers for the same text (examples/serve_baseline.rs),
-#     to show what the server adds over a plain forward;
+#   - concurrency 1 at microsecond resolution with `wrk` (hey reports whole
+#     tenths of a millisecond): GET /health, the client + HTTP floor, and
+#     POST /embed;
+#   - the in-process numbers for the same text (examples/serve_baseline.rs:
+#     the server's own model replica and tokenizer, no HTTP), and the server
+#     overhead: wrk's /embed p50 minus the in-process one-text p50;
 #   - an overload run against a small queue: excess requests must get 429
 #     and accepted ones keep a bounded p99;
 #   - RSS of the server at the start and end of the run (and of an optional
@@ -15,7 +19,8 @@
 #
 # Environment: MODEL (default MiniLM), LEVELS ("1 4 16 32 64"), REQUESTS
 # (2000 per level), TEXT (16 MiniLM tokens), THREADS (0: all cores),
-# SOAK_SECS (0: no soak), SERVE_ARGS (extra `bertrt serve` flags).
+# LATENCY_SECS (5: each wrk run), SOAK_SECS (0: no soak), SERVE_ARGS (extra
+# `bertrt serve` flags).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,10 +29,11 @@ LEVELS=${LEVELS:-"1 4 16 32 64"}
 REQUESTS=${REQUESTS:-2000}
 TEXT=${TEXT:-"the quick brown fox jumps over the lazy dog and then runs far away"}
 THREADS=${THREADS:-0}
+LATENCY_SECS=${LATENCY_SECS:-5}
 SOAK_SECS=${SOAK_SECS:-0}
 SERVE_ARGS=${SERVE_ARGS:-}
 
-for tool in hey curl; do
+for tool in hey wrk curl; do
     if ! command -v "$tool" >/dev/null; then
         echo "bench/load.sh needs $tool (Debian: apt-get install -y $tool)" >&2
         exit 1
@@ -49,6 +55,15 @@ cleanup() {
 trap cleanup EXIT
 
 printf '{"inputs": "%s"}' "$TEXT" >"$work/body.json"
+# wrk: the /embed request, and a report of p50/p95/p99 in milliseconds.
+report='done = function(summary, latency, requests)
+  io.write(string.format("%8d %9.3f %9.3f %9.3f\n", summary.requests,
+    latency:percentile(50) / 1000, latency:percentile(95) / 1000,
+    latency:percentile(99) / 1000))
+end'
+printf '%s\n' "$report" >"$work/get.lua"
+printf 'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = [==[%s]==]\n%s\n' \
+    "$(cat "$work/body.json")" "$report" >"$work/post.lua"
 
 # start_server FLAGS...: starts the server, sets pid and addr; fails (status
 # 1, log in $work/server.log) when the server refuses to start.
@@ -110,6 +125,7 @@ header() {
         conc requests ok 429 other "ok req/s" "p50 ms" "p95 ms" "p99 ms"
 }
 
+embed_p50=
 for mode in fp32 int8; do
     flags=()
     [[ $mode == int8 ]] && flags=(--int8)
@@ -125,6 +141,13 @@ for mode in fp32 int8; do
     for c in $LEVELS; do
         drive "$c" "$REQUESTS"
     done
+    echo "   concurrency 1, wrk (1 connection, ${LATENCY_SECS}s each):"
+    printf "   %-14s %8s %9s %9s %9s\n" "" requests "p50 ms" "p95 ms" "p99 ms"
+    printf "   %-14s %s\n" "GET /health" \
+        "$(wrk -t1 -c1 -d"${LATENCY_SECS}s" -s "$work/get.lua" "http://$addr/health" | tail -1)"
+    embed_row=$(wrk -t1 -c1 -d"${LATENCY_SECS}s" -s "$work/post.lua" "http://$addr/embed" | tail -1)
+    printf "   %-14s %s\n" "POST /embed" "$embed_row"
+    [[ $mode == fp32 ]] && embed_p50=$(awk '{ print $2 }' <<<"$embed_row")
     if ((SOAK_SECS > 0)); then
         soak_start=$(rss_kib)
         hey -z "${SOAK_SECS}s" -c 16 -m POST -T application/json -D "$work/body.json" \
@@ -143,4 +166,8 @@ for mode in fp32 int8; do
 done
 
 echo "== in-process (same text, same threads, no HTTP)"
-target/release/examples/serve_baseline "$MODEL" "$TEXT" "$REQUESTS" "$THREADS"
+target/release/examples/serve_baseline "$MODEL" "$TEXT" "$REQUESTS" "$THREADS" | tee "$work/baseline.txt"
+inprocess_p50=$(awk '/^embed 1 text/ { print $(NF - 2) }' "$work/baseline.txt")
+awk -v served="$embed_p50" -v alone="$inprocess_p50" 'BEGIN {
+    printf "server overhead at concurrency 1 (fp32): %.3f ms p50 (wrk /embed %.3f - in-process %.3f)\n",
+        served - alone, served, alone }'

@@ -1,19 +1,24 @@
 //! The in-process numbers `bench/load.sh` compares the server against: the
-//! same text, embedded without HTTP, queueing or batching.
+//! work one `/embed` request costs, without HTTP, queueing or batching.
 //!
 //! ```text
 //! cargo run --release --example serve_baseline -- MODEL_DIR "TEXT" [ITERATIONS] [THREADS]
 //! ```
 //!
-//! Prints p50/p95/p99 of one-text embedding (tokenize + forward + pool +
-//! normalize, what one `/embed` request costs the model) and of the forward
-//! alone, then the throughput of 32-text batches in texts per second.
+//! It loads the model exactly as `bertrt serve` does (the same replica type,
+//! backend and tokenizer settings) and times the calls a server request makes
+//! on its way through: tokenize, pack, forward + pool on the replica, L2
+//! normalize. Prints p50/p95/p99 of one text, of the forward + pool alone, and
+//! of 32-text batches with their throughput in texts per second.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bertrt::backend::cpu::CpuBackend;
-use bertrt::embed::Embedder;
+use bertrt::embed::l2_normalize;
+use bertrt::model::TokenBatch;
+use bertrt::serve::model::{self, Model, Precision, Task};
+use bertrt::tokenize::BertTokenizer;
 
 fn percentiles(mut samples: Vec<Duration>) -> [f64; 3] {
     samples.sort();
@@ -36,6 +41,15 @@ fn time(iterations: usize, mut f: impl FnMut()) -> Vec<Duration> {
         .collect()
 }
 
+/// What one `/embed` request with `texts` costs the server's model side.
+fn embed(tokenizer: &BertTokenizer, replica: &mut dyn Model, task: Task, texts: &[&str]) {
+    let encoded: Vec<_> = texts.iter().map(|t| tokenizer.encode(t).unwrap()).collect();
+    let batch = TokenBatch::from_encoded(&encoded);
+    for mut row in replica.run(task, &batch).unwrap() {
+        l2_normalize(&mut row);
+    }
+}
+
 fn main() -> bertrt::Result<()> {
     let mut args = std::env::args().skip(1);
     let usage = "usage: serve_baseline MODEL_DIR TEXT [ITERATIONS] [THREADS]";
@@ -44,33 +58,40 @@ fn main() -> bertrt::Result<()> {
     let iterations: usize = args.next().map_or(2000, |n| n.parse().expect(usage));
     let threads: usize = args.next().map_or(0, |n| n.parse().expect(usage));
 
-    let mut embedder = Embedder::load(CpuBackend::new(threads), &dir, None, None, true)?;
-    let tokens = embedder.tokenizer.encode(&text)?.ids.len();
+    let loaded = model::load(&dir, 1, Precision::Float32, None, true, || {
+        CpuBackend::new(threads)
+    })?;
+    let tokenizer = &loaded.tokenizer;
+    let mut replica = loaded.replicas.into_iter().next().expect("one replica");
+    let task = Task::Embed(loaded.info.pooling);
+    let tokens = tokenizer.encode(&text)?.ids.len();
     println!(
         "in-process, {} ({tokens} tokens per text)",
-        embedder.model.backend_description()
+        loaded.info.backend
     );
     println!("{:<34} {:>9} {:>9} {:>9}", "", "p50 ms", "p95 ms", "p99 ms");
 
     let one = [text.as_str()];
     let [p50, p95, p99] = percentiles(time(iterations, || {
-        embedder.embed(&one).unwrap();
+        embed(tokenizer, replica.as_mut(), task, &one);
     }));
     println!(
         "{:<34} {p50:>9.3} {p95:>9.3} {p99:>9.3}",
         "embed 1 text (tokenize..normalize)"
     );
 
-    let batch = bertrt::model::TokenBatch::from_encoded(&[embedder.tokenizer.encode(&text)?]);
-    let mut workspace = bertrt::model::Workspace::new(embedder.model.backend());
+    let batch = TokenBatch::from_encoded(&[tokenizer.encode(&text)?]);
     let [p50, p95, p99] = percentiles(time(iterations, || {
-        embedder.model.forward(&batch, &mut workspace).unwrap();
+        replica.run(task, &batch).unwrap();
     }));
-    println!("{:<34} {p50:>9.3} {p95:>9.3} {p99:>9.3}", "forward 1 text");
+    println!(
+        "{:<34} {p50:>9.3} {p95:>9.3} {p99:>9.3}",
+        "forward + pool 1 text"
+    );
 
     let many = [text.as_str(); 32];
     let samples = time(iterations.div_ceil(16).max(20), || {
-        embedder.embed(&many).unwrap();
+        embed(tokenizer, replica.as_mut(), task, &many);
     });
     let total: Duration = samples.iter().sum();
     let [p50, p95, p99] = percentiles(samples.clone());

@@ -28,6 +28,18 @@ pub struct Encoded {
     pub tokens: Vec<String>,
 }
 
+/// One token of [`BertTokenizer::spans`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenSpan {
+    pub id: u32,
+    /// The vocabulary entry, e.g. `##s` or `[CLS]`.
+    pub token: String,
+    /// Added by the tokenizer (`[CLS]`, `[SEP]`), not read from the text.
+    pub special: bool,
+    /// `[start, stop)` in characters of the text; `None` for special tokens.
+    pub chars: Option<(usize, usize)>,
+}
+
 /// Where the vocabulary came from, recorded so artifacts can say how text was
 /// preprocessed.
 #[derive(Clone, Debug, PartialEq)]
@@ -156,6 +168,28 @@ impl BertTokenizer {
             .encode_batch(inputs, true)
             .map_err(|e| Error::Invalid(format!("tokenization failed: {e}")))?;
         Ok(encodings.into_iter().map(to_encoded).collect())
+    }
+
+    /// The tokens of `text` (truncated as [`Self::encode`] does) with the
+    /// characters each was read from, for showing how a text is split.
+    pub fn spans(&self, text: &str, add_special_tokens: bool) -> Result<Vec<TokenSpan>> {
+        let encoding = self
+            .inner
+            .encode_char_offsets(text, add_special_tokens)
+            .map_err(|e| Error::Invalid(format!("tokenization failed: {e}")))?;
+        Ok(encoding
+            .get_ids()
+            .iter()
+            .zip(encoding.get_tokens())
+            .zip(encoding.get_special_tokens_mask())
+            .zip(encoding.get_offsets())
+            .map(|(((&id, token), &special), &offsets)| TokenSpan {
+                id,
+                token: token.clone(),
+                special: special == 1,
+                chars: (special == 0).then_some(offsets),
+            })
+            .collect())
     }
 
     fn encode_input(&self, input: EncodeInput) -> Result<Encoded> {

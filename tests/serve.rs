@@ -193,27 +193,54 @@ fn every_route_answers_on_the_tiny_model() {
     assert_eq!(info["max_batch_requests"], 8);
     assert_eq!(info["hidden_size"], 16);
     assert_eq!(info["model_dtype"], "float32");
+    assert_eq!(info["weights_dtype"], "F32");
+    assert_eq!(info["int8"], false);
     assert_eq!(info["model_type"]["embedding"]["pooling"], "mean");
     assert!(info["labels"].is_null());
     assert_eq!(info["version"], env!("CARGO_PKG_VERSION"));
 
+    // TEI's shape: per input, tokens with the text they came from and its
+    // character offsets ("ö" is two bytes but one character).
     let tokens = post(
         addr,
         "/tokenize",
-        json!({"inputs": ["the cat sat", "dogs"]}),
+        json!({"inputs": ["the cat sat", "Dögs"]}),
     )
     .json();
-    let texts = |i: usize| -> Vec<String> {
-        tokens[i]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t["text"].as_str().unwrap().to_owned())
-            .collect()
-    };
-    assert_eq!(texts(0), ["[CLS]", "the", "cat", "sat", "[SEP]"]);
-    assert_eq!(texts(1), ["[CLS]", "dog", "##s", "[SEP]"]);
+    assert_eq!(
+        tokens[1],
+        json!([
+            {"id": 2, "text": "[CLS]", "special": true, "start": null, "stop": null},
+            {"id": 10, "text": "Dög", "special": false, "start": 0, "stop": 3},
+            {"id": 17, "text": "s", "special": false, "start": 3, "stop": 4},
+            {"id": 3, "text": "[SEP]", "special": true, "start": null, "stop": null},
+        ])
+    );
+    let texts: Vec<&str> = tokens[0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["[CLS]", "the", "cat", "sat", "[SEP]"]);
     assert_eq!(tokens[0][2]["id"], 6);
+    assert_eq!(
+        (&tokens[0][2]["start"], &tokens[0][2]["stop"]),
+        (&json!(4), &json!(7))
+    );
+    let bare = post(
+        addr,
+        "/tokenize",
+        json!({"inputs": "the cat", "add_special_tokens": false}),
+    )
+    .json();
+    let ids: Vec<&Value> = bare[0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| &t["id"])
+        .collect();
+    assert_eq!(ids, [&json!(5), &json!(6)]);
 
     // One text, normalized by default.
     let one = vectors(&post(addr, "/embed", json!({"inputs": "the cat sat"})));
@@ -271,7 +298,7 @@ fn every_route_answers_on_the_tiny_model() {
         "bertrt_requests_total{route=\"/predict\",status=\"422\"} 1",
         "bertrt_request_duration_seconds_bucket{route=\"/embed\",le=\"+Inf\"} 7",
         "bertrt_queue_duration_seconds_count 7",
-        "bertrt_tokenization_duration_seconds_count 8",
+        "bertrt_tokenization_duration_seconds_count 9",
         "bertrt_batch_tokens_sum",
         "bertrt_batch_size_bucket{le=\"1\"}",
         "bertrt_input_length_tokens_bucket{le=\"8\"}",
@@ -379,6 +406,7 @@ fn int8_is_refused_until_it_exists() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--int8 is not available yet"), "{stderr}");
+    assert!(stderr.contains("INT8 serving"), "{stderr}");
     assert!(!stderr.contains("listening on"), "{stderr}");
 }
 

@@ -142,4 +142,12 @@ pub trait Backend: Send + Sync {
 
     /// Softmax over each row of `cols`.
     fn softmax(&self, x: &mut Self::Tensor, cols: usize);
+
+    /// Runs `ops` (a whole forward pass) on the backend's own threads, so the
+    /// ops inside start their parallel work in place instead of each handing
+    /// off to those threads and waiting to be woken: a per-op cost that
+    /// dominates short inputs.
+    fn run<R: Send>(&self, ops: impl FnOnce() -> R + Send) -> R {
+        ops()
+    }
 }

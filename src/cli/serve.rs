@@ -3,6 +3,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 
+use bertrt::serve::model::Precision;
 use bertrt::serve::queue::Limits;
 use bertrt::serve::{self, Options};
 
@@ -55,18 +56,17 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if args.int8 {
-        bail!(
-            "--int8 is not available yet: this build has no INT8 inference path. \
-             Serve the fp32 model by leaving out --int8."
-        );
-    }
     let duration = |value: f64, flag: &str| match Duration::try_from_secs_f64(value) {
         Ok(duration) => Ok(duration),
         Err(_) => bail!("{flag} must be a non-negative number, got {value}"),
     };
     serve::run(Options {
         model: args.model,
+        precision: if args.int8 {
+            Precision::Int8
+        } else {
+            Precision::Float32
+        },
         host: args.host,
         port: args.port,
         max_input_length: args.max_input_length,

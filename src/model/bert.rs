@@ -221,6 +221,11 @@ impl<B: Backend> BertModel<B> {
         observe: &mut dyn FnMut(usize, LinearKind, &B::Tensor),
     ) -> Result<()> {
         self.check_batch(batch)?;
+        self.backend.run(|| self.encoder_ops(batch, ws));
+        Ok(())
+    }
+
+    fn encoder_ops(&self, batch: &TokenBatch, ws: &mut Workspace<B>) {
         let be = &self.backend;
         let c = &self.config;
         let (tokens, hidden) = (batch.tokens(), c.hidden_size);
@@ -307,7 +312,6 @@ impl<B: Backend> BertModel<B> {
             );
             std::mem::swap(&mut ws.hidden, &mut ws.projected);
         }
-        Ok(())
     }
 
     /// `[tokens, hidden]` from the last [`Self::forward`], in packed order.

@@ -1,10 +1,11 @@
 //! `bertrt serve`: an HTTP server with dynamic batching.
 //!
 //! Request path: the handler ([`routes`]) parses and validates the body,
-//! reserves a place in the bounded [`queue`] (429 when full), tokenizes on
-//! the blocking pool, and queues the tokens; a [`worker`] thread per model
-//! replica pulls batches formed under the token and request budgets, runs
-//! the model and replies. Every stage is measured in [`metrics`].
+//! reserves a place in the bounded [`queue`] (429 when full), tokenizes
+//! (inline when short, else on the blocking pool), and queues the tokens; a
+//! [`worker`] thread per model replica pulls batches formed under the token
+//! and request budgets, runs the model and replies. Every stage is measured
+//! in [`metrics`].
 //!
 //! Lifecycle: the model is loaded (errors surface before binding), the
 //! server binds and prints `listening on ADDR`, each worker runs a warm-up
@@ -29,12 +30,13 @@ use crate::backend::cpu::CpuBackend;
 use crate::error::{Error, Result};
 use crate::model::TokenBatch;
 use metrics::Metrics;
-use model::Task;
+use model::{Precision, Task};
 use queue::{Limits, Queue};
 use routes::App;
 
 pub struct Options {
     pub model: PathBuf,
+    pub precision: Precision,
     pub host: String,
     /// 0 picks a free port (the bound address is printed).
     pub port: u16,
@@ -64,6 +66,7 @@ pub fn run(options: Options) -> Result<()> {
     let loaded = model::load(
         &options.model,
         options.workers,
+        options.precision,
         options.max_input_length,
         options.truncate,
         || CpuBackend::new(threads),

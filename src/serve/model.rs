@@ -44,6 +44,28 @@ pub trait Model: Send {
     }
 }
 
+/// The number format the encoder's weights run in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    Float32,
+    Int8,
+}
+
+impl Precision {
+    /// As `/info` reports it (`model_dtype`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Float32 => "float32",
+            Precision::Int8 => "int8",
+        }
+    }
+}
+
+/// Why `--int8` is refused until the INT8 encoder is wired into serving.
+pub const INT8_UNAVAILABLE: &str = "--int8 is not available yet: INT8 serving is not \
+     wired into this build (the INT8 kernels exist, the served model does not use them). \
+     Serve the fp32 model by leaving out --int8";
+
 /// A sequence-classification head as `/predict` and `/info` see it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ClassifierHead {
@@ -59,8 +81,10 @@ pub struct ClassifierHead {
 pub struct ModelInfo {
     /// The model directory as given, reported as `model_id`.
     pub id: String,
-    /// Storage dtype of the weights; inference runs in f32.
+    /// Storage dtype of the weights in the checkpoint.
     pub weights_dtype: String,
+    /// What inference runs in.
+    pub precision: Precision,
     pub max_input_length: usize,
     pub hidden_size: usize,
     /// Pooling used when an `/embed` request does not name one.
@@ -183,16 +207,21 @@ pub struct Loaded {
     pub replicas: Vec<Box<dyn Model>>,
 }
 
-/// Loads `dir` once per replica, each on a fresh `backend()`. `max_length`
-/// defaults to the model's position limit; with `truncate` off, inputs over
-/// it are left for the caller to refuse instead of being cut.
+/// Loads `dir` once per replica, each on a fresh `backend()`, to run in
+/// `precision`. `max_length` defaults to the model's position limit; with
+/// `truncate` off, inputs over it are left for the caller to refuse instead
+/// of being cut.
 pub fn load<B: Backend + 'static>(
     dir: &Path,
     replicas: usize,
+    precision: Precision,
     max_length: Option<usize>,
     truncate: bool,
     mut backend: impl FnMut() -> B,
 ) -> Result<Loaded> {
+    if precision == Precision::Int8 {
+        return Err(Error::Invalid(INT8_UNAVAILABLE.into()));
+    }
     let files = ModelFiles::locate(dir)?;
     if replicas == 0 {
         return Err(Error::Invalid("--workers must be at least 1".into()));
@@ -235,6 +264,7 @@ pub fn load<B: Backend + 'static>(
     let info = ModelInfo {
         id: dir.display().to_string(),
         weights_dtype,
+        precision,
         max_input_length,
         hidden_size: first_config.hidden_size,
         pooling: default_pooling,

@@ -39,6 +39,11 @@ pub struct PredictRequest {
     pub raw_scores: bool,
 }
 
+pub struct TokenizeRequest {
+    pub inputs: Inputs,
+    pub add_special_tokens: bool,
+}
+
 /// The body as an object, and its `"inputs"` (at most `max_inputs` texts).
 fn parse(body: &[u8], max_inputs: usize) -> Result<(Inputs, Map<String, Value>), ApiError> {
     let value: Value = serde_json::from_slice(body)
@@ -138,9 +143,14 @@ pub fn predict(body: &[u8], max_inputs: usize) -> Result<PredictRequest, ApiErro
     Ok(PredictRequest { inputs, raw_scores })
 }
 
-/// `/tokenize`: inputs only.
-pub fn tokenize(body: &[u8], max_inputs: usize) -> Result<Inputs, ApiError> {
-    Ok(parse(body, max_inputs)?.0)
+/// `/tokenize`: `add_special_tokens` defaults to true, as in TEI.
+pub fn tokenize(body: &[u8], max_inputs: usize) -> Result<TokenizeRequest, ApiError> {
+    let (inputs, fields) = parse(body, max_inputs)?;
+    let add_special_tokens = flag(&fields, "add_special_tokens", true)?;
+    Ok(TokenizeRequest {
+        inputs,
+        add_special_tokens,
+    })
 }
 
 fn kind(value: &Value) -> &'static str {
@@ -176,11 +186,24 @@ mod tests {
         assert_eq!(request.inputs.texts(), ["a", "b"]);
         assert!(!request.normalize);
         assert_eq!(request.pooling, Some(Pooling::Cls));
+        assert!(
+            tokenize(br#"{"inputs": "a"}"#, 4)
+                .unwrap()
+                .add_special_tokens
+        );
+        let request = tokenize(br#"{"inputs": "a", "add_special_tokens": false}"#, 4).unwrap();
+        assert!(!request.add_special_tokens);
     }
 
     #[test]
     fn mistakes_name_the_field() {
         assert_eq!(message(tokenize(b"{", 4)).0, 400);
+        assert!(message(tokenize(
+            br#"{"inputs": "a", "add_special_tokens": "no"}"#,
+            4
+        ))
+        .1
+        .contains("add_special_tokens"));
         assert_eq!(
             message(tokenize(br#"{"inputs": []}"#, 4)),
             (422, "\"inputs\" is an empty list".into())

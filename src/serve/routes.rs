@@ -1,8 +1,9 @@
 //! The HTTP surface: routes, their handlers, and request accounting.
 //!
-//! Handlers validate and tokenize (on tokio's blocking pool, off both the
-//! async threads and the model threads), then queue the tokens and await the
-//! worker's reply. Response shapes follow text-embeddings-inference.
+//! Handlers validate and tokenize (off the model threads: short inputs on the
+//! request's own task, long ones on tokio's blocking pool), then queue the
+//! tokens and await the worker's reply. Response shapes follow
+//! text-embeddings-inference.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -22,13 +23,34 @@ use tokio::sync::oneshot;
 
 use super::error::ApiError;
 use super::metrics::Metrics;
-use super::model::{ModelInfo, Task, NO_HEAD};
+use super::model::{ModelInfo, Precision, Task, NO_HEAD};
 use super::queue::{Job, Queue, Rejected};
 use super::request::{self, Inputs};
 use crate::embed::l2_normalize;
 use crate::eval::calibration::softmax_with_temperature;
 use crate::model::{Pooling, TokenBatch};
-use crate::tokenize::{BertTokenizer, Encoded};
+use crate::tokenize::{BertTokenizer, Encoded, TokenSpan};
+
+/// Requests with at most this many bytes of text are tokenized inline (see
+/// [`App::tokenize`]): about 200 MiniLM tokens, well under a millisecond.
+const INLINE_TOKENIZE_BYTES: usize = 1024;
+
+/// A tokenized input, as far as the length policy and metrics care.
+trait Tokenized: Send + 'static {
+    fn token_count(&self) -> usize;
+}
+
+impl Tokenized for Encoded {
+    fn token_count(&self) -> usize {
+        self.ids.len()
+    }
+}
+
+impl Tokenized for Vec<TokenSpan> {
+    fn token_count(&self) -> usize {
+        self.len()
+    }
+}
 
 /// Everything a handler needs, shared by all of them.
 pub struct App {
@@ -52,30 +74,52 @@ impl App {
         self.queue.limits().max_batch_requests
     }
 
-    /// Tokenizes `texts` on the blocking pool, enforcing the length policy.
-    async fn tokenize(self: &Arc<Self>, texts: Vec<String>) -> Result<Vec<Encoded>, ApiError> {
-        let app = Arc::clone(self);
-        let encoded = tokio::task::spawn_blocking(move || {
-            let started = Instant::now();
-            let encoded = texts
-                .iter()
-                .map(|text| app.tokenizer.encode(text))
-                .collect::<crate::Result<Vec<_>>>();
-            if let Ok(encoded) = &encoded {
-                let lengths = encoded.iter().map(|e| e.ids.len());
-                app.metrics.record_tokenization(started.elapsed(), lengths);
-            }
-            encoded
-        })
-        .await
-        .map_err(|e| ApiError::internal(format!("tokenization task failed: {e}")))?
+    /// Runs `encode` over each text of `inputs`, enforcing the length
+    /// policy. Short requests are tokenized on the request's own task: that
+    /// takes tens of microseconds, less than the two thread hand-offs to and
+    /// from the blocking pool would add. Longer ones go to the blocking pool,
+    /// so one big request does not hold up the other connections.
+    async fn tokenize<T: Tokenized>(
+        self: &Arc<Self>,
+        inputs: &Inputs,
+        encode: impl Fn(&BertTokenizer, &str) -> crate::Result<T> + Send + 'static,
+    ) -> Result<Vec<T>, ApiError> {
+        let texts = inputs.texts();
+        let bytes: usize = texts.iter().map(|text| text.len()).sum();
+        let encoded = if bytes <= INLINE_TOKENIZE_BYTES {
+            self.encode_all(&texts, &encode)
+        } else {
+            let app = Arc::clone(self);
+            let texts: Vec<String> = texts.into_iter().map(str::to_owned).collect();
+            tokio::task::spawn_blocking(move || {
+                let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+                app.encode_all(&texts, &encode)
+            })
+            .await
+            .map_err(|e| ApiError::internal(format!("tokenization task failed: {e}")))?
+        }
         .map_err(|e| ApiError::validation(e.to_string()))?;
         let limit = self.info.max_input_length;
-        if let Some(i) = encoded.iter().position(|e| e.ids.len() > limit) {
+        if let Some(i) = encoded.iter().position(|e| e.token_count() > limit) {
             return Err(ApiError::validation(format!(
                 "input {i} is longer than {limit} tokens (the max input length) and the server runs with --no-truncate"
             )));
         }
+        Ok(encoded)
+    }
+
+    fn encode_all<T: Tokenized>(
+        &self,
+        texts: &[&str],
+        encode: &impl Fn(&BertTokenizer, &str) -> crate::Result<T>,
+    ) -> crate::Result<Vec<T>> {
+        let started = Instant::now();
+        let encoded = texts
+            .iter()
+            .map(|text| encode(&self.tokenizer, text))
+            .collect::<crate::Result<Vec<_>>>()?;
+        let lengths = encoded.iter().map(Tokenized::token_count);
+        self.metrics.record_tokenization(started.elapsed(), lengths);
         Ok(encoded)
     }
 
@@ -89,8 +133,7 @@ impl App {
             return Err(ApiError::unavailable("the model is warming up"));
         }
         let admission = self.queue.admit().map_err(|r| self.rejected(r))?;
-        let texts = inputs.texts().into_iter().map(str::to_owned).collect();
-        let encoded = self.tokenize(texts).await?;
+        let encoded = self.tokenize(inputs, BertTokenizer::encode).await?;
         let (reply, answer) = oneshot::channel();
         let job = Job {
             task,
@@ -205,27 +248,65 @@ async fn predict(
     })
 }
 
+/// A token in text-embeddings-inference's `/tokenize` shape: `text` is the
+/// piece of the input it came from (the token itself for special tokens),
+/// `start`/`stop` its character offsets (null for special tokens).
 #[derive(Serialize)]
 struct Token<'a> {
     id: u32,
     text: &'a str,
+    special: bool,
+    start: Option<usize>,
+    stop: Option<usize>,
 }
 
-/// Tokens per input, special tokens included, after truncation.
+/// Tokens per input after truncation, special tokens included unless
+/// `add_special_tokens` is false.
 async fn tokenize(
     State(app): State<Arc<App>>,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let inputs = request::tokenize(&body(raw)?, app.max_inputs())?;
-    let texts = inputs.texts().into_iter().map(str::to_owned).collect();
-    let encoded = app.tokenize(texts).await?;
-    let tokens: Vec<Vec<Token>> = encoded
-        .iter()
-        .map(|e| {
-            e.ids
+    let request = request::tokenize(&body(raw)?, app.max_inputs())?;
+    let add_special_tokens = request.add_special_tokens;
+    let spans = app
+        .tokenize(&request.inputs, move |tokenizer, text| {
+            tokenizer.spans(text, add_special_tokens)
+        })
+        .await?;
+    let tokens: Vec<Vec<Token>> = request
+        .inputs
+        .texts()
+        .into_iter()
+        .zip(&spans)
+        .map(|(text, spans)| {
+            // Byte position of every character, and of the end.
+            let bytes: Vec<usize> = text
+                .char_indices()
+                .map(|(at, _)| at)
+                .chain([text.len()])
+                .collect();
+            spans
                 .iter()
-                .zip(&e.tokens)
-                .map(|(&id, text)| Token { id, text })
+                .map(|span| match span.chars {
+                    Some((start, stop)) => Token {
+                        id: span.id,
+                        // Offsets come from the tokenizer; never index past the text.
+                        text: match (bytes.get(start), bytes.get(stop)) {
+                            (Some(&from), Some(&to)) if from <= to => &text[from..to],
+                            _ => &span.token,
+                        },
+                        special: false,
+                        start: Some(start),
+                        stop: Some(stop),
+                    },
+                    None => Token {
+                        id: span.id,
+                        text: &span.token,
+                        special: true,
+                        start: None,
+                        stop: None,
+                    },
+                })
                 .collect()
         })
         .collect();
@@ -254,7 +335,7 @@ async fn info(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
     };
     Json(json!({
         "model_id": info.id,
-        "model_dtype": "float32",
+        "model_dtype": info.precision.name(),
         "weights_dtype": info.weights_dtype,
         "model_type": model_type,
         "labels": info.head.as_ref().map(|head| &head.labels),
@@ -269,7 +350,7 @@ async fn info(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
         "max_wait_ms": limits.max_wait.as_secs_f64() * 1e3,
         "workers": app.workers,
         "backend": info.backend,
-        "int8": false,
+        "int8": info.precision == Precision::Int8,
         "version": crate::VERSION,
     }))
 }

@@ -264,4 +264,9 @@ impl Backend for CpuBackend {
     fn softmax(&self, x: &mut Vec<f32>, cols: usize) {
         ops::softmax_rows(self.isa, x, cols);
     }
+
+    fn run<R: Send>(&self, ops: impl FnOnce() -> R + Send) -> R {
+        // Ops called from a thread of this pool run on it directly.
+        self.pool.install(ops)
+    }
 }
