@@ -14,8 +14,8 @@
 #     and accepted ones keep a bounded p99;
 #   - RSS of the server at the start and end of the run (and of an optional
 #     soak at steady load, SOAK_SECS).
-# Each run is fp32, then --int8 (reported as unavailable until the INT8 path
-# lands; the server refuses it rather than silently running fp32).
+# Each run is fp32, then --int8 (the model quantized on load), and the
+# in-process baseline and overhead line are given for both.
 #
 # Environment: MODEL (default MiniLM), LEVELS ("1 4 16 32 64"), REQUESTS
 # (2000 per level), TEXT (16 MiniLM tokens), THREADS (0: all cores),
@@ -125,7 +125,7 @@ header() {
         conc requests ok 429 other "ok req/s" "p50 ms" "p95 ms" "p99 ms"
 }
 
-embed_p50=
+declare -A embed_p50
 for mode in fp32 int8; do
     flags=()
     [[ $mode == int8 ]] && flags=(--int8)
@@ -147,7 +147,7 @@ for mode in fp32 int8; do
         "$(wrk -t1 -c1 -d"${LATENCY_SECS}s" -s "$work/get.lua" "http://$addr/health" | tail -1)"
     embed_row=$(wrk -t1 -c1 -d"${LATENCY_SECS}s" -s "$work/post.lua" "http://$addr/embed" | tail -1)
     printf "   %-14s %s\n" "POST /embed" "$embed_row"
-    [[ $mode == fp32 ]] && embed_p50=$(awk '{ print $2 }' <<<"$embed_row")
+    embed_p50[$mode]=$(awk '{ print $2 }' <<<"$embed_row")
     if ((SOAK_SECS > 0)); then
         soak_start=$(rss_kib)
         hey -z "${SOAK_SECS}s" -c 16 -m POST -T application/json -D "$work/body.json" \
@@ -165,9 +165,15 @@ for mode in fp32 int8; do
     stop_server
 done
 
-echo "== in-process (same text, same threads, no HTTP)"
-target/release/examples/serve_baseline "$MODEL" "$TEXT" "$REQUESTS" "$THREADS" | tee "$work/baseline.txt"
-inprocess_p50=$(awk '/^embed 1 text/ { print $(NF - 2) }' "$work/baseline.txt")
-awk -v served="$embed_p50" -v alone="$inprocess_p50" 'BEGIN {
-    printf "server overhead at concurrency 1 (fp32): %.3f ms p50 (wrk /embed %.3f - in-process %.3f)\n",
-        served - alone, served, alone }'
+for mode in fp32 int8; do
+    [[ -n ${embed_p50[$mode]:-} ]] || continue
+    precision=float32
+    [[ $mode == int8 ]] && precision=int8
+    echo "== in-process ($mode: same text, same threads, no HTTP)"
+    target/release/examples/serve_baseline "$MODEL" "$TEXT" "$REQUESTS" "$THREADS" "$precision" \
+        | tee "$work/baseline.txt"
+    inprocess_p50=$(awk '/^embed 1 text/ { print $(NF - 2) }' "$work/baseline.txt")
+    awk -v served="${embed_p50[$mode]}" -v alone="$inprocess_p50" -v mode="$mode" 'BEGIN {
+        printf "server overhead at concurrency 1 (%s): %.3f ms p50 (wrk /embed %.3f - in-process %.3f)\n",
+            mode, served - alone, served, alone }'
+done

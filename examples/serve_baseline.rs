@@ -2,7 +2,7 @@
 //! work one `/embed` request costs, without HTTP, queueing or batching.
 //!
 //! ```text
-//! cargo run --release --example serve_baseline -- MODEL_DIR "TEXT" [ITERATIONS] [THREADS]
+//! cargo run --release --example serve_baseline -- MODEL_DIR "TEXT" [ITERATIONS] [THREADS] [float32|bfloat16|int8]
 //! ```
 //!
 //! It loads the model exactly as `bertrt serve` does (the same replica type,
@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use bertrt::backend::cpu::CpuBackend;
 use bertrt::embed::l2_normalize;
 use bertrt::model::TokenBatch;
+use bertrt::serve;
 use bertrt::serve::model::{self, Model, Precision, Task};
 use bertrt::tokenize::BertTokenizer;
 
@@ -52,13 +53,21 @@ fn embed(tokenizer: &BertTokenizer, replica: &mut dyn Model, task: Task, texts: 
 
 fn main() -> bertrt::Result<()> {
     let mut args = std::env::args().skip(1);
-    let usage = "usage: serve_baseline MODEL_DIR TEXT [ITERATIONS] [THREADS]";
+    let usage =
+        "usage: serve_baseline MODEL_DIR TEXT [ITERATIONS] [THREADS] [float32|bfloat16|int8]";
     let dir = PathBuf::from(args.next().expect(usage));
     let text = args.next().expect(usage);
     let iterations: usize = args.next().map_or(2000, |n| n.parse().expect(usage));
     let threads: usize = args.next().map_or(0, |n| n.parse().expect(usage));
+    let precision = match args.next().as_deref() {
+        None | Some("float32") => Precision::Float32,
+        Some("bfloat16") => Precision::Bfloat16,
+        Some("int8") => Precision::Int8,
+        Some(_) => panic!("{usage}"),
+    };
 
-    let loaded = model::load(&dir, 1, Precision::Float32, None, true, || {
+    let (linears, precision) = serve::linears_for(&dir, precision)?;
+    let loaded = model::load(&dir, 1, linears.as_ref(), precision, None, true, || {
         CpuBackend::new(threads)
     })?;
     let tokenizer = &loaded.tokenizer;
@@ -66,8 +75,9 @@ fn main() -> bertrt::Result<()> {
     let task = Task::Embed(loaded.info.pooling);
     let tokens = tokenizer.encode(&text)?.ids.len();
     println!(
-        "in-process, {} ({tokens} tokens per text)",
-        loaded.info.backend
+        "in-process, {}, {} ({tokens} tokens per text)",
+        loaded.info.backend,
+        precision.name()
     );
     println!("{:<34} {:>9} {:>9} {:>9}", "", "p50 ms", "p95 ms", "p99 ms");
 

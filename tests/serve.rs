@@ -395,19 +395,39 @@ fn every_error_status() {
     assert_eq!(get(strict.addr, "/info").json()["truncate"], false);
 }
 
+/// `--int8` quantizes on load and `--dtype bf16` runs bf16 linears: /info
+/// says which, and the embeddings stay close to the fp32 ones.
 #[test]
-fn int8_is_refused_until_it_exists() {
-    let model = tiny_model();
+fn int8_and_bf16_serving_report_their_dtype_and_stay_close_to_fp32() {
+    let model = common::minilm_dir();
+    let texts = json!(["A man is playing a guitar.", "The new movie is awesome!"]);
+    let fp32 = Server::start(&model, &[]);
+    let reference = vectors(&post(fp32.addr, "/embed", json!({"inputs": texts})));
+    drop(fp32);
+    for (flags, dtype, min_cosine) in [
+        (&["--int8"][..], "int8", 0.995),
+        (&["--dtype", "bf16"][..], "bfloat16", 0.9995),
+    ] {
+        let server = Server::start(&model, flags);
+        let info = get(server.addr, "/info").json();
+        assert_eq!(info["model_dtype"], dtype, "{info}");
+        assert_eq!(info["int8"], dtype == "int8", "{info}");
+        let served = vectors(&post(server.addr, "/embed", json!({"inputs": texts})));
+        for (a, b) in served.iter().zip(&reference) {
+            let cosine = common::cosine(a, b);
+            assert!(cosine >= min_cosine, "{dtype}: cosine {cosine}");
+        }
+    }
     let out = Command::new(env!("CARGO_BIN_EXE_bertrt"))
-        .args(["serve", "--int8", "--port", "0", "--model"])
-        .arg(model.path())
+        .args([
+            "serve", "--int8", "--dtype", "bf16", "--port", "0", "--model",
+        ])
+        .arg(&model)
         .output()
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("--int8 is not available yet"), "{stderr}");
-    assert!(stderr.contains("INT8 serving"), "{stderr}");
-    assert!(!stderr.contains("listening on"), "{stderr}");
+    assert!(stderr.contains("--dtype"), "{stderr}");
 }
 
 #[test]
@@ -625,6 +645,13 @@ fn predict_on_a_fine_tuned_model_matches_the_cli() {
             (entry["score"].as_f64().unwrap() - want).abs() < 1e-5,
             "{label}: {entry} vs {cli}"
         );
+        // The artifact's decision (a tuned threshold included) marks the
+        // label `bertrt predict` gives.
+        assert_eq!(
+            entry["predicted"],
+            label == cli["label"],
+            "{entry} vs {cli}"
+        );
     }
     let raw = post(
         addr,
@@ -664,4 +691,51 @@ fn predict_on_a_regression_model_returns_the_raw_score() {
         (body[0]["score"].as_f64().unwrap() - want).abs() < 1e-5,
         "{body} vs {cli}"
     );
+}
+
+/// A multi-label model answers /predict with one sigmoid probability per
+/// label and marks the labels its per-label thresholds pick, as `bertrt
+/// predict` does.
+#[test]
+fn predict_on_a_multi_label_model_applies_its_thresholds() {
+    let dir = tiny_model();
+    let data = dir.path().join("train.csv");
+    std::fs::write(
+        &data,
+        "text,topics\nthe cat sat,cat\nthe dog ran,dog\nthe cat and the dog,cat|dog\na bird sang,\n",
+    )
+    .unwrap();
+    let trained = finetune_tiny(
+        dir.path(),
+        &data,
+        "topics",
+        &["--task", "multi-label", "--epochs", "2", "--lr", "1e-3"],
+    );
+    let cli = cli_predict(&trained, "the cat and the dog");
+    let server = Server::start(&trained, &[]);
+    let predict = post(
+        server.addr,
+        "/predict",
+        json!({"inputs": "the cat and the dog"}),
+    );
+    assert_eq!(predict.status, 200, "{}", predict.body);
+    let chosen: Vec<&str> = cli["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect();
+    for entry in predict.json().as_array().unwrap() {
+        let label = entry["label"].as_str().unwrap();
+        let want = cli["probs"][label].as_f64().unwrap();
+        assert!(
+            (entry["score"].as_f64().unwrap() - want).abs() < 1e-5,
+            "{entry} vs {cli}"
+        );
+        assert_eq!(
+            entry["predicted"],
+            chosen.contains(&label),
+            "{entry} vs {cli}"
+        );
+    }
 }

@@ -3,6 +3,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 
+use bertrt::backend::Precision as DType;
 use bertrt::serve::model::Precision;
 use bertrt::serve::queue::Limits;
 use bertrt::serve::{self, Options};
@@ -12,9 +13,8 @@ pub struct Args {
     /// Model directory: a Hugging Face encoder (embeddings) or a fine-tuned artifact.
     #[arg(long)]
     model: PathBuf,
-    /// Serve the INT8-quantized model.
-    #[arg(long)]
-    int8: bool,
+    #[command(flatten)]
+    numerics: super::quantize::Numerics,
     /// Address to bind; loopback by default, so exposing the server is a choice.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -62,10 +62,10 @@ pub fn run(args: Args) -> Result<()> {
     };
     serve::run(Options {
         model: args.model,
-        precision: if args.int8 {
-            Precision::Int8
-        } else {
-            Precision::Float32
+        precision: match (args.numerics.int8, args.numerics.dtype) {
+            (true, _) => Precision::Int8,
+            (false, DType::Bf16) => Precision::Bfloat16,
+            (false, DType::Fp32) => Precision::Float32,
         },
         host: args.host,
         port: args.port,

@@ -218,14 +218,19 @@ impl<B: Backend> BertModel<B> {
         &self,
         batch: &TokenBatch,
         ws: &mut Workspace<B>,
-        observe: &mut dyn FnMut(usize, LinearKind, &B::Tensor),
+        observe: &mut (dyn FnMut(usize, LinearKind, &B::Tensor) + Send),
     ) -> Result<()> {
         self.check_batch(batch)?;
-        self.backend.run(|| self.encoder_ops(batch, ws));
+        self.backend.run(|| self.encoder_ops(batch, ws, observe));
         Ok(())
     }
 
-    fn encoder_ops(&self, batch: &TokenBatch, ws: &mut Workspace<B>) {
+    fn encoder_ops(
+        &self,
+        batch: &TokenBatch,
+        ws: &mut Workspace<B>,
+        observe: &mut (dyn FnMut(usize, LinearKind, &B::Tensor) + Send),
+    ) {
         let be = &self.backend;
         let c = &self.config;
         let (tokens, hidden) = (batch.tokens(), c.hidden_size);

@@ -151,7 +151,7 @@ impl Quantization {
 }
 
 /// Whether `dir` holds an INT8 artifact.
-pub(super) fn is_int8_artifact(dir: &Path) -> Result<bool> {
+pub fn is_int8_artifact(dir: &Path) -> Result<bool> {
     let files = ModelFiles::locate(dir)?;
     Ok(!Int8Tensors::open(&files.weights)?.is_empty())
 }

@@ -39,7 +39,7 @@ use crate::error::{Error, Result};
 use crate::model::linear::{Int8Part, ModelTensors};
 use crate::model::{F32Linears, LinearLoader, LinearSpec};
 
-pub use calibrate::{quantize, Quantization, ALPHA_CANDIDATES, SAMPLE_LIMIT};
+pub use calibrate::{is_int8_artifact, quantize, Quantization, ALPHA_CANDIDATES, SAMPLE_LIMIT};
 pub use write::write_int8_artifact;
 
 /// The accuracy bars of `bertrt quantize`.

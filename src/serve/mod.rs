@@ -28,7 +28,8 @@ use std::time::Duration;
 
 use crate::backend::cpu::CpuBackend;
 use crate::error::{Error, Result};
-use crate::model::TokenBatch;
+use crate::model::{LinearLoader, TokenBatch};
+use crate::quant::{self, Bf16Linears, Int8Linears};
 use metrics::Metrics;
 use model::{Precision, Task};
 use queue::{Limits, Queue};
@@ -36,6 +37,8 @@ use routes::App;
 
 pub struct Options {
     pub model: PathBuf,
+    /// What the linear layers run in; an INT8 model directory runs INT8
+    /// whatever is asked here.
     pub precision: Precision,
     pub host: String,
     /// 0 picks a free port (the bound address is printed).
@@ -53,6 +56,28 @@ pub struct Options {
     pub drain_timeout: Duration,
 }
 
+/// How the CPU replicas load `dir`'s linear layers for `precision`, and the
+/// precision they then run in (an INT8 model directory is served INT8).
+pub fn linears_for(
+    dir: &std::path::Path,
+    precision: Precision,
+) -> Result<(Box<dyn LinearLoader<CpuBackend>>, Precision)> {
+    if precision == Precision::Bfloat16 {
+        return Ok((Box::new(Bf16Linears), precision));
+    }
+    let (linears, quantization) = Int8Linears::for_model(dir, precision == Precision::Int8)?;
+    if let Some(q) = &quantization {
+        eprintln!("{}", q.summary());
+    }
+    let stored_int8 = quantization.is_none() && quant::is_int8_artifact(dir)?;
+    let precision = if stored_int8 {
+        Precision::Int8
+    } else {
+        precision
+    };
+    Ok((Box::new(linears), precision))
+}
+
 /// Serves until SIGTERM or SIGINT, then drains and returns.
 pub fn run(options: Options) -> Result<()> {
     check(&options)?;
@@ -63,10 +88,12 @@ pub fn run(options: Options) -> Result<()> {
         }
         n => n,
     };
+    let (linears, precision) = linears_for(&options.model, options.precision)?;
     let loaded = model::load(
         &options.model,
         options.workers,
-        options.precision,
+        linears.as_ref(),
+        precision,
         options.max_input_length,
         options.truncate,
         || CpuBackend::new(threads),

@@ -10,10 +10,10 @@ use std::path::Path;
 
 use crate::backend::Backend;
 use crate::checkpoint::Checkpoint;
-use crate::classify::Classifier;
+use crate::classify::{Classifier, Decision};
 use crate::config::BertConfig;
 use crate::error::{Error, Result};
-use crate::model::{BertModel, ModelFiles, Pooling, TokenBatch, Workspace};
+use crate::model::{BertModel, LinearLoader, ModelFiles, Pooling, TokenBatch, Workspace};
 use crate::tokenize::BertTokenizer;
 
 /// What a queued request asks the model for. Only requests with the same
@@ -44,10 +44,13 @@ pub trait Model: Send {
     }
 }
 
-/// The number format the encoder's weights run in.
+/// The number format the encoder's linear layers run in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Precision {
     Float32,
+    /// bf16 operands, f32 sums (`--dtype bf16`).
+    Bfloat16,
+    /// INT8 GEMMs (`--int8`, or an INT8 model directory).
     Int8,
 }
 
@@ -56,15 +59,11 @@ impl Precision {
     pub fn name(self) -> &'static str {
         match self {
             Precision::Float32 => "float32",
+            Precision::Bfloat16 => "bfloat16",
             Precision::Int8 => "int8",
         }
     }
 }
-
-/// Why `--int8` is refused until the INT8 encoder is wired into serving.
-pub const INT8_UNAVAILABLE: &str = "--int8 is not available yet: INT8 serving is not \
-     wired into this build (the INT8 kernels exist, the served model does not use them). \
-     Serve the fp32 model by leaving out --int8";
 
 /// A sequence-classification head as `/predict` and `/info` see it.
 #[derive(Clone, Debug, PartialEq)]
@@ -72,8 +71,9 @@ pub struct ClassifierHead {
     pub labels: Vec<String>,
     /// Calibration temperature: probabilities are `softmax(logits / T)`.
     pub temperature: Option<f32>,
-    /// One numeric output, returned as is (no softmax).
-    pub regression: bool,
+    /// How logits become a prediction: the artifact's (argmax, a tuned
+    /// binary threshold, per-label thresholds, or a raw regression score).
+    pub decision: Decision,
 }
 
 /// Facts about the served model, shared by all replicas.
@@ -149,10 +149,11 @@ struct Replicas {
 fn classifier_replicas<B: Backend + 'static>(
     dir: &Path,
     count: usize,
+    linears: &dyn LinearLoader<B>,
     backend: &mut impl FnMut() -> B,
 ) -> Result<Replicas> {
     let classifiers = (0..count)
-        .map(|_| Classifier::load(backend(), dir))
+        .map(|_| Classifier::load_with(backend(), dir, linears))
         .collect::<Result<Vec<_>>>()?;
     let first = &classifiers[0];
     Ok(Replicas {
@@ -162,7 +163,7 @@ fn classifier_replicas<B: Backend + 'static>(
         head: Some(ClassifierHead {
             labels: first.labels.clone(),
             temperature: (!first.regression).then_some(first.temperature),
-            regression: first.regression,
+            decision: first.decision.clone(),
         }),
         trained_length: Some(first.tokenizer.max_length()),
         models: classifiers
@@ -175,10 +176,11 @@ fn classifier_replicas<B: Backend + 'static>(
 fn encoder_replicas<B: Backend + 'static>(
     files: &ModelFiles,
     count: usize,
+    linears: &dyn LinearLoader<B>,
     backend: &mut impl FnMut() -> B,
 ) -> Result<Replicas> {
     let models = (0..count)
-        .map(|_| BertModel::load(backend(), files))
+        .map(|_| BertModel::load_with(backend(), files, linears))
         .collect::<Result<Vec<_>>>()?;
     let first = &models[0];
     Ok(Replicas {
@@ -207,21 +209,19 @@ pub struct Loaded {
     pub replicas: Vec<Box<dyn Model>>,
 }
 
-/// Loads `dir` once per replica, each on a fresh `backend()`, to run in
-/// `precision`. `max_length` defaults to the model's position limit; with
-/// `truncate` off, inputs over it are left for the caller to refuse instead
-/// of being cut.
+/// Loads `dir` once per replica, each on a fresh `backend()`, its linear
+/// layers made by `linears` (which run in `precision`). `max_length`
+/// defaults to the model's position limit; with `truncate` off, inputs over
+/// it are left for the caller to refuse instead of being cut.
 pub fn load<B: Backend + 'static>(
     dir: &Path,
     replicas: usize,
+    linears: &dyn LinearLoader<B>,
     precision: Precision,
     max_length: Option<usize>,
     truncate: bool,
     mut backend: impl FnMut() -> B,
 ) -> Result<Loaded> {
-    if precision == Precision::Int8 {
-        return Err(Error::Invalid(INT8_UNAVAILABLE.into()));
-    }
     let files = ModelFiles::locate(dir)?;
     if replicas == 0 {
         return Err(Error::Invalid("--workers must be at least 1".into()));
@@ -236,9 +236,9 @@ pub fn load<B: Backend + 'static>(
         .sentence_transformers_pooling()
         .unwrap_or(Pooling::Mean);
     let built = if is_classifier {
-        classifier_replicas(dir, replicas, &mut backend)?
+        classifier_replicas(dir, replicas, linears, &mut backend)?
     } else {
-        encoder_replicas(&files, replicas, &mut backend)?
+        encoder_replicas(&files, replicas, linears, &mut backend)?
     };
     let Replicas {
         models: replicas,

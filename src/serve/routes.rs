@@ -26,8 +26,8 @@ use super::metrics::Metrics;
 use super::model::{ModelInfo, Precision, Task, NO_HEAD};
 use super::queue::{Job, Queue, Rejected};
 use super::request::{self, Inputs};
+use crate::classify::Prediction;
 use crate::embed::l2_normalize;
-use crate::eval::calibration::softmax_with_temperature;
 use crate::model::{Pooling, TokenBatch};
 use crate::tokenize::{BertTokenizer, Encoded, TokenSpan};
 
@@ -201,10 +201,16 @@ async fn embed(
     Ok(Json(rows))
 }
 
+/// One label's entry in a `/predict` answer: TEI's `{label, score}`, plus
+/// whether the model predicts it (the artifact's decision rule: a tuned
+/// threshold can pick a label that is not the top score, and a multi-label
+/// model picks any number of them). Regression has no `predicted`.
 #[derive(Serialize)]
 struct Score<'a> {
     label: &'a str,
     score: f32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    predicted: Option<bool>,
 }
 
 async fn predict(
@@ -217,25 +223,39 @@ async fn predict(
     };
     let logits = app.infer(Task::Classify, &request.inputs).await?;
     let temperature = head.temperature.unwrap_or(1.0);
+    let labels = &head.labels;
     let per_input: Vec<Vec<Score>> = logits
         .iter()
         .map(|row| {
-            if head.regression {
+            let prediction = head
+                .decision
+                .apply(row, labels.len(), temperature)
+                .remove(0);
+            let (chosen, probs) = match &prediction {
                 // One output, a number: nothing to normalise.
-                return vec![Score {
-                    label: &head.labels[0],
-                    score: row[0],
-                }];
+                Prediction::Score(score) => {
+                    return vec![Score {
+                        label: &labels[0],
+                        score: *score,
+                        predicted: None,
+                    }];
+                }
+                Prediction::Class { label, probs } => (std::slice::from_ref(label), probs),
+                Prediction::Labels { labels, probs } => (labels.as_slice(), probs),
+            };
+            for &l in chosen {
+                app.metrics.record_prediction(&labels[l], probs[l]);
             }
-            let probs = softmax_with_temperature(row, row.len(), temperature);
-            let top = argmax(&probs);
-            app.metrics.record_prediction(&head.labels[top], probs[top]);
-            let values = if request.raw_scores { row } else { &probs };
-            let mut scores: Vec<Score> = head
-                .labels
+            let values = if request.raw_scores { row } else { probs };
+            let mut scores: Vec<Score> = labels
                 .iter()
                 .zip(values)
-                .map(|(label, &score)| Score { label, score })
+                .enumerate()
+                .map(|(i, (label, &score))| Score {
+                    label,
+                    score,
+                    predicted: Some(chosen.contains(&i)),
+                })
                 .collect();
             scores.sort_by(|a, b| b.score.total_cmp(&a.score));
             scores
@@ -370,23 +390,4 @@ async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         app.metrics.render(app.queue.depth()),
     )
-}
-
-fn argmax(values: &[f32]) -> usize {
-    values
-        .iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map_or(0, |(i, _)| i)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn argmax_picks_the_largest() {
-        assert_eq!(argmax(&[0.1, 0.7, 0.2]), 1);
-        assert_eq!(argmax(&[f32::NEG_INFINITY, -1.0]), 1);
-    }
 }
