@@ -18,6 +18,7 @@ pub mod eval;
 pub mod model;
 pub mod rng;
 pub mod serve;
+pub mod tag;
 pub mod tokenize;
 pub mod train;
 

@@ -4,6 +4,7 @@ use anyhow::{bail, Result};
 
 use bertrt::backend::cpu::CpuBackend;
 use bertrt::classify::{Classifier, Input};
+use bertrt::tag::{self, Tagger};
 
 use super::input::{for_each_chunk, InputArgs};
 
@@ -25,6 +26,9 @@ pub fn run(args: Args) -> Result<()> {
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
+    if tag::is_token_classifier(&args.model)? {
+        return predict_entities(args);
+    }
     let mut classifier = Classifier::load(CpuBackend::new(args.threads), &args.model)?;
     for_each_chunk(&args.input, args.batch_size, |texts, out| {
         let inputs: Vec<Input> = texts
@@ -33,6 +37,19 @@ pub fn run(args: Args) -> Result<()> {
             .collect();
         for prediction in classifier.predict(&inputs)? {
             writeln!(out, "{}", prediction.to_json(&classifier.labels))?;
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// Token classifiers: `{"entities": [{"type", "text", "start", "end",
+/// "score"}]}` per line, offsets in characters of the line.
+fn predict_entities(args: Args) -> Result<()> {
+    let mut tagger = Tagger::load(CpuBackend::new(args.threads), &args.model)?;
+    for_each_chunk(&args.input, args.batch_size, |texts, out| {
+        for entities in tagger.predict(texts)? {
+            writeln!(out, "{}", serde_json::json!({ "entities": entities }))?;
         }
         Ok(())
     })?;
