@@ -43,6 +43,18 @@ pub struct WordTag {
     pub probability: f32,
 }
 
+/// One word of a text as the model sees it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct WordPrediction {
+    pub text: String,
+    /// Character offsets in the text.
+    pub start: usize,
+    pub end: usize,
+    /// None: the word has no token (cut off by `max_length`).
+    pub tag: Option<String>,
+    pub logits: Option<Vec<f32>>,
+}
+
 /// An entity found in a text; `start..end` are character (Unicode scalar)
 /// offsets, so `text.chars().skip(start).take(end - start)` is `text`.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -114,6 +126,21 @@ impl<B: Backend> Tagger<B> {
     /// no token (cut off by `max_length`, or nothing left after
     /// normalisation), which reads as `O`.
     pub fn tag_words(&mut self, sentences: &[Vec<&str>]) -> Result<Vec<Vec<Option<WordTag>>>> {
+        Ok(self
+            .word_logits(sentences)?
+            .iter()
+            .map(|words| {
+                words
+                    .iter()
+                    .map(|logits| logits.as_deref().map(best_tag))
+                    .collect()
+            })
+            .collect())
+    }
+
+    /// Each word's logits (at its first subword), for sentences given as
+    /// words; None for a word with no token.
+    pub fn word_logits(&mut self, sentences: &[Vec<&str>]) -> Result<Vec<Vec<Option<Vec<f32>>>>> {
         let tokenized = self.tokenizer.encode_words_batch(sentences)?;
         let batch = TokenBatch::from_encoded(tokenized.iter().map(|t| &t.encoded));
         let logits = self.token_logits(&batch)?;
@@ -128,8 +155,39 @@ impl<B: Backend> Tagger<B> {
                     .map(|first| {
                         first.map(|p| {
                             let row = (batch.offsets[s] + p) * classes;
-                            best_tag(&logits[row..row + classes])
+                            logits[row..row + classes].to_vec()
                         })
+                    })
+                    .collect()
+            })
+            .collect())
+    }
+
+    /// Each whitespace-separated word of each text with its character
+    /// offsets, tag and logits, for inspecting a model (and for comparing
+    /// it with `transformers`).
+    pub fn predict_words(&mut self, texts: &[&str]) -> Result<Vec<Vec<WordPrediction>>> {
+        let split: Vec<Vec<Word>> = texts.iter().map(|t| whitespace_words(t)).collect();
+        let sentences: Vec<Vec<&str>> = split
+            .iter()
+            .map(|words| words.iter().map(|w| w.text).collect())
+            .collect();
+        let logits = self.word_logits(&sentences)?;
+        Ok(split
+            .iter()
+            .zip(logits)
+            .map(|(words, logits)| {
+                words
+                    .iter()
+                    .zip(logits)
+                    .map(|(word, logits)| WordPrediction {
+                        text: word.text.to_string(),
+                        start: word.char_start,
+                        end: word.char_end,
+                        tag: logits
+                            .as_deref()
+                            .map(|z| self.tags[best_tag(z).tag].clone()),
+                        logits,
                     })
                     .collect()
             })

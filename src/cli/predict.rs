@@ -20,6 +20,11 @@ pub struct Args {
     /// CPU threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Token classifiers: print every word with its character offsets, tag
+    /// and logits (`{"words": [{"text", "start", "end", "tag", "logits"}]}`)
+    /// instead of the entities.
+    #[arg(long)]
+    words: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -28,6 +33,12 @@ pub fn run(args: Args) -> Result<()> {
     }
     if tag::is_token_classifier(&args.model)? {
         return predict_entities(args);
+    }
+    if args.words {
+        bail!(
+            "--words is for token classifiers; {} is not one",
+            args.model.display()
+        );
     }
     let mut classifier = Classifier::load(CpuBackend::new(args.threads), &args.model)?;
     for_each_chunk(&args.input, args.batch_size, |texts, out| {
@@ -44,10 +55,17 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 /// Token classifiers: `{"entities": [{"type", "text", "start", "end",
-/// "score"}]}` per line, offsets in characters of the line.
+/// "score"}]}` per line, offsets in characters of the line (or, with
+/// `--words`, every word).
 fn predict_entities(args: Args) -> Result<()> {
     let mut tagger = Tagger::load(CpuBackend::new(args.threads), &args.model)?;
     for_each_chunk(&args.input, args.batch_size, |texts, out| {
+        if args.words {
+            for words in tagger.predict_words(texts)? {
+                writeln!(out, "{}", serde_json::json!({ "words": words }))?;
+            }
+            return Ok(());
+        }
         for entities in tagger.predict(texts)? {
             writeln!(out, "{}", serde_json::json!({ "entities": entities }))?;
         }
