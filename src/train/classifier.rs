@@ -437,11 +437,74 @@ impl<B: TrainBackend> SequenceClassifier<B> {
     /// packed order) on the host.
     pub fn forward(&mut self, batch: &TokenBatch, mode: ForwardMode) -> Result<Vec<f32>> {
         self.dropouts = mode.dropout_seed;
+        self.encoder_forward(batch)?;
+        let be = &self.backend;
+        let (t, h) = (batch.tokens(), self.config.hidden_size);
+        let sequences = batch.sequences();
+        let p = &self.params;
+
+        // Head.
+        let head_dropout = self.dropout(Site::Head);
+        let acts = &mut self.acts;
+        let rows = match self.kind {
+            HeadKind::Sequence => sequences,
+            HeadKind::Token => t,
+        };
+        be.resize(&mut acts.pooled, rows * h);
+        match (self.kind, self.pooling) {
+            (HeadKind::Token, _) => be.copy(&mut acts.pooled, &acts.last_hidden),
+            (HeadKind::Sequence, Pooling::Mean) => {
+                be.mean_pool(&mut acts.pooled, &acts.last_hidden, &batch.offsets, h)
+            }
+            (HeadKind::Sequence, Pooling::Cls) => be.gather_rows(
+                &mut acts.pooled,
+                &acts.last_hidden,
+                &batch.offsets[..sequences],
+                h,
+            ),
+            (HeadKind::Sequence, Pooling::Pooler) => {
+                let (w, b) = self.pooler.expect("checked at construction");
+                be.resize(&mut acts.cls, sequences * h);
+                be.gather_rows(
+                    &mut acts.cls,
+                    &acts.last_hidden,
+                    &batch.offsets[..sequences],
+                    h,
+                );
+                be.linear_forward(
+                    &mut acts.pooled,
+                    &acts.cls,
+                    &p[w].value,
+                    &p[b].value,
+                    sequences,
+                );
+                be.tanh(&mut acts.pooled);
+            }
+        }
+        be.resize(&mut acts.head_input, rows * h);
+        be.copy(&mut acts.head_input, &acts.pooled);
+        be.dropout(&mut acts.head_input, head_dropout);
+        be.resize(&mut acts.logits, rows * self.num_labels);
+        be.linear_forward(
+            &mut acts.logits,
+            &acts.head_input,
+            &p[self.classifier_weight].value,
+            &p[self.classifier_bias].value,
+            rows,
+        );
+        Ok(be.to_host(&acts.logits))
+    }
+}
+
+impl<B: TrainBackend> SequenceClassifier<B> {
+    /// Embeddings and encoder layers, shared by both heads: the last
+    /// hidden state `[tokens, hidden]` lands in `acts.last_hidden`, with
+    /// every activation backward needs.
+    fn encoder_forward(&mut self, batch: &TokenBatch) -> Result<()> {
         let be = &self.backend;
         let c = &self.config;
         let (t, h, inter) = (batch.tokens(), c.hidden_size, c.intermediate_size);
         let eps = c.layer_norm_eps as f32;
-        let sequences = batch.sequences();
         if batch.max_len() > c.max_position_embeddings {
             return Err(Error::Invalid(format!(
                 "a sequence of {} tokens exceeds the model's {} positions",
@@ -564,57 +627,7 @@ impl<B: TrainBackend> SequenceClassifier<B> {
             );
         }
         self.acts.layers = acts;
-
-        // Head.
-        let head_dropout = self.dropout(Site::Head);
-        let acts = &mut self.acts;
-        let rows = match self.kind {
-            HeadKind::Sequence => sequences,
-            HeadKind::Token => t,
-        };
-        be.resize(&mut acts.pooled, rows * h);
-        match (self.kind, self.pooling) {
-            (HeadKind::Token, _) => be.copy(&mut acts.pooled, &acts.last_hidden),
-            (HeadKind::Sequence, Pooling::Mean) => {
-                be.mean_pool(&mut acts.pooled, &acts.last_hidden, &batch.offsets, h)
-            }
-            (HeadKind::Sequence, Pooling::Cls) => be.gather_rows(
-                &mut acts.pooled,
-                &acts.last_hidden,
-                &batch.offsets[..sequences],
-                h,
-            ),
-            (HeadKind::Sequence, Pooling::Pooler) => {
-                let (w, b) = self.pooler.expect("checked at construction");
-                be.resize(&mut acts.cls, sequences * h);
-                be.gather_rows(
-                    &mut acts.cls,
-                    &acts.last_hidden,
-                    &batch.offsets[..sequences],
-                    h,
-                );
-                be.linear_forward(
-                    &mut acts.pooled,
-                    &acts.cls,
-                    &p[w].value,
-                    &p[b].value,
-                    sequences,
-                );
-                be.tanh(&mut acts.pooled);
-            }
-        }
-        be.resize(&mut acts.head_input, rows * h);
-        be.copy(&mut acts.head_input, &acts.pooled);
-        be.dropout(&mut acts.head_input, head_dropout);
-        be.resize(&mut acts.logits, rows * self.num_labels);
-        be.linear_forward(
-            &mut acts.logits,
-            &acts.head_input,
-            &p[self.classifier_weight].value,
-            &p[self.classifier_bias].value,
-            rows,
-        );
-        Ok(be.to_host(&acts.logits))
+        Ok(())
     }
 }
 
@@ -708,7 +721,7 @@ impl<B: TrainBackend> SequenceClassifier<B> {
             layers,
             ..
         } = self;
-        let (t, h, inter) = (batch.tokens(), c.hidden_size, c.intermediate_size);
+        let (t, h) = (batch.tokens(), c.hidden_size);
         let sequences = batch.sequences();
         let rows = match self.kind {
             HeadKind::Sequence => sequences,
@@ -820,10 +833,26 @@ impl<B: TrainBackend> SequenceClassifier<B> {
                 }
             }
         }
-        if !encoder_trains {
-            return loss;
+        if encoder_trains {
+            self.encoder_backward(batch, lowest);
         }
+        loss
+    }
 
+    /// The encoder's backward pass, from the gradient of its last hidden
+    /// state in `acts.d_hidden` down to layer `lowest` (and the
+    /// embeddings when they train), shared by both heads.
+    fn encoder_backward(&mut self, batch: &TokenBatch, lowest: usize) {
+        let Self {
+            backend: be,
+            config: c,
+            params: p,
+            acts,
+            layers,
+            ..
+        } = self;
+        let (t, h, inter) = (batch.tokens(), c.hidden_size, c.intermediate_size);
+        let dropout_of = |site| dropout_for(c, self.head_dropout, self.dropouts, site);
         // Layers, last to first. `d_hidden` holds the gradient of the
         // layer's output on entry and of its input on exit.
         be.resize(&mut acts.d_branch, t * h);
@@ -933,7 +962,7 @@ impl<B: TrainBackend> SequenceClassifier<B> {
             self.token_type_embeddings,
         ]);
         let Some([word, position, token_type]) = tables else {
-            return loss;
+            return;
         };
         be.embedding_backward(
             word,
@@ -944,7 +973,6 @@ impl<B: TrainBackend> SequenceClassifier<B> {
             &batch.type_ids,
             &batch.offsets,
         );
-        loss
     }
 }
 
