@@ -294,7 +294,7 @@ impl TagSet {
                     .map(|(tag, line)| {
                         self.index.get(tag).copied().ok_or_else(|| {
                             Error::Invalid(format!(
-                                "{} line {line}: tag {tag:?} does not occur in the training data (its tags: {}); add examples of it to the training set or map it to a known tag",
+                                "{} line {line}: tag {tag:?} was not seen in training (the model's tags: {}); add examples of it to the training data or map it to a known tag",
                                 dataset.path.display(),
                                 self.tags.join(", ")
                             ))
