@@ -544,3 +544,55 @@ fn unseen_dev_tag_stops_finetuning_with_its_line() {
         "{err}"
     );
 }
+
+#[test]
+fn label_all_subwords_trains_and_is_recorded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let model = tiny_model(dir);
+    let train = write(dir, "train.conll", TRAIN_CONLL);
+    let out = dir.join("all");
+    let (ok, _, err) = bertrt(&[
+        "finetune",
+        "--task",
+        "token-classification",
+        "--label-all-subwords",
+        "--model",
+        model.to_str().unwrap(),
+        "--train",
+        train.to_str().unwrap(),
+        "--valid",
+        train.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--max-length",
+        "32",
+        "--quiet",
+    ]);
+    assert!(ok, "{err}");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("bertrt.json")).unwrap()).unwrap();
+    assert_eq!(meta["preprocessing"]["label_alignment"], "all-subwords");
+    assert_eq!(meta["recipe"]["label_all_subwords"], true);
+
+    // The flag belongs to token classification only.
+    let (ok, _, err) = bertrt(&[
+        "finetune",
+        "--label-all-subwords",
+        "--model",
+        model.to_str().unwrap(),
+        "--train",
+        train.to_str().unwrap(),
+        "--valid",
+        train.to_str().unwrap(),
+        "--out",
+        dir.join("other").to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("label_all_subwords applies to token-classification only"),
+        "{err}"
+    );
+}
