@@ -203,6 +203,18 @@ struct ClassLoss<'a> {
 }
 
 impl BatchGold {
+    /// How many terms the batch's loss averages: examples, or labeled
+    /// tokens for token classification.
+    fn loss_terms(&self) -> usize {
+        match self {
+            BatchGold::Classes(labels) => labels.len(),
+            BatchGold::Values(values) => values.len(),
+            // Examples x labels: the same share as examples alone.
+            BatchGold::MultiHot(targets) => targets.len(),
+            BatchGold::Tokens(labels) => labels.iter().flatten().count(),
+        }
+    }
+
     fn targets<'a>(&'a self, loss: ClassLoss<'a>) -> Targets<'a> {
         match self {
             BatchGold::Classes(labels) if loss.focal_gamma > 0.0 => Targets::Focal {
@@ -572,12 +584,14 @@ impl<B: TrainBackend> Trainer<'_, B> {
                 let step_started = Instant::now();
                 let step = self.step;
                 let group_examples: usize = group.iter().map(Vec::len).sum();
+                let golds: Vec<BatchGold> =
+                    group.iter().map(|i| self.train.batch_gold(i)).collect();
+                let group_weight: usize = golds.iter().map(BatchGold::loss_terms).sum();
                 let model = &mut self.model;
                 model.params.zero_grads(&model.backend);
                 let mut loss = 0.0f32;
-                for (micro, indices) in group.iter().enumerate() {
-                    let (batch, gold) =
-                        (self.train.tokens(indices), self.train.batch_gold(indices));
+                for (micro, (indices, gold)) in group.iter().zip(&golds).enumerate() {
+                    let batch = self.train.tokens(indices);
                     let dropout_seed =
                         rng::derive_seed(recipe.seed, (step * recipe.grad_accum + micro) as u64);
                     model.forward(
@@ -586,7 +600,9 @@ impl<B: TrainBackend> Trainer<'_, B> {
                             dropout_seed: Some(dropout_seed),
                         },
                     )?;
-                    let share = indices.len() as f32 / group_examples as f32;
+                    // Each micro-batch's loss is a mean over its terms: weighted
+                    // by their count, the sum is the mean over the whole group.
+                    let share = gold.loss_terms() as f32 / group_weight.max(1) as f32;
                     loss += share * model.backward(&batch, gold.targets(class_loss), share);
                 }
                 let grad_norm = model.params.grad_norm(&model.backend);
