@@ -596,3 +596,126 @@ fn label_all_subwords_trains_and_is_recorded() {
         "{err}"
     );
 }
+
+/// Per-word logits of `model` for `text` (`predict --words`).
+fn word_logits(model: &Path, dir: &Path, text: &str) -> Vec<f32> {
+    let input = write(dir, "words.txt", text);
+    let (ok, stdout, err) = bertrt(&[
+        "predict",
+        "--model",
+        model.to_str().unwrap(),
+        "--words",
+        "--input",
+        input.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    stdout
+        .lines()
+        .flat_map(|l| {
+            let line: serde_json::Value = serde_json::from_str(l).unwrap();
+            line["words"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|w| w["logits"].as_array().unwrap().clone())
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Gradient accumulation averages over labeled tokens like one big batch:
+/// micro-batches of 2 sentences x 2 train the same model as batches of 4
+/// (no dropout, same order), although the sentences differ in length.
+#[test]
+fn gradient_accumulation_weights_micro_batches_by_labeled_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut config = common::tiny_config();
+    config["hidden_dropout_prob"] = 0.0.into();
+    config["attention_probs_dropout_prob"] = 0.0.into();
+    let model = dir.join("tiny");
+    common::write_tiny_model(
+        &model,
+        &config,
+        &common::safetensors_bytes(&common::tiny_tensors(1), Dtype::F32),
+    );
+    let train = write(dir, "train.conll", TRAIN_CONLL);
+    let run = |out: &str, batch: &str, accum: &str| {
+        let out = dir.join(out);
+        let (ok, _, err) = bertrt(&[
+            "finetune",
+            "--task",
+            "token-classification",
+            "--model",
+            model.to_str().unwrap(),
+            "--train",
+            train.to_str().unwrap(),
+            "--valid",
+            train.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--batch-size",
+            batch,
+            "--grad-accum",
+            accum,
+            "--head-dropout",
+            "0",
+            "--no-bucketing",
+            "--epochs",
+            "2",
+            "--lr",
+            "1e-2",
+            "--metric",
+            "loss",
+            "--max-length",
+            "32",
+            "--quiet",
+        ]);
+        assert!(ok, "{err}");
+        out
+    };
+    let whole = run("whole", "4", "1");
+    let accumulated = run("accumulated", "2", "2");
+    let text = "the cat sat on the mat\na big dog ran fast\nthe small cats sat\n";
+    let (a, b) = (
+        word_logits(&whole, dir, text),
+        word_logits(&accumulated, dir, text),
+    );
+    let diff = common::max_abs_diff(&a, &b);
+    assert!(diff < 1e-4, "max |logit difference| {diff}");
+    let moved = common::max_abs_diff(&a, &word_logits(&model_before(dir, &model), dir, text));
+    assert!(moved > 1e-2, "training changed the model ({moved})");
+}
+
+/// The tiny model as a token classifier with its fresh head, practically
+/// untrained (lr 1e-12): the baseline that real training must move away
+/// from, so that agreeing runs are not agreeing by standing still.
+fn model_before(dir: &Path, model: &Path) -> PathBuf {
+    let train = dir.join("train.conll");
+    let out = dir.join("before");
+    let (ok, _, err) = bertrt(&[
+        "finetune",
+        "--task",
+        "token-classification",
+        "--model",
+        model.to_str().unwrap(),
+        "--train",
+        train.to_str().unwrap(),
+        "--valid",
+        train.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--batch-size",
+        "8",
+        "--epochs",
+        "1",
+        "--lr",
+        "1e-12",
+        "--max-length",
+        "32",
+        "--quiet",
+    ]);
+    assert!(ok, "{err}");
+    out
+}
