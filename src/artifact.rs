@@ -2,7 +2,8 @@
 //!
 //! - `config.json`: the base model's config with `architectures`,
 //!   `id2label`, `label2id` and `problem_type` set, so `transformers` loads
-//!   the directory as `BertForSequenceClassification`;
+//!   the directory as `BertForSequenceClassification` (or, for a token
+//!   classifier, `BertForTokenClassification`);
 //! - `model.safetensors`: Hugging Face names (`bert.*`, `classifier.*`); an
 //!   INT8 model (`bertrt quantize`) stores its quantized linears as int8
 //!   weights + f32 scales under the names documented in
@@ -19,6 +20,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::Alignment;
 use crate::error::{Error, Result};
 use crate::model::Pooling;
 use crate::tokenize::BertTokenizer;
@@ -43,6 +45,10 @@ pub struct Preprocessing {
     pub pooling: Pooling,
     /// Whether inputs are text pairs (segment ids 0 and 1).
     pub text_pair: bool,
+    /// Token classification: which subwords of a word were trained on its
+    /// tag (predictions always read a word's first subword).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_alignment: Option<Alignment>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -136,6 +142,8 @@ pub enum ProblemType {
     SingleLabel,
     MultiLabel,
     Regression,
+    /// One label per token (`BertForTokenClassification`).
+    TokenClassification,
 }
 
 impl ProblemType {
@@ -145,14 +153,26 @@ impl ProblemType {
             ProblemType::SingleLabel => "sequence-classification",
             ProblemType::MultiLabel => "multi-label-classification",
             ProblemType::Regression => "regression",
+            ProblemType::TokenClassification => "token-classification",
+        }
+    }
+
+    /// `architectures` in `config.json`.
+    pub fn architecture(self) -> &'static str {
+        match self {
+            ProblemType::TokenClassification => "BertForTokenClassification",
+            _ => "BertForSequenceClassification",
         }
     }
 
     /// `problem_type` in `config.json`, which tells `transformers` which
-    /// loss and output function the head has.
+    /// loss and output function the head has (a token classifier's is
+    /// softmax cross-entropy whatever it says, one label per token).
     pub fn hugging_face(self) -> &'static str {
         match self {
-            ProblemType::SingleLabel => "single_label_classification",
+            ProblemType::SingleLabel | ProblemType::TokenClassification => {
+                "single_label_classification"
+            }
             ProblemType::MultiLabel => "multi_label_classification",
             ProblemType::Regression => "regression",
         }
@@ -161,10 +181,14 @@ impl ProblemType {
     /// From `bertrt.json`'s `task` (unknown tasks read as single-label, as
     /// version 1 files only had that and regression).
     pub fn from_task(task: &str) -> Self {
-        [ProblemType::MultiLabel, ProblemType::Regression]
-            .into_iter()
-            .find(|p| p.task() == task)
-            .unwrap_or(ProblemType::SingleLabel)
+        [
+            ProblemType::MultiLabel,
+            ProblemType::Regression,
+            ProblemType::TokenClassification,
+        ]
+        .into_iter()
+        .find(|p| p.task() == task)
+        .unwrap_or(ProblemType::SingleLabel)
     }
 
     /// From `config.json`'s `problem_type` (absent: single-label, as
@@ -272,8 +296,8 @@ impl QuantizationRecord {
     }
 }
 
-/// `config.json` for a sequence classifier, multi-label classifier or
-/// one-output regressor, from the base model's.
+/// `config.json` for a sequence classifier, multi-label classifier,
+/// one-output regressor or token classifier, from the base model's.
 pub fn classifier_config(
     base: &serde_json::Value,
     labels: &[String],
@@ -290,7 +314,7 @@ pub fn classifier_config(
         .enumerate()
         .map(|(i, l)| (l.clone(), i.into()))
         .collect();
-    config["architectures"] = serde_json::json!(["BertForSequenceClassification"]);
+    config["architectures"] = serde_json::json!([problem_type.architecture()]);
     config["id2label"] = id2label.into();
     config["label2id"] = label2id.into();
     config["problem_type"] = problem_type.hugging_face().into();

@@ -53,6 +53,12 @@ impl<B: Backend> Classifier<B> {
             Some(meta) => (meta.labels.clone(), ProblemType::from_task(&meta.task)),
             None => labels_from_config(&files.config)?,
         };
+        if problem_type == ProblemType::TokenClassification {
+            return Err(Error::Invalid(format!(
+                "{}: a token classifier (BertForTokenClassification), not a sequence classifier; load it with bertrt::tag::Tagger (bertrt predict and eval do)",
+                dir.display()
+            )));
+        }
         let decision = Decision::new(problem_type, &labels, meta.as_ref());
         let regression = problem_type == ProblemType::Regression;
         let ckpt = Checkpoint::open(&files.weights)?;
@@ -216,6 +222,8 @@ impl Decision {
                     .map(|l| threshold_of(l).unwrap_or(DEFAULT_THRESHOLD))
                     .collect(),
             },
+            // Per token: the most probable tag.
+            ProblemType::TokenClassification => Decision::Argmax,
             ProblemType::SingleLabel => match labels.get(1).and_then(threshold_of) {
                 Some(threshold) if labels.len() == 2 => Decision::PositiveThreshold {
                     positive: 1,
@@ -278,8 +286,9 @@ pub fn argmax(values: &[f32]) -> usize {
 }
 
 /// Labels in id order from a Hugging Face `config.json`'s `id2label`, and
-/// its `problem_type`.
-fn labels_from_config(path: &Path) -> Result<(Vec<String>, ProblemType)> {
+/// its `problem_type` (token classification when `architectures` names
+/// `BertForTokenClassification`).
+pub(crate) fn labels_from_config(path: &Path) -> Result<(Vec<String>, ProblemType)> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config {
         path: path.into(),
@@ -303,7 +312,14 @@ fn labels_from_config(path: &Path) -> Result<(Vec<String>, ProblemType)> {
             })?;
         *slot = Some(label.as_str().unwrap_or_default().to_string());
     }
-    let problem_type = ProblemType::from_hugging_face(json["problem_type"].as_str().unwrap_or(""));
+    let token_classifier = json["architectures"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|v| v == "BertForTokenClassification"));
+    let problem_type = if token_classifier {
+        ProblemType::TokenClassification
+    } else {
+        ProblemType::from_hugging_face(json["problem_type"].as_str().unwrap_or(""))
+    };
     Ok((
         labels.into_iter().map(Option::unwrap_or_default).collect(),
         problem_type,

@@ -19,6 +19,7 @@ pub mod model;
 pub mod quant;
 pub mod rng;
 pub mod serve;
+pub mod tag;
 pub mod tokenize;
 pub mod train;
 

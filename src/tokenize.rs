@@ -40,6 +40,14 @@ pub struct TokenSpan {
     pub chars: Option<(usize, usize)>,
 }
 
+/// A sentence given as words, tokenized: each token's word (None for
+/// special tokens), for aligning word-level tags with subwords.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WordsEncoded {
+    pub encoded: Encoded,
+    pub word_ids: Vec<Option<usize>>,
+}
+
 /// Where the vocabulary came from, recorded so artifacts can say how text was
 /// preprocessed.
 #[derive(Clone, Debug, PartialEq)]
@@ -188,6 +196,28 @@ impl BertTokenizer {
                 token: token.clone(),
                 special: special == 1,
                 chars: (special == 0).then_some(offsets),
+            })
+            .collect())
+    }
+
+    /// Encodes sentences already split into words (each word pre-tokenized
+    /// further by the tokenizer, as `transformers`' `is_split_into_words`),
+    /// in parallel, in input order.
+    pub fn encode_words_batch(&self, sentences: &[Vec<&str>]) -> Result<Vec<WordsEncoded>> {
+        let inputs: Vec<EncodeInput> = sentences.iter().map(|w| w.as_slice().into()).collect();
+        let encodings = self
+            .inner
+            .encode_batch(inputs, true)
+            .map_err(|e| Error::Invalid(format!("tokenization failed: {e}")))?;
+        Ok(encodings
+            .into_iter()
+            .map(|encoding| WordsEncoded {
+                word_ids: encoding
+                    .get_word_ids()
+                    .iter()
+                    .map(|w| w.map(|w| w as usize))
+                    .collect(),
+                encoded: to_encoded(encoding),
             })
             .collect())
     }

@@ -6,7 +6,8 @@ use bertrt::backend::cpu::CpuBackend;
 use bertrt::classify::{Classifier, Decision, Input, Prediction};
 use bertrt::data::{self, DataSpec, LabelSet};
 use bertrt::eval::calibration::{expected_calibration_error, nll, softmax_with_temperature};
-use bertrt::eval::{ClassificationReport, MultiLabelReport, RegressionReport};
+use bertrt::eval::{ClassificationReport, EntityReport, MultiLabelReport, RegressionReport};
+use bertrt::tag::{self, Tagger};
 use bertrt::train::loss::bce_with_logits;
 
 #[derive(clap::Args)]
@@ -14,9 +15,16 @@ pub struct Args {
     /// A fine-tuned model directory.
     #[arg(long)]
     model: PathBuf,
-    /// Labeled data: .csv, .tsv or .jsonl.
+    /// Labeled data: .csv, .tsv or .jsonl; token classifiers: .conll or
+    /// .jsonl with word and tag lists.
     #[arg(long)]
     data: PathBuf,
+    /// Token classifiers, JSON Lines: key of the word list.
+    #[arg(long, default_value = "tokens")]
+    tokens_column: String,
+    /// Token classifiers, JSON Lines: key of the tag list.
+    #[arg(long, default_value = "tags")]
+    tags_column: String,
     #[arg(long, default_value = "text")]
     text_column: String,
     #[arg(long, default_value = "label")]
@@ -40,6 +48,9 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if tag::is_token_classifier(&args.model)? {
+        return evaluate_tagger(args);
+    }
     let linears = args.numerics.load_linears(&args.model)?;
     let mut classifier =
         Classifier::load_with(CpuBackend::new(args.threads), &args.model, linears.as_ref())?;
@@ -159,5 +170,42 @@ fn print_multi_label<B: bertrt::backend::Backend>(
             .into();
     }
     println!("{}", serde_json::to_string_pretty(&json)?);
+    Ok(())
+}
+
+/// Entity-level precision, recall and F1 (overall and per type) of a
+/// token classifier on tagged sentences.
+fn evaluate_tagger(args: Args) -> Result<()> {
+    let linears = args.numerics.load_linears(&args.model)?;
+    let mut tagger =
+        Tagger::load_with(CpuBackend::new(args.threads), &args.model, linears.as_ref())?;
+    let spec = data::TagSpec {
+        tokens_column: args.tokens_column,
+        tags_column: args.tags_column,
+    };
+    let dataset = data::read_tagged(&args.data, &spec)?;
+    // Tags the model cannot output are an error, as in training.
+    data::TagSet::from_tags(tagger.tags.clone()).encode(&dataset)?;
+    let mut predicted: Vec<Vec<String>> = Vec::with_capacity(dataset.sentences.len());
+    for chunk in dataset.sentences.chunks(args.batch_size.max(1)) {
+        let words: Vec<Vec<&str>> = chunk
+            .iter()
+            .map(|s| s.words.iter().map(String::as_str).collect())
+            .collect();
+        for tags in tagger.tag_words(&words)? {
+            predicted.push(
+                tags.iter()
+                    .map(|t| t.map_or("O".to_string(), |t| tagger.tags[t.tag].clone()))
+                    .collect(),
+            );
+        }
+    }
+    let gold: Vec<Vec<String>> = dataset.sentences.iter().map(|s| s.tags.clone()).collect();
+    let report = EntityReport::compute(&gold, &predicted);
+    if args.report {
+        println!("{}", report.to_table());
+    } else {
+        println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+    }
     Ok(())
 }

@@ -20,7 +20,8 @@ pub struct Args {
     /// Hugging Face model directory to start from.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Training data: .csv, .tsv or .jsonl.
+    /// Training data: .csv, .tsv or .jsonl (token classification: .conll
+    /// or .jsonl with word and tag lists).
     #[arg(long)]
     train: Option<PathBuf>,
     /// Validation data, for evaluation, early stopping and calibration.
@@ -30,7 +31,8 @@ pub struct Args {
     #[arg(long)]
     out: Option<PathBuf>,
     /// classification (one label per text), multi-label (any number of
-    /// labels per text) or regression (numeric labels) [default:
+    /// labels per text), regression (numeric labels) or
+    /// token-classification (a BIO tag per word) [default:
     /// classification].
     #[arg(long, value_enum)]
     task: Option<Task>,
@@ -43,6 +45,19 @@ pub struct Args {
     /// Column or key of a second text, for sentence-pair tasks.
     #[arg(long)]
     text_pair_column: Option<String>,
+    /// Token classification, JSON Lines: key of the word list [default:
+    /// tokens].
+    #[arg(long)]
+    tokens_column: Option<String>,
+    /// Token classification, JSON Lines: key of the tag list [default:
+    /// tags].
+    #[arg(long)]
+    tags_column: Option<String>,
+    /// Token classification: train every subword of a word (later ones
+    /// with the word's I- tag) instead of only the first.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
+    label_all_subwords: bool,
     /// Multi-label: separates the labels in a label string; JSON Lines may
     /// give a list instead [default: |].
     #[arg(long)]
@@ -96,7 +111,7 @@ pub struct Args {
     #[arg(long)]
     patience: Option<usize>,
     /// Selects the best checkpoint [default: macro-f1; multi-label:
-    /// micro-f1; regression: pearson].
+    /// micro-f1; regression: pearson; token-classification: entity-f1].
     #[arg(long, value_enum)]
     metric: Option<Metric>,
     /// Batch examples in random order instead of grouping similar lengths.

@@ -1,5 +1,6 @@
 //! Labeled text for fine-tuning: CSV, TSV and JSON Lines files in, checked
-//! [`Example`]s out, plus the label vocabulary and the batch order.
+//! [`Example`]s out, plus the label vocabulary and the batch order; word-level
+//! tagged sentences (CoNLL, JSON Lines) for token classification.
 //!
 //! Every error names the file and the 1-based line at fault and says what to
 //! do, because the person reading it is fixing a data file, not our code.
@@ -12,6 +13,7 @@ mod delimited;
 mod jsonl;
 mod labels;
 mod rows;
+mod tagged;
 
 use std::path::{Path, PathBuf};
 
@@ -20,6 +22,10 @@ use crate::error::{Error, Result};
 pub use batching::{epoch_batches, eval_batches};
 pub use checksum::sha256_hex;
 pub use labels::LabelSet;
+pub use tagged::{
+    align_tags, entity_type, first_subwords, read_tagged, Alignment, TagSet, TagSpec,
+    TaggedDataset, TaggedSentence,
+};
 
 /// One labeled text (or text pair).
 #[derive(Debug, Clone, PartialEq, Eq)]

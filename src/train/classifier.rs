@@ -1,10 +1,13 @@
-//! `BertForSequenceClassification` for training: forward with the
-//! activations backward needs, and the hand-written backward pass.
+//! `BertForSequenceClassification` and `BertForTokenClassification` for
+//! training: forward with the activations backward needs, and the
+//! hand-written backward pass. Both heads share one encoder forward and
+//! backward; only what feeds the classifier differs ([`HeadKind`]).
 //!
 //! Mirrors Hugging Face's model: embeddings → LayerNorm → dropout; per layer
 //! self-attention (dropout on the probabilities), output dense → dropout →
 //! residual LayerNorm, intermediate GELU, output dense → dropout → residual
-//! LayerNorm; pooling (BERT pooler, `[CLS]` or mean); dropout; classifier.
+//! LayerNorm; pooling (BERT pooler, `[CLS]` or mean) for a sequence head,
+//! every token's hidden state for a token head; dropout; classifier.
 
 use crate::backend::train::{attention_probs_len, Dropout, TrainBackend};
 use crate::backend::Backend;
@@ -135,6 +138,20 @@ pub enum Targets<'a> {
     MultiHot(&'a [f32]),
     /// Regression on one output: mean squared error.
     Values(&'a [f32]),
+    /// Token classification: one entry per token of the batch, in packed
+    /// order; None (Hugging Face's -100) is ignored by the loss
+    /// ([`loss::token_cross_entropy`]).
+    Tokens(&'a [Option<usize>]),
+}
+
+/// What the classifier reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeadKind {
+    /// One pooled vector per sequence (`BertForSequenceClassification`).
+    Sequence,
+    /// Every token's last hidden state (`BertForTokenClassification`, which
+    /// has no pooler): logits `[tokens, num_labels]`.
+    Token,
 }
 
 /// Training-time settings of the forward pass.
@@ -148,6 +165,7 @@ pub struct SequenceClassifier<B: TrainBackend> {
     pub backend: B,
     pub config: BertConfig,
     pub pooling: Pooling,
+    pub kind: HeadKind,
     pub num_labels: usize,
     pub head_dropout: f32,
     pub params: ParamStore<B>,
@@ -174,6 +192,52 @@ impl<B: TrainBackend> SequenceClassifier<B> {
         config: BertConfig,
         ckpt: &Checkpoint,
         pooling: Pooling,
+        num_labels: usize,
+        head_dropout: f32,
+        seed: u64,
+    ) -> Result<Self> {
+        Self::build(
+            backend,
+            config,
+            ckpt,
+            pooling,
+            HeadKind::Sequence,
+            num_labels,
+            head_dropout,
+            seed,
+        )
+    }
+
+    /// A token classifier (`BertForTokenClassification`) on the encoder in
+    /// `ckpt`: no pooler (the checkpoint's, if any, is left out, as
+    /// `transformers` does), the head loaded or new as in [`Self::new`].
+    pub fn new_token_classifier(
+        backend: B,
+        config: BertConfig,
+        ckpt: &Checkpoint,
+        num_labels: usize,
+        head_dropout: f32,
+        seed: u64,
+    ) -> Result<Self> {
+        Self::build(
+            backend,
+            config,
+            ckpt,
+            Pooling::Cls,
+            HeadKind::Token,
+            num_labels,
+            head_dropout,
+            seed,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        backend: B,
+        config: BertConfig,
+        ckpt: &Checkpoint,
+        pooling: Pooling,
+        kind: HeadKind,
         num_labels: usize,
         head_dropout: f32,
         seed: u64,
@@ -278,7 +342,9 @@ impl<B: TrainBackend> SequenceClassifier<B> {
                 )?,
             });
         }
-        let pooler = if ckpt.contains("bert.pooler.dense.weight") {
+        let pooler = if kind == HeadKind::Token {
+            None
+        } else if ckpt.contains("bert.pooler.dense.weight") {
             Some((
                 p.load(be, ckpt, "bert.pooler.dense.weight", &[h, h])?,
                 p.load(be, ckpt, "bert.pooler.dense.bias", &[h])?,
@@ -344,6 +410,7 @@ impl<B: TrainBackend> SequenceClassifier<B> {
             backend,
             config,
             pooling,
+            kind,
             num_labels,
             head_dropout,
             params,
@@ -366,14 +433,78 @@ impl<B: TrainBackend> SequenceClassifier<B> {
     }
 
     /// Runs the model, keeping activations; returns the logits
-    /// `[sequences, num_labels]` on the host.
+    /// `[sequences, num_labels]` (a token head: `[tokens, num_labels]`, in
+    /// packed order) on the host.
     pub fn forward(&mut self, batch: &TokenBatch, mode: ForwardMode) -> Result<Vec<f32>> {
         self.dropouts = mode.dropout_seed;
+        self.encoder_forward(batch)?;
+        let be = &self.backend;
+        let (t, h) = (batch.tokens(), self.config.hidden_size);
+        let sequences = batch.sequences();
+        let p = &self.params;
+
+        // Head.
+        let head_dropout = self.dropout(Site::Head);
+        let acts = &mut self.acts;
+        let rows = match self.kind {
+            HeadKind::Sequence => sequences,
+            HeadKind::Token => t,
+        };
+        be.resize(&mut acts.pooled, rows * h);
+        match (self.kind, self.pooling) {
+            (HeadKind::Token, _) => be.copy(&mut acts.pooled, &acts.last_hidden),
+            (HeadKind::Sequence, Pooling::Mean) => {
+                be.mean_pool(&mut acts.pooled, &acts.last_hidden, &batch.offsets, h)
+            }
+            (HeadKind::Sequence, Pooling::Cls) => be.gather_rows(
+                &mut acts.pooled,
+                &acts.last_hidden,
+                &batch.offsets[..sequences],
+                h,
+            ),
+            (HeadKind::Sequence, Pooling::Pooler) => {
+                let (w, b) = self.pooler.expect("checked at construction");
+                be.resize(&mut acts.cls, sequences * h);
+                be.gather_rows(
+                    &mut acts.cls,
+                    &acts.last_hidden,
+                    &batch.offsets[..sequences],
+                    h,
+                );
+                be.linear_forward(
+                    &mut acts.pooled,
+                    &acts.cls,
+                    &p[w].value,
+                    &p[b].value,
+                    sequences,
+                );
+                be.tanh(&mut acts.pooled);
+            }
+        }
+        be.resize(&mut acts.head_input, rows * h);
+        be.copy(&mut acts.head_input, &acts.pooled);
+        be.dropout(&mut acts.head_input, head_dropout);
+        be.resize(&mut acts.logits, rows * self.num_labels);
+        be.linear_forward(
+            &mut acts.logits,
+            &acts.head_input,
+            &p[self.classifier_weight].value,
+            &p[self.classifier_bias].value,
+            rows,
+        );
+        Ok(be.to_host(&acts.logits))
+    }
+}
+
+impl<B: TrainBackend> SequenceClassifier<B> {
+    /// Embeddings and encoder layers, shared by both heads: the last
+    /// hidden state `[tokens, hidden]` lands in `acts.last_hidden`, with
+    /// every activation backward needs.
+    fn encoder_forward(&mut self, batch: &TokenBatch) -> Result<()> {
         let be = &self.backend;
         let c = &self.config;
         let (t, h, inter) = (batch.tokens(), c.hidden_size, c.intermediate_size);
         let eps = c.layer_norm_eps as f32;
-        let sequences = batch.sequences();
         if batch.max_len() > c.max_position_embeddings {
             return Err(Error::Invalid(format!(
                 "a sequence of {} tokens exceeds the model's {} positions",
@@ -496,50 +627,7 @@ impl<B: TrainBackend> SequenceClassifier<B> {
             );
         }
         self.acts.layers = acts;
-
-        // Head.
-        let head_dropout = self.dropout(Site::Head);
-        let acts = &mut self.acts;
-        be.resize(&mut acts.pooled, sequences * h);
-        match self.pooling {
-            Pooling::Mean => be.mean_pool(&mut acts.pooled, &acts.last_hidden, &batch.offsets, h),
-            Pooling::Cls => be.gather_rows(
-                &mut acts.pooled,
-                &acts.last_hidden,
-                &batch.offsets[..sequences],
-                h,
-            ),
-            Pooling::Pooler => {
-                let (w, b) = self.pooler.expect("checked at construction");
-                be.resize(&mut acts.cls, sequences * h);
-                be.gather_rows(
-                    &mut acts.cls,
-                    &acts.last_hidden,
-                    &batch.offsets[..sequences],
-                    h,
-                );
-                be.linear_forward(
-                    &mut acts.pooled,
-                    &acts.cls,
-                    &p[w].value,
-                    &p[b].value,
-                    sequences,
-                );
-                be.tanh(&mut acts.pooled);
-            }
-        }
-        be.resize(&mut acts.head_input, sequences * h);
-        be.copy(&mut acts.head_input, &acts.pooled);
-        be.dropout(&mut acts.head_input, head_dropout);
-        be.resize(&mut acts.logits, sequences * self.num_labels);
-        be.linear_forward(
-            &mut acts.logits,
-            &acts.head_input,
-            &p[self.classifier_weight].value,
-            &p[self.classifier_bias].value,
-            sequences,
-        );
-        Ok(be.to_host(&acts.logits))
+        Ok(())
     }
 }
 
@@ -633,9 +721,13 @@ impl<B: TrainBackend> SequenceClassifier<B> {
             layers,
             ..
         } = self;
-        let (t, h, inter) = (batch.tokens(), c.hidden_size, c.intermediate_size);
+        let (t, h) = (batch.tokens(), c.hidden_size);
         let sequences = batch.sequences();
-        be.resize(&mut acts.d_logits, sequences * self.num_labels);
+        let rows = match self.kind {
+            HeadKind::Sequence => sequences,
+            HeadKind::Token => t,
+        };
+        be.resize(&mut acts.d_logits, rows * self.num_labels);
         let loss = match targets {
             Targets::Classes {
                 labels,
@@ -678,11 +770,19 @@ impl<B: TrainBackend> SequenceClassifier<B> {
                 acts.d_logits = be.upload(&d_logits);
                 loss
             }
+            Targets::Tokens(labels) => {
+                let logits = be.to_host(&acts.logits);
+                let mut d_logits = vec![0.0; logits.len()];
+                let loss =
+                    loss::token_cross_entropy(&mut d_logits, &logits, labels, self.num_labels);
+                acts.d_logits = be.upload(&d_logits);
+                loss
+            }
         };
         be.scale(&mut acts.d_logits, grad_scale);
 
         // Classifier and head dropout.
-        be.resize(&mut acts.d_head_input, sequences * h);
+        be.resize(&mut acts.d_head_input, rows * h);
         let (w, b) = (self.classifier_weight, self.classifier_bias);
         let (weight, grads) = p.weight_and_grads(w, b);
         be.linear_backward(
@@ -691,7 +791,7 @@ impl<B: TrainBackend> SequenceClassifier<B> {
             &acts.d_logits,
             &acts.head_input,
             weight,
-            sequences,
+            rows,
         );
         let dropout_of = |site| dropout_for(c, self.head_dropout, self.dropouts, site);
         be.dropout(&mut acts.d_head_input, dropout_of(Site::Head));
@@ -699,17 +799,18 @@ impl<B: TrainBackend> SequenceClassifier<B> {
 
         // Pooling.
         be.resize(&mut acts.d_hidden, t * h);
-        match self.pooling {
-            Pooling::Mean => {
+        match (self.kind, self.pooling) {
+            (HeadKind::Token, _) => be.copy(&mut acts.d_hidden, &acts.d_head_input),
+            (HeadKind::Sequence, Pooling::Mean) => {
                 be.mean_pool_backward(&mut acts.d_hidden, &acts.d_head_input, &batch.offsets, h)
             }
-            Pooling::Cls => be.scatter_rows(
+            (HeadKind::Sequence, Pooling::Cls) => be.scatter_rows(
                 &mut acts.d_hidden,
                 &acts.d_head_input,
                 &batch.offsets[..sequences],
                 h,
             ),
-            Pooling::Pooler => {
+            (HeadKind::Sequence, Pooling::Pooler) => {
                 let (w, b) = self.pooler.expect("checked at construction");
                 be.tanh_backward(&mut acts.d_head_input, &acts.pooled);
                 be.resize(&mut acts.d_cls, sequences * h);
@@ -732,10 +833,26 @@ impl<B: TrainBackend> SequenceClassifier<B> {
                 }
             }
         }
-        if !encoder_trains {
-            return loss;
+        if encoder_trains {
+            self.encoder_backward(batch, lowest);
         }
+        loss
+    }
 
+    /// The encoder's backward pass, from the gradient of its last hidden
+    /// state in `acts.d_hidden` down to layer `lowest` (and the
+    /// embeddings when they train), shared by both heads.
+    fn encoder_backward(&mut self, batch: &TokenBatch, lowest: usize) {
+        let Self {
+            backend: be,
+            config: c,
+            params: p,
+            acts,
+            layers,
+            ..
+        } = self;
+        let (t, h, inter) = (batch.tokens(), c.hidden_size, c.intermediate_size);
+        let dropout_of = |site| dropout_for(c, self.head_dropout, self.dropouts, site);
         // Layers, last to first. `d_hidden` holds the gradient of the
         // layer's output on entry and of its input on exit.
         be.resize(&mut acts.d_branch, t * h);
@@ -845,7 +962,7 @@ impl<B: TrainBackend> SequenceClassifier<B> {
             self.token_type_embeddings,
         ]);
         let Some([word, position, token_type]) = tables else {
-            return loss;
+            return;
         };
         be.embedding_backward(
             word,
@@ -856,7 +973,6 @@ impl<B: TrainBackend> SequenceClassifier<B> {
             &batch.type_ids,
             &batch.offsets,
         );
-        loss
     }
 }
 

@@ -86,3 +86,45 @@ pub fn focal(
     }
     (loss / total) as f32
 }
+
+/// Softmax cross-entropy per token, the mean over the labeled tokens
+/// (PyTorch's `CrossEntropyLoss(ignore_index=-100)`, which
+/// `BertForTokenClassification` uses): `labels[i]` None is Hugging Face's
+/// -100 (a special token or a word's later subword) and neither adds to the
+/// loss nor gets a gradient. For a labeled token the gradient is
+/// `(softmax(z) - onehot(y)) / n`, `n` the number of labeled tokens; a
+/// batch without any labeled token has loss 0 and no gradient (where
+/// PyTorch would return NaN).
+///
+/// # Panics
+/// If the shapes disagree or a label is out of range.
+pub fn token_cross_entropy(
+    d_logits: &mut [f32],
+    logits: &[f32],
+    labels: &[Option<usize>],
+    classes: usize,
+) -> f32 {
+    assert_eq!(logits.len(), labels.len() * classes, "logit shape");
+    assert_eq!(logits.len(), d_logits.len(), "one gradient per logit");
+    let labeled = labels.iter().flatten().count().max(1) as f64;
+    let mut loss = 0.0f64;
+    for ((row, d_row), label) in logits
+        .chunks_exact(classes)
+        .zip(d_logits.chunks_exact_mut(classes))
+        .zip(labels)
+    {
+        let Some(label) = *label else {
+            d_row.fill(0.0);
+            continue;
+        };
+        assert!(label < classes, "label {label} out of range");
+        let max = row.iter().fold(f64::NEG_INFINITY, |m, &z| m.max(z as f64));
+        let sum: f64 = row.iter().map(|&z| (z as f64 - max).exp()).sum();
+        loss += sum.ln() - (row[label] as f64 - max);
+        for (j, (d, &z)) in d_row.iter_mut().zip(row).enumerate() {
+            let onehot = if j == label { 1.0 } else { 0.0 };
+            *d = (((z as f64 - max).exp() / sum - onehot) / labeled) as f32;
+        }
+    }
+    (loss / labeled) as f32
+}

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::Precision;
+use crate::data::Alignment;
 use crate::error::{Error, Result};
 use crate::model::Pooling;
 
@@ -26,6 +27,9 @@ pub enum Task {
     /// Any number of labels per text (a JSON list or a delimited string),
     /// one sigmoid per label, binary cross-entropy.
     MultiLabel,
+    /// One BIO tag per word (CoNLL or JSON Lines words and tags), softmax +
+    /// cross-entropy per token; scored by entity-level F1.
+    TokenClassification,
 }
 
 /// What "better" means for early stopping and checkpoint selection.
@@ -40,13 +44,16 @@ pub enum Metric {
     Pearson,
     Spearman,
     Rmse,
+    /// Token classification: entity-level F1 (seqeval).
+    EntityF1,
 }
 
 impl Metric {
     fn fits(self, task: Task) -> bool {
         match self {
             Metric::Loss => true,
-            Metric::MacroF1 => task != Task::Regression,
+            Metric::MacroF1 => matches!(task, Task::Classification | Task::MultiLabel),
+            Metric::EntityF1 => task == Task::TokenClassification,
             Metric::MicroF1 => task == Task::MultiLabel,
             Metric::Accuracy => task == Task::Classification,
             Metric::Pearson | Metric::Spearman | Metric::Rmse => task == Task::Regression,
@@ -67,6 +74,16 @@ pub struct TrainRecipe {
     pub label_column: String,
     #[serde(default)]
     pub text_pair_column: Option<String>,
+    /// Token classification, JSON Lines: the key of each line's word list.
+    #[serde(default = "defaults::tokens_column")]
+    pub tokens_column: String,
+    /// Token classification, JSON Lines: the key of each line's tag list.
+    #[serde(default = "defaults::tags_column")]
+    pub tags_column: String,
+    /// Token classification: train on every subword of a word (the later
+    /// ones with the word's `I-` tag), not only the first.
+    #[serde(default)]
+    pub label_all_subwords: bool,
     #[serde(default)]
     pub skip_bad_rows: bool,
     #[serde(default = "defaults::epochs")]
@@ -228,6 +245,12 @@ mod defaults {
     pub fn label_column() -> String {
         "label".into()
     }
+    pub fn tokens_column() -> String {
+        "tokens".into()
+    }
+    pub fn tags_column() -> String {
+        "tags".into()
+    }
     pub fn epochs() -> usize {
         3
     }
@@ -318,7 +341,17 @@ impl TrainRecipe {
             Task::Classification => Metric::MacroF1,
             Task::Regression => Metric::Pearson,
             Task::MultiLabel => Metric::MicroF1,
+            Task::TokenClassification => Metric::EntityF1,
         })
+    }
+
+    /// Token classification: which subwords carry a word's tag.
+    pub fn alignment(&self) -> Alignment {
+        if self.label_all_subwords {
+            Alignment::AllSubwords
+        } else {
+            Alignment::FirstSubword
+        }
     }
 
     /// The gradual-unfreezing phases, if a schedule is set (checked when
@@ -365,7 +398,7 @@ impl TrainRecipe {
         )?;
         check(
             self.selection_metric().fits(self.task),
-            "metric does not fit the task (classification: macro_f1, accuracy, loss; multi-label: micro_f1, macro_f1, loss; regression: pearson, spearman, rmse, loss)",
+            "metric does not fit the task (classification: macro_f1, accuracy, loss; multi-label: micro_f1, macro_f1, loss; regression: pearson, spearman, rmse, loss; token-classification: entity_f1, loss)",
         )?;
         check(
             self.task == Task::Classification || self.class_weights.is_none(),
@@ -378,6 +411,14 @@ impl TrainRecipe {
         check(
             self.task == Task::Classification || self.focal_gamma == 0.0,
             "focal_gamma applies to classification only",
+        )?;
+        check(
+            self.task == Task::TokenClassification || !self.label_all_subwords,
+            "label_all_subwords applies to token-classification only",
+        )?;
+        check(
+            self.task != Task::TokenClassification || self.text_pair_column.is_none(),
+            "token-classification reads words and tags, not text pairs; drop text_pair_column",
         )?;
         check(
             !self.label_delimiter.is_empty(),

@@ -13,13 +13,13 @@ use crate::backend::train::{AdamW, TrainBackend};
 use crate::checkpoint::Checkpoint;
 use crate::classify::argmax;
 use crate::config::BertConfig;
-use crate::data::{self, DataSpec, Dataset, LabelSet};
+use crate::data::{self, Alignment, DataSpec, Dataset, LabelSet, TagSet, TagSpec};
 use crate::error::{Error, Result};
 use crate::eval::calibration::{
     expected_calibration_error, fit_temperature, nll, sigmoid, softmax_with_temperature,
 };
 use crate::eval::thresholds::{self, Counts, DEFAULT_THRESHOLD};
-use crate::eval::{ClassificationReport, MultiLabelReport, RegressionReport};
+use crate::eval::{ClassificationReport, EntityReport, MultiLabelReport, RegressionReport};
 use crate::model::{ModelFiles, TokenBatch};
 use crate::rng;
 use crate::tokenize::{BertTokenizer, Encoded};
@@ -46,6 +46,15 @@ enum Gold {
     LabelSets { multi_hot: Vec<f32>, labels: usize },
     /// Numbers, for regression.
     Values(Vec<f32>),
+    /// Token classification, per sentence.
+    Tags {
+        /// Each token's training label (None: ignored by the loss).
+        token_labels: Vec<Vec<Option<usize>>>,
+        /// Each word's gold tag id.
+        word_tags: Vec<Vec<usize>>,
+        /// Each word's first token (None: truncated away or no token).
+        first_subwords: Vec<Vec<Option<usize>>>,
+    },
 }
 
 impl Gold {
@@ -61,7 +70,7 @@ impl Gold {
 
 /// A tokenized split with its gold answers.
 struct Split {
-    dataset: Dataset,
+    record: DataFile,
     encoded: Vec<Encoded>,
     gold: Gold,
 }
@@ -87,10 +96,60 @@ impl Split {
             tokenizer.encode_batch(&texts)?
         };
         Ok(Split {
-            dataset,
+            record: DataFile {
+                path: dataset.path,
+                sha256: dataset.sha256,
+                examples: dataset.examples.len(),
+                skipped: dataset.skipped,
+            },
             encoded,
             gold,
         })
+    }
+
+    /// A tagged split (token classification): words tokenized with their
+    /// word index per token, tags aligned to subwords.
+    fn load_tagged(
+        path: &Path,
+        spec: &TagSpec,
+        tokenizer: &BertTokenizer,
+        tag_set: impl FnOnce(&data::TaggedDataset) -> TagSet,
+        alignment: Alignment,
+    ) -> Result<(Self, TagSet)> {
+        let dataset = data::read_tagged(path, spec)?;
+        let tag_set = tag_set(&dataset);
+        let word_tags = tag_set.encode(&dataset)?;
+        let words: Vec<Vec<&str>> = dataset
+            .sentences
+            .iter()
+            .map(|s| s.words.iter().map(String::as_str).collect())
+            .collect();
+        let tokenized = tokenizer.encode_words_batch(&words)?;
+        let token_labels = tokenized
+            .iter()
+            .zip(&word_tags)
+            .map(|(t, tags)| data::align_tags(&t.word_ids, tags, &tag_set, alignment))
+            .collect();
+        let first_subwords = tokenized
+            .iter()
+            .zip(&word_tags)
+            .map(|(t, tags)| data::first_subwords(&t.word_ids, tags.len()))
+            .collect();
+        let split = Split {
+            record: DataFile {
+                path: dataset.path,
+                sha256: dataset.sha256,
+                examples: dataset.sentences.len(),
+                skipped: 0,
+            },
+            encoded: tokenized.into_iter().map(|t| t.encoded).collect(),
+            gold: Gold::Tags {
+                token_labels,
+                word_tags,
+                first_subwords,
+            },
+        };
+        Ok((split, tag_set))
     }
 
     fn lengths(&self) -> Vec<usize> {
@@ -115,15 +174,14 @@ impl Split {
                     .collect(),
             ),
             Gold::Values(values) => BatchGold::Values(indices.iter().map(|&i| values[i]).collect()),
-        }
-    }
-
-    fn record(&self) -> DataFile {
-        DataFile {
-            path: self.dataset.path.clone(),
-            sha256: self.dataset.sha256.clone(),
-            examples: self.dataset.examples.len(),
-            skipped: self.dataset.skipped,
+            // Packed like the batch's tokens: sequence after sequence.
+            Gold::Tags { token_labels, .. } => BatchGold::Tokens(
+                indices
+                    .iter()
+                    .flat_map(|&i| &token_labels[i])
+                    .copied()
+                    .collect(),
+            ),
         }
     }
 }
@@ -132,6 +190,7 @@ enum BatchGold {
     Classes(Vec<usize>),
     MultiHot(Vec<f32>),
     Values(Vec<f32>),
+    Tokens(Vec<Option<usize>>),
 }
 
 /// The loss settings of single-label classification.
@@ -144,6 +203,18 @@ struct ClassLoss<'a> {
 }
 
 impl BatchGold {
+    /// How many terms the batch's loss averages: examples, or labeled
+    /// tokens for token classification.
+    fn loss_terms(&self) -> usize {
+        match self {
+            BatchGold::Classes(labels) => labels.len(),
+            BatchGold::Values(values) => values.len(),
+            // Examples x labels: the same share as examples alone.
+            BatchGold::MultiHot(targets) => targets.len(),
+            BatchGold::Tokens(labels) => labels.iter().flatten().count(),
+        }
+    }
+
     fn targets<'a>(&'a self, loss: ClassLoss<'a>) -> Targets<'a> {
         match self {
             BatchGold::Classes(labels) if loss.focal_gamma > 0.0 => Targets::Focal {
@@ -157,6 +228,7 @@ impl BatchGold {
             },
             BatchGold::MultiHot(targets) => Targets::MultiHot(targets),
             BatchGold::Values(values) => Targets::Values(values),
+            BatchGold::Tokens(labels) => Targets::Tokens(labels),
         }
     }
 }
@@ -165,7 +237,8 @@ impl BatchGold {
 pub struct Evaluation {
     pub loss: f64,
     pub report: Report,
-    /// `[examples, outputs]`, in dev order.
+    /// `[examples, outputs]`, in dev order (empty for token
+    /// classification, whose per-token logits are scored batch by batch).
     pub logits: Vec<f32>,
 }
 
@@ -173,6 +246,7 @@ pub enum Report {
     Classification(ClassificationReport),
     MultiLabel(MultiLabelReport),
     Regression(RegressionReport),
+    Entities(EntityReport),
 }
 
 impl Evaluation {
@@ -186,6 +260,7 @@ impl Evaluation {
             (Report::Regression(r), Metric::Pearson) => r.pearson,
             (Report::Regression(r), Metric::Spearman) => r.spearman,
             (Report::Regression(r), Metric::Rmse) => -r.rmse,
+            (Report::Entities(r), Metric::EntityF1) => r.overall.f1,
             _ => unreachable!("the recipe checks that the metric fits the task"),
         }
     }
@@ -200,6 +275,7 @@ impl Evaluation {
                 "pearson": r.pearson,
                 "spearman": r.spearman,
             }),
+            Report::Entities(r) => r.summary_json(),
         };
         json["loss"] = self.loss.into();
         json
@@ -218,6 +294,10 @@ impl Evaluation {
             Report::Regression(r) => format!(
                 "loss {:.4} rmse {:.4} pearson {:.4} spearman {:.4}",
                 self.loss, r.rmse, r.pearson, r.spearman
+            ),
+            Report::Entities(r) => format!(
+                "loss {:.4} entity_f1 {:.4} precision {:.4} recall {:.4}",
+                self.loss, r.overall.f1, r.overall.precision, r.overall.recall
             ),
         }
     }
@@ -286,6 +366,24 @@ fn evaluate<B: TrainBackend>(
     batch_size: usize,
     tune_thresholds: bool,
 ) -> Result<Evaluation> {
+    if let Gold::Tags {
+        token_labels,
+        word_tags,
+        first_subwords,
+    } = &split.gold
+    {
+        return evaluate_tags(
+            model,
+            split,
+            TagGold {
+                token_labels,
+                word_tags,
+                first_subwords,
+            },
+            label_names,
+            batch_size,
+        );
+    }
     let outputs = model.num_labels;
     let mut logits = vec![0.0f32; split.encoded.len() * outputs];
     for indices in data::eval_batches(&split.lengths(), batch_size) {
@@ -336,6 +434,65 @@ fn evaluate<B: TrainBackend>(
                 logits,
             }
         }
+        Gold::Tags { .. } => unreachable!("scored by evaluate_tags"),
+    })
+}
+
+/// The parts of [`Gold::Tags`].
+struct TagGold<'a> {
+    token_labels: &'a [Vec<Option<usize>>],
+    word_tags: &'a [Vec<usize>],
+    first_subwords: &'a [Vec<Option<usize>>],
+}
+
+/// Token classification on dev: the loss over labeled tokens and entity
+/// scores of each word's tag read at its first subword (a word without a
+/// token, cut off by truncation, is predicted `O`).
+fn evaluate_tags<B: TrainBackend>(
+    model: &mut SequenceClassifier<B>,
+    split: &Split,
+    gold: TagGold,
+    label_names: &[String],
+    batch_size: usize,
+) -> Result<Evaluation> {
+    let classes = model.num_labels;
+    let mut predicted: Vec<Vec<&str>> = vec![Vec::new(); split.encoded.len()];
+    let (mut loss_sum, mut labeled) = (0.0f64, 0usize);
+    for indices in data::eval_batches(&split.lengths(), batch_size) {
+        let batch = split.tokens(&indices);
+        let logits = model.forward(&batch, ForwardMode { dropout_seed: None })?;
+        let labels: Vec<Option<usize>> = indices
+            .iter()
+            .flat_map(|&i| &gold.token_labels[i])
+            .copied()
+            .collect();
+        let batch_labeled = labels.iter().flatten().count();
+        let mut scratch = vec![0.0; logits.len()];
+        let batch_loss = loss::token_cross_entropy(&mut scratch, &logits, &labels, classes);
+        loss_sum += batch_loss as f64 * batch_labeled as f64;
+        labeled += batch_labeled;
+        for (k, &i) in indices.iter().enumerate() {
+            let sequence = &logits[batch.offsets[k] * classes..batch.offsets[k + 1] * classes];
+            predicted[i] = gold.first_subwords[i]
+                .iter()
+                .map(|first| match first {
+                    Some(p) => {
+                        label_names[argmax(&sequence[p * classes..(p + 1) * classes])].as_str()
+                    }
+                    None => "O",
+                })
+                .collect();
+        }
+    }
+    let gold_tags: Vec<Vec<&str>> = gold
+        .word_tags
+        .iter()
+        .map(|tags| tags.iter().map(|&t| label_names[t].as_str()).collect())
+        .collect();
+    Ok(Evaluation {
+        loss: loss_sum / labeled.max(1) as f64,
+        report: Report::Entities(EntityReport::compute(&gold_tags, &predicted)),
+        logits: Vec::new(),
     })
 }
 
@@ -427,12 +584,14 @@ impl<B: TrainBackend> Trainer<'_, B> {
                 let step_started = Instant::now();
                 let step = self.step;
                 let group_examples: usize = group.iter().map(Vec::len).sum();
+                let golds: Vec<BatchGold> =
+                    group.iter().map(|i| self.train.batch_gold(i)).collect();
+                let group_weight: usize = golds.iter().map(BatchGold::loss_terms).sum();
                 let model = &mut self.model;
                 model.params.zero_grads(&model.backend);
                 let mut loss = 0.0f32;
-                for (micro, indices) in group.iter().enumerate() {
-                    let (batch, gold) =
-                        (self.train.tokens(indices), self.train.batch_gold(indices));
+                for (micro, (indices, gold)) in group.iter().zip(&golds).enumerate() {
+                    let batch = self.train.tokens(indices);
                     let dropout_seed =
                         rng::derive_seed(recipe.seed, (step * recipe.grad_accum + micro) as u64);
                     model.forward(
@@ -441,7 +600,9 @@ impl<B: TrainBackend> Trainer<'_, B> {
                             dropout_seed: Some(dropout_seed),
                         },
                     )?;
-                    let share = indices.len() as f32 / group_examples as f32;
+                    // Each micro-batch's loss is a mean over its terms: weighted
+                    // by their count, the sum is the mean over the whole group.
+                    let share = gold.loss_terms() as f32 / group_weight.max(1) as f32;
                     loss += share * model.backward(&batch, gold.targets(class_loss), share);
                 }
                 let grad_norm = model.params.grad_norm(&model.backend);
@@ -560,6 +721,8 @@ impl<B: TrainBackend> Trainer<'_, B> {
                 lowercase: self.tokenizer.lowercase(),
                 pooling: recipe.pooling,
                 text_pair: recipe.text_pair_column.is_some(),
+                label_alignment: (recipe.task == Task::TokenClassification)
+                    .then(|| recipe.alignment()),
             },
             temperature: 1.0,
             calibration: None,
@@ -781,6 +944,7 @@ pub fn finetune<B: TrainBackend>(
             .then(|| recipe.label_delimiter.clone()),
         skip_bad_rows: recipe.skip_bad_rows,
     };
+    let mut tag_names = Vec::new();
     let (train, valid, label_set) = match recipe.task {
         Task::Classification => {
             let mut label_set = None;
@@ -819,12 +983,43 @@ pub fn finetune<B: TrainBackend>(
             let valid = Split::load(&recipe.valid, &spec, &tokenizer, values)?;
             (train, valid, None)
         }
+        Task::TokenClassification => {
+            let spec = TagSpec {
+                tokens_column: recipe.tokens_column.clone(),
+                tags_column: recipe.tags_column.clone(),
+            };
+            let alignment = recipe.alignment();
+            let (train, tag_set) = Split::load_tagged(
+                &recipe.train,
+                &spec,
+                &tokenizer,
+                TagSet::from_training,
+                alignment,
+            )?;
+            let (valid, _) = Split::load_tagged(
+                &recipe.valid,
+                &spec,
+                &tokenizer,
+                |_| tag_set.clone(),
+                alignment,
+            )?;
+            tag_names = tag_set.tags().to_vec();
+            (train, valid, None)
+        }
     };
     // Regression has one output, named after the label column.
-    let label_names = match &label_set {
-        Some(set) => set.labels().to_vec(),
-        None => vec![recipe.label_column.clone()],
+    let label_names = match (&label_set, recipe.task) {
+        (Some(set), _) => set.labels().to_vec(),
+        (None, Task::TokenClassification) => tag_names,
+        (None, _) => vec![recipe.label_column.clone()],
     };
+    if recipe.task == Task::TokenClassification && label_names.len() < 2 {
+        return Err(Error::Invalid(format!(
+            "{}: only one tag ({:?}) in the training data; token classification needs at least two (e.g. O and B-TYPE)",
+            recipe.train.display(),
+            label_names
+        )));
+    }
     if recipe.task == Task::Classification && label_names.len() < 2 {
         return Err(Error::Invalid(format!(
             "{}: only one label ({:?}) in the training data; classification needs at least two",
@@ -844,18 +1039,29 @@ pub fn finetune<B: TrainBackend>(
         Task::Classification => ProblemType::SingleLabel,
         Task::MultiLabel => ProblemType::MultiLabel,
         Task::Regression => ProblemType::Regression,
+        Task::TokenClassification => ProblemType::TokenClassification,
     };
 
     let ckpt = Checkpoint::open(&files.weights)?;
-    let mut model = SequenceClassifier::new(
-        backend,
-        config,
-        &ckpt,
-        recipe.pooling,
-        label_names.len(),
-        recipe.head_dropout,
-        recipe.seed,
-    )?;
+    let mut model = match recipe.task {
+        Task::TokenClassification => SequenceClassifier::new_token_classifier(
+            backend,
+            config,
+            &ckpt,
+            label_names.len(),
+            recipe.head_dropout,
+            recipe.seed,
+        )?,
+        _ => SequenceClassifier::new(
+            backend,
+            config,
+            &ckpt,
+            recipe.pooling,
+            label_names.len(),
+            recipe.head_dropout,
+            recipe.seed,
+        )?,
+    };
     drop(ckpt);
     apply_strategies(&mut model, recipe)?;
     let class_weights = match (&recipe.class_weights, &label_set, &train.gold) {
@@ -887,8 +1093,8 @@ pub fn finetune<B: TrainBackend>(
     ));
 
     let data_records = BTreeMap::from([
-        ("train".to_string(), train.record()),
-        ("valid".to_string(), valid.record()),
+        ("train".to_string(), train.record.clone()),
+        ("valid".to_string(), valid.record.clone()),
     ]);
     let mut trainer = Trainer {
         recipe,

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Real-data runs for the task heads and training strategies, all-MiniLM-L6-v2,
+# default recipe unless a row says otherwise, several seeds, trained on
+# `train`, selected on `dev`, reported on `test` (mean +- std over seeds):
+#   sms         SMS spam: spam F1 with and without balanced class weights and
+#               dev-tuned decision thresholds (13% spam)
+#   trec        TREC-6 question type: accuracy and macro-F1
+#   regression  VADER tweets `score` (-4..+4): Pearson, Spearman, RMSE
+#   strategies  VADER movies+amazon with 500 training examples: full
+#               fine-tuning vs --freeze-bottom 4 vs gradual unfreezing
+# Reads the JSONL files of ../shared/data (see DATA.md; every row carries its
+# split); DATA_DIR overrides. Takes about an hour on 2 cores for all of them.
+#
+# Usage: bench/tasks-e2e.sh [TASKS=sms,trec,regression,strategies] [SEEDS=1,2,3] [extra finetune flags...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tasks="${1:-sms,trec,regression,strategies}"
+seeds="${2:-1,2,3}"
+shift 2 || shift $# || true
+data="${DATA_DIR:-../shared/data}"
+[[ -d $data ]] || { echo "no data directory $data (set DATA_DIR)" >&2; exit 1; }
+scripts/fetch-assets.sh
+cargo build --release --quiet
+bertrt=target/release/bertrt
+model=assets/models/all-MiniLM-L6-v2
+work=target/tasks-e2e
+mkdir -p "$work"
+results="$work/results.jsonl"
+
+# split FILE NAME TEXT LABEL: NAME-{train,dev,test}.jsonl with "text" and
+# "label" keys.
+split() {
+  python3 - "$@" "$work" <<'PY'
+import json, sys
+src, name, text, label, out = sys.argv[1:6]
+rows = [json.loads(l) for l in open(src)]
+for part in ["train", "dev", "test"]:
+    items = [{"text": r[text], "label": r[label]} for r in rows if r["split"] == part]
+    with open(f"{out}/{name}-{part}.jsonl", "w") as f:
+        f.writelines(json.dumps(i) + "\n" for i in items)
+PY
+}
+
+# run NAME ROW [finetune flags...]: trains NAME per seed as row ROW, evaluates
+# each on NAME-test, appends one result line per seed.
+run() {
+  local name=$1 row=$2
+  shift 2
+  for seed in ${seeds//,/ }; do
+    local out="$work/model-$row-seed$seed"
+    "$bertrt" finetune --model "$model" --train "$work/$name-train.jsonl" \
+      --valid "$work/$name-dev.jsonl" --out "$out" --seed "$seed" --quiet "$@" \
+      > "$work/summary-$row-seed$seed.json"
+    "$bertrt" eval --model "$out" --data "$work/$name-test.jsonl" \
+      | python3 -c "
+import json, sys
+r = json.load(sys.stdin)
+keep = {k: r[k] for k in ('accuracy', 'macro_f1', 'pearson', 'spearman', 'rmse') if k in r}
+if 'per_class' in r and 'spam' in r['per_class']:
+    keep['spam_f1'] = r['per_class']['spam']['f1']
+print(json.dumps({'row': '$row', 'seed': $seed, **keep}))" >> "$results"
+    echo "$row seed $seed: $(tail -n 1 "$results")"
+  done
+}
+
+: > "$results"
+for task in ${tasks//,/ }; do
+  case $task in
+    sms)
+      split "$data/sms-spam/sms_spam.jsonl" sms text label
+      run sms sms-default "$@"
+      run sms sms-no-thresholds --no-threshold-tuning "$@"
+      run sms sms-class-weights --class-weights balanced --no-threshold-tuning "$@"
+      run sms sms-class-weights+thresholds --class-weights balanced "$@"
+      ;;
+    trec)
+      split "$data/trec-questions/trec.jsonl" trec text coarse
+      run trec trec6 "$@"
+      ;;
+    regression)
+      split "$data/vader-sentiment-4domains/tweets.jsonl" tweets-score text score
+      run tweets-score tweets-regression --task regression "$@"
+      ;;
+    strategies)
+      python3 - "$data/vader-sentiment-4domains" "$work" <<'PY'
+import json, random, sys
+src, out = sys.argv[1:3]
+rows = [json.loads(l) for d in ["movies", "amazon"] for l in open(f"{src}/{d}.jsonl")]
+for part in ["train", "dev", "test"]:
+    items = [{"text": r["text"], "label": r["label"]} for r in rows if r["split"] == part]
+    if part == "train":
+        random.Random(0).shuffle(items)
+        items = items[:500]
+    with open(f"{out}/reviews500-{part}.jsonl", "w") as f:
+        f.writelines(json.dumps(i) + "\n" for i in items)
+PY
+      run reviews500 500-full --epochs 5 "$@"
+      run reviews500 500-freeze-bottom-4 --epochs 5 --freeze-bottom 4 "$@"
+      run reviews500 500-gradual-unfreezing --unfreeze-schedule "head:1,top2:1,top6:1,all:2" "$@"
+      ;;
+    *) echo "unknown task $task (sms, trec, regression, strategies)" >&2; exit 1 ;;
+  esac
+done
+
+python3 - "$results" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+order = list(dict.fromkeys(r["row"] for r in rows))
+metrics = ["spam_f1", "macro_f1", "accuracy", "pearson", "spearman", "rmse"]
+print(f"{'run':<30} " + " ".join(f"{m:>17}" for m in metrics) + "  seeds")
+for name in order:
+    rs = [r for r in rows if r["row"] == name]
+    cells = []
+    for m in metrics:
+        v = [r[m] for r in rs if m in r]
+        if not v:
+            cells.append(f"{'-':>17}")
+            continue
+        sd = statistics.stdev(v) if len(v) > 1 else 0.0
+        cells.append(f"{statistics.mean(v):>9.4f} +- {sd:.4f}")
+    print(f"{name:<30} " + " ".join(cells) + f"  {len(rs)}")
+PY

@@ -1,0 +1,721 @@
+//! Token classification: tagged-data readers and their errors, subword
+//! alignment, the seqeval-style entity metric, the token head's gradients,
+//! and `finetune --task token-classification` / `eval` / `predict` end to
+//! end on a tiny model.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use bertrt::backend::cpu::CpuBackend;
+use bertrt::checkpoint::Checkpoint;
+use bertrt::config::BertConfig;
+use bertrt::data::{align_tags, read_tagged, Alignment, TagSet, TagSpec};
+use bertrt::eval::{entities, EntityReport};
+use bertrt::model::TokenBatch;
+use bertrt::tokenize::BertTokenizer;
+use bertrt::train::classifier::{ForwardMode, SequenceClassifier, Targets};
+use bertrt::train::loss::token_cross_entropy;
+use common::Rng;
+use safetensors::Dtype;
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn read_error(dir: &Path, name: &str, text: &str) -> String {
+    read_tagged(&write(dir, name, text), &TagSpec::default())
+        .unwrap_err()
+        .to_string()
+}
+
+#[test]
+fn conll_reader_takes_first_and_last_columns_and_skips_docstart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = write(
+        tmp.path(),
+        "a.conll",
+        "-DOCSTART- -X- O O\n\nthe\tO\ncat\tB-ANIMAL\n\n\nbig DT NP B-SIZE\ndog NN NP I-SIZE\r\n",
+    );
+    let data = read_tagged(&path, &TagSpec::default()).unwrap();
+    assert_eq!(data.sentences.len(), 2);
+    assert_eq!(data.sentences[0].words, ["the", "cat"]);
+    assert_eq!(data.sentences[0].tags, ["O", "B-ANIMAL"]);
+    assert_eq!(data.sentences[0].lines, [3, 4]);
+    assert_eq!(data.sentences[1].words, ["big", "dog"]);
+    assert_eq!(data.sentences[1].tags, ["B-SIZE", "I-SIZE"]);
+    assert_eq!(data.sentences[1].line(), 7);
+}
+
+#[test]
+fn jsonl_reader_with_configurable_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = write(
+        tmp.path(),
+        "a.jsonl",
+        "{\"w\": [\"the\", \"cat\"], \"t\": [\"O\", \"B-ANIMAL\"]}\n\n{\"w\": [\"dog\"], \"t\": [\"B-ANIMAL\"]}\n",
+    );
+    let spec = TagSpec {
+        tokens_column: "w".into(),
+        tags_column: "t".into(),
+    };
+    let data = read_tagged(&path, &spec).unwrap();
+    assert_eq!(data.sentences.len(), 2);
+    assert_eq!(data.sentences[1].lines, [3]);
+    let err = read_tagged(&path, &TagSpec::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("line 1") && err.contains("\"tokens\"") && err.contains("--tokens-column"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_tagged_input_is_named_by_file_line_and_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let err = read_error(
+        dir,
+        "count.jsonl",
+        "{\"tokens\": [\"a\"], \"tags\": [\"O\"]}\n{\"tokens\": [\"the\", \"cat\"], \"tags\": [\"O\"]}\n",
+    );
+    assert!(
+        err.contains("count.jsonl line 2") && err.contains("2 words but 1 tags"),
+        "{err}"
+    );
+    let err = read_error(dir, "empty.jsonl", "{\"tokens\": [], \"tags\": []}\n");
+    assert!(
+        err.contains("empty.jsonl line 1") && err.contains("empty sentence"),
+        "{err}"
+    );
+    let err = read_error(dir, "one.conll", "the O\ncat\n");
+    assert!(
+        err.contains("one.conll line 2") && err.contains("a word and a tag"),
+        "{err}"
+    );
+    let err = read_error(dir, "bio.conll", "the O\ncat E-ANIMAL\n");
+    assert!(
+        err.contains("bio.conll line 2") && err.contains("\"E-ANIMAL\"") && err.contains("BIO"),
+        "{err}"
+    );
+    let err = read_error(dir, "nothing.conll", "\n\n");
+    assert!(err.contains("no tagged sentences"), "{err}");
+
+    // A dev tag unseen in training.
+    let train = read_tagged(
+        &write(dir, "train.conll", "the O\ncat B-ANIMAL\n"),
+        &TagSpec::default(),
+    )
+    .unwrap();
+    let tags = TagSet::from_training(&train);
+    assert_eq!(tags.tags(), ["B-ANIMAL", "O"]);
+    let dev = read_tagged(
+        &write(dir, "dev.conll", "the O\n\nbig B-SIZE\ndog B-ANIMAL\n"),
+        &TagSpec::default(),
+    )
+    .unwrap();
+    let err = tags.encode(&dev).unwrap_err().to_string();
+    assert!(
+        err.contains("dev.conll line 3") && err.contains("\"B-SIZE\"") && err.contains("training"),
+        "{err}"
+    );
+}
+
+fn tiny_model(dir: &Path) -> PathBuf {
+    let model = dir.join("tiny");
+    common::write_tiny_model(
+        &model,
+        &common::tiny_config(),
+        &common::safetensors_bytes(&common::tiny_tensors(1), Dtype::F32),
+    );
+    model
+}
+
+#[test]
+fn tags_go_to_first_subwords_or_all_subwords() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tokenizer = BertTokenizer::from_dir(&tiny_model(tmp.path()), 64).unwrap();
+    let encoded = tokenizer
+        .encode_words_batch(&[vec!["the", "cats", "sat"]])
+        .unwrap()
+        .remove(0);
+    assert_eq!(
+        encoded.encoded.tokens,
+        ["[CLS]", "the", "cat", "##s", "sat", "[SEP]"]
+    );
+    assert_eq!(
+        encoded.word_ids,
+        [None, Some(0), Some(1), Some(1), Some(2), None]
+    );
+    let tags = TagSet::from_tags(vec!["B-ANIMAL".into(), "I-ANIMAL".into(), "O".into()]);
+    let word_tags = [2, 0, 2];
+    assert_eq!(
+        align_tags(
+            &encoded.word_ids,
+            &word_tags,
+            &tags,
+            Alignment::FirstSubword
+        ),
+        [None, Some(2), Some(0), None, Some(2), None]
+    );
+    assert_eq!(
+        align_tags(&encoded.word_ids, &word_tags, &tags, Alignment::AllSubwords),
+        [None, Some(2), Some(0), Some(1), Some(2), None]
+    );
+    // Truncation cuts off words: they get no token and no label.
+    let short = BertTokenizer::from_dir(&tmp.path().join("tiny"), 4).unwrap();
+    let encoded = short
+        .encode_words_batch(&[vec!["the", "cats", "sat"]])
+        .unwrap()
+        .remove(0);
+    assert_eq!(encoded.word_ids, [None, Some(0), Some(1), None]);
+    assert_eq!(
+        bertrt::data::first_subwords(&encoded.word_ids, 3),
+        [Some(1), Some(2), None]
+    );
+}
+
+fn spans(tags: &[&str]) -> Vec<(String, usize, usize)> {
+    entities(tags)
+        .into_iter()
+        .map(|e| (e.kind, e.start, e.end))
+        .collect()
+}
+
+#[test]
+fn entity_spans_follow_seqeval() {
+    let s = |k: &str, a, b| (k.to_string(), a, b);
+    // seqeval.metrics.sequence_labeling.get_entities (default mode):
+    // an I- without a B- starts an entity, a type change splits one.
+    assert_eq!(spans(&["I-PER", "I-PER", "O"]), [s("PER", 0, 2)]);
+    assert_eq!(
+        spans(&["B-PER", "I-LOC", "I-LOC"]),
+        [s("PER", 0, 1), s("LOC", 1, 3)]
+    );
+    assert_eq!(
+        spans(&["B-PER", "B-PER", "O", "I-ORG"]),
+        [s("PER", 0, 1), s("PER", 1, 2), s("ORG", 3, 4)]
+    );
+    assert_eq!(spans(&["O", "B-LOC", "I-LOC"]), [s("LOC", 1, 3)]);
+    assert_eq!(spans(&["O", "O"]), []);
+}
+
+#[test]
+fn entity_scores_match_hand_computed_seqeval_values() {
+    // Gold entities: PER[0,2), LOC[3,4) | ORG[0,1), PER[2,4) (at the end).
+    let gold = vec![
+        vec!["B-PER", "I-PER", "O", "B-LOC"],
+        vec!["B-ORG", "O", "B-PER", "I-PER"],
+    ];
+    // Predicted: PER[0,2) (an I- start, counts as PER[0,2)), LOC[3,4) |
+    // ORG[0,1), PER[2,3), LOC[3,4) (type change at the end).
+    let predicted = vec![
+        vec!["I-PER", "I-PER", "O", "B-LOC"],
+        vec!["B-ORG", "O", "B-PER", "I-LOC"],
+    ];
+    let report = EntityReport::compute(&gold, &predicted);
+    // seqeval: 3 correct of 5 predicted and 4 gold.
+    let o = &report.overall;
+    assert_eq!((o.gold, o.predicted, o.correct), (4, 5, 3));
+    assert!((o.precision - 0.6).abs() < 1e-12);
+    assert!((o.recall - 0.75).abs() < 1e-12);
+    assert!((o.f1 - 2.0 * 0.6 * 0.75 / 1.35).abs() < 1e-12);
+    let per = &report.per_type;
+    assert_eq!(
+        (per["PER"].gold, per["PER"].predicted, per["PER"].correct),
+        (2, 2, 1)
+    );
+    assert!((per["PER"].f1 - 0.5).abs() < 1e-12);
+    assert!((per["LOC"].precision - 0.5).abs() < 1e-12);
+    assert!((per["LOC"].recall - 1.0).abs() < 1e-12);
+    assert!((per["ORG"].f1 - 1.0).abs() < 1e-12);
+    assert!((report.word_accuracy - 6.0 / 8.0).abs() < 1e-12);
+    // Nothing predicted: 0, not NaN (seqeval's zero_division default).
+    let none = EntityReport::compute(&gold, &vec![vec!["O"; 4]; 2]);
+    assert_eq!(none.overall.f1, 0.0);
+}
+
+/// Mean cross-entropy over labeled tokens, in f64, written independently
+/// of the library's.
+fn reference_loss(logits: &[f32], labels: &[Option<usize>], classes: usize) -> f64 {
+    let mut total = 0.0;
+    let mut n = 0.0;
+    for (row, label) in logits.chunks_exact(classes).zip(labels) {
+        if let Some(y) = label {
+            let lse = row.iter().map(|&z| (z as f64).exp()).sum::<f64>().ln();
+            total += lse - row[*y] as f64;
+            n += 1.0;
+        }
+    }
+    total / n
+}
+
+/// Central differences, relative L2 error <= 1e-2 over a sample.
+fn check(
+    name: &str,
+    x: &[f32],
+    analytic: &[f32],
+    samples: usize,
+    mut f: impl FnMut(&[f32]) -> f64,
+) {
+    let step = (x.len() / samples).max(1);
+    let eps = 1e-2f32;
+    let (mut diff2, mut norm2, mut count) = (0.0f64, 0.0f64, 0.0f64);
+    let mut probe = x.to_vec();
+    for i in (0..x.len()).step_by(step) {
+        probe[i] = x[i] + eps;
+        let up = f(&probe);
+        probe[i] = x[i] - eps;
+        let down = f(&probe);
+        probe[i] = x[i];
+        let numeric = (up - down) / (2.0 * eps as f64);
+        diff2 += (numeric - analytic[i] as f64).powi(2);
+        norm2 += numeric.powi(2).max((analytic[i] as f64).powi(2));
+        count += 1.0;
+    }
+    let relative = (diff2 / norm2.max(1e-6 * count)).sqrt();
+    assert!(relative <= 1e-2, "{name}: relative error {relative:e}");
+}
+
+#[test]
+fn token_cross_entropy_gradient_and_ignored_tokens() {
+    let classes = 4;
+    let labels = [Some(1), None, Some(3), Some(0), None];
+    let logits = Rng::new(3).vec(labels.len() * classes, 2.0);
+    let mut grad = vec![1.0; logits.len()];
+    let loss = token_cross_entropy(&mut grad, &logits, &labels, classes);
+    assert!((loss as f64 - reference_loss(&logits, &labels, classes)).abs() < 1e-6);
+    // Ignored tokens get exactly no gradient.
+    assert!(grad[classes..2 * classes].iter().all(|&g| g == 0.0));
+    assert!(grad[4 * classes..].iter().all(|&g| g == 0.0));
+    check("token_cross_entropy", &logits, &grad, 100, |z| {
+        reference_loss(z, &labels, classes)
+    });
+    // No labeled token: zero loss and gradient, not NaN.
+    let mut grad = vec![1.0; classes];
+    assert_eq!(
+        token_cross_entropy(&mut grad, &logits[..classes], &[None], classes),
+        0.0
+    );
+    assert!(grad.iter().all(|&g| g == 0.0));
+}
+
+/// The whole token classifier (encoder + dropout + per-token linear + loss)
+/// against central differences, dropout on.
+#[test]
+fn token_classifier_gradients_match_central_differences() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = tiny_model(tmp.path());
+    let config = BertConfig::from_file(&model_dir.join("config.json")).unwrap();
+    let ckpt = Checkpoint::open(&model_dir.join("model.safetensors")).unwrap();
+    let classes = 3;
+    let mut model = SequenceClassifier::new_token_classifier(
+        CpuBackend::new(2),
+        config,
+        &ckpt,
+        classes,
+        0.2,
+        5,
+    )
+    .unwrap();
+    let batch = TokenBatch {
+        ids: vec![2, 5, 6, 17, 7, 3, 2, 10, 11, 3],
+        type_ids: vec![0; 10],
+        offsets: vec![0, 6, 10],
+    };
+    let labels = [
+        None,
+        Some(2),
+        Some(0),
+        None,
+        Some(2),
+        None,
+        None,
+        Some(1),
+        Some(2),
+        None,
+    ];
+    let mode = ForwardMode {
+        dropout_seed: Some(9),
+    };
+    let logits = model.forward(&batch, mode).unwrap();
+    assert_eq!(logits.len(), batch.tokens() * classes);
+    model.params.zero_grads(&model.backend);
+    let loss = model.backward(&batch, Targets::Tokens(&labels), 1.0);
+    assert!((loss as f64 - reference_loss(&logits, &labels, classes)).abs() < 1e-5);
+    let exported = model.params.export(&model.backend);
+    assert!(
+        exported.iter().all(|(n, _, _)| !n.contains("pooler")),
+        "a token classifier has no pooler"
+    );
+    for (name, _, value) in exported {
+        let grad = model.params.grad_of(&model.backend, &name).unwrap();
+        check(&name, &value, &grad, 10, |v| {
+            model.params.set(&model.backend, &name, v).unwrap();
+            let logits = model.forward(&batch, mode).unwrap();
+            model.params.set(&model.backend, &name, &value).unwrap();
+            reference_loss(&logits, &labels, classes)
+        });
+    }
+}
+
+fn bertrt(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_bertrt"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+const TRAIN_CONLL: &str = "\
+the O\ncat B-ANIMAL\nsat O\non O\nthe O\nmat B-THING\n
+a O\nbig B-ANIMAL\ndog I-ANIMAL\nran O\nfast O\n
+the O\nsmall B-ANIMAL\ncats I-ANIMAL\nsat O\n
+the O\ndog B-ANIMAL\nran O\nslow O\n
+a O\ncat B-ANIMAL\nsat O\non O\na O\nmat B-THING\n
+the O\ndogs B-ANIMAL\nran O\non O\nthe O\nmat B-THING\n";
+
+#[test]
+fn finetune_eval_and_predict_entities_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let model = tiny_model(dir);
+    let train = write(dir, "train.conll", TRAIN_CONLL);
+    let out = dir.join("ner");
+    let (ok, stdout, err) = bertrt(&[
+        "finetune",
+        "--task",
+        "token-classification",
+        "--model",
+        model.to_str().unwrap(),
+        "--train",
+        train.to_str().unwrap(),
+        "--valid",
+        train.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--batch-size",
+        "2",
+        "--epochs",
+        "40",
+        "--lr",
+        "3e-3",
+        "--max-length",
+        "32",
+        "--quiet",
+    ]);
+    assert!(ok, "{err}");
+    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(summary["best"]["metric"], "entity_f1");
+
+    // Loss falls: the first epoch's mean step loss against the last's.
+    let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let losses: Vec<f64> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|l| l["loss"].as_f64().filter(|_| l.get("eval").is_none()))
+        .collect();
+    let per_epoch = 3;
+    let first: f64 = losses[..per_epoch].iter().sum::<f64>() / per_epoch as f64;
+    let last: f64 = losses[losses.len() - per_epoch..].iter().sum::<f64>() / per_epoch as f64;
+    assert!(last < 0.5 * first, "loss {first} -> {last}");
+
+    // The artifact: BertForTokenClassification with HF names, no pooler.
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["architectures"][0], "BertForTokenClassification");
+    assert_eq!(config["id2label"]["0"], "B-ANIMAL");
+    assert_eq!(config["label2id"]["O"], 3);
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("bertrt.json")).unwrap()).unwrap();
+    assert_eq!(meta["task"], "token-classification");
+    assert_eq!(meta["preprocessing"]["label_alignment"], "first-subword");
+    assert_eq!(
+        meta["labels"],
+        serde_json::json!(["B-ANIMAL", "B-THING", "I-ANIMAL", "O"])
+    );
+    let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+    let names: Vec<String> = safetensors::SafeTensors::deserialize(&bytes)
+        .unwrap()
+        .names()
+        .into_iter()
+        .map(String::from)
+        .collect();
+    assert!(names.contains(&"classifier.weight".to_string()));
+    assert!(names.contains(&"bert.encoder.layer.1.attention.self.query.weight".to_string()));
+    assert!(names.iter().all(|n| !n.contains("pooler")), "{names:?}");
+
+    // eval reloads it and scores entities.
+    let (ok, stdout, err) = bertrt(&[
+        "eval",
+        "--model",
+        out.to_str().unwrap(),
+        "--data",
+        train.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let f1 = report["entity_f1"].as_f64().unwrap();
+    assert!(f1 > 0.8, "{report}");
+    assert!(report["per_type"]["ANIMAL"]["f1"].as_f64().is_some());
+    assert!(
+        (f1 - meta["best"]["dev"]["entity_f1"].as_f64().unwrap()).abs() < 1e-9,
+        "eval and training's dev score agree"
+    );
+
+    // predict: character offsets that slice the input to the entity text
+    // ("thé" normalises to "the", and is one byte longer than 3 chars).
+    let lines = "the  big dog ran\nthé cat sat on the mat\n\n";
+    let input = write(dir, "raw.txt", lines);
+    let (ok, stdout, err) = bertrt(&[
+        "predict",
+        "--model",
+        out.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let outputs: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(outputs.len(), 3);
+    let mut found = 0;
+    for (line, output) in lines.lines().zip(&outputs) {
+        for entity in output["entities"].as_array().unwrap() {
+            let (start, end) = (
+                entity["start"].as_u64().unwrap() as usize,
+                entity["end"].as_u64().unwrap() as usize,
+            );
+            let slice: String = line.chars().skip(start).take(end - start).collect();
+            assert_eq!(slice, entity["text"].as_str().unwrap(), "{output}");
+            let score = entity["score"].as_f64().unwrap();
+            assert!(score > 0.0 && score <= 1.0);
+            found += 1;
+        }
+    }
+    assert!(found >= 2, "{outputs:?}");
+    assert_eq!(outputs[0]["entities"][0]["text"], "big dog");
+    assert_eq!(outputs[0]["entities"][0]["type"], "ANIMAL");
+    assert_eq!(outputs[1]["entities"][0]["text"], "cat");
+    assert_eq!(outputs[1]["entities"][0]["start"], 4);
+    assert_eq!(outputs[1]["entities"][0]["end"], 7);
+    assert_eq!(outputs[2]["entities"], serde_json::json!([]));
+}
+
+#[test]
+fn unseen_dev_tag_stops_finetuning_with_its_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let model = tiny_model(dir);
+    let train = write(dir, "train.conll", TRAIN_CONLL);
+    let valid = write(
+        dir,
+        "valid.conll",
+        "the O\ncat B-ANIMAL\n\na O\nmat B-PLACE\n",
+    );
+    let (ok, _, err) = bertrt(&[
+        "finetune",
+        "--task",
+        "token-classification",
+        "--model",
+        model.to_str().unwrap(),
+        "--train",
+        train.to_str().unwrap(),
+        "--valid",
+        valid.to_str().unwrap(),
+        "--out",
+        dir.join("out").to_str().unwrap(),
+        "--max-length",
+        "32",
+        "--quiet",
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("valid.conll line 5") && err.contains("\"B-PLACE\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn label_all_subwords_trains_and_is_recorded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let model = tiny_model(dir);
+    let train = write(dir, "train.conll", TRAIN_CONLL);
+    let out = dir.join("all");
+    let (ok, _, err) = bertrt(&[
+        "finetune",
+        "--task",
+        "token-classification",
+        "--label-all-subwords",
+        "--model",
+        model.to_str().unwrap(),
+        "--train",
+        train.to_str().unwrap(),
+        "--valid",
+        train.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--max-length",
+        "32",
+        "--quiet",
+    ]);
+    assert!(ok, "{err}");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("bertrt.json")).unwrap()).unwrap();
+    assert_eq!(meta["preprocessing"]["label_alignment"], "all-subwords");
+    assert_eq!(meta["recipe"]["label_all_subwords"], true);
+
+    // The flag belongs to token classification only.
+    let (ok, _, err) = bertrt(&[
+        "finetune",
+        "--label-all-subwords",
+        "--model",
+        model.to_str().unwrap(),
+        "--train",
+        train.to_str().unwrap(),
+        "--valid",
+        train.to_str().unwrap(),
+        "--out",
+        dir.join("other").to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("label_all_subwords applies to token-classification only"),
+        "{err}"
+    );
+}
+
+/// Per-word logits of `model` for `text` (`predict --words`).
+fn word_logits(model: &Path, dir: &Path, text: &str) -> Vec<f32> {
+    let input = write(dir, "words.txt", text);
+    let (ok, stdout, err) = bertrt(&[
+        "predict",
+        "--model",
+        model.to_str().unwrap(),
+        "--words",
+        "--input",
+        input.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    stdout
+        .lines()
+        .flat_map(|l| {
+            let line: serde_json::Value = serde_json::from_str(l).unwrap();
+            line["words"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|w| w["logits"].as_array().unwrap().clone())
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Gradient accumulation averages over labeled tokens like one big batch:
+/// micro-batches of 2 sentences x 2 train the same model as batches of 4
+/// (no dropout, same order), although the sentences differ in length.
+#[test]
+fn gradient_accumulation_weights_micro_batches_by_labeled_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut config = common::tiny_config();
+    config["hidden_dropout_prob"] = 0.0.into();
+    config["attention_probs_dropout_prob"] = 0.0.into();
+    let model = dir.join("tiny");
+    common::write_tiny_model(
+        &model,
+        &config,
+        &common::safetensors_bytes(&common::tiny_tensors(1), Dtype::F32),
+    );
+    let train = write(dir, "train.conll", TRAIN_CONLL);
+    let run = |out: &str, batch: &str, accum: &str| {
+        let out = dir.join(out);
+        let (ok, _, err) = bertrt(&[
+            "finetune",
+            "--task",
+            "token-classification",
+            "--model",
+            model.to_str().unwrap(),
+            "--train",
+            train.to_str().unwrap(),
+            "--valid",
+            train.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--batch-size",
+            batch,
+            "--grad-accum",
+            accum,
+            "--head-dropout",
+            "0",
+            "--no-bucketing",
+            "--epochs",
+            "2",
+            "--lr",
+            "1e-2",
+            "--metric",
+            "loss",
+            "--max-length",
+            "32",
+            "--quiet",
+        ]);
+        assert!(ok, "{err}");
+        out
+    };
+    let whole = run("whole", "4", "1");
+    let accumulated = run("accumulated", "2", "2");
+    let text = "the cat sat on the mat\na big dog ran fast\nthe small cats sat\n";
+    let (a, b) = (
+        word_logits(&whole, dir, text),
+        word_logits(&accumulated, dir, text),
+    );
+    let diff = common::max_abs_diff(&a, &b);
+    assert!(diff < 1e-4, "max |logit difference| {diff}");
+    let moved = common::max_abs_diff(&a, &word_logits(&model_before(dir, &model), dir, text));
+    assert!(moved > 1e-2, "training changed the model ({moved})");
+}
+
+/// The tiny model as a token classifier with its fresh head, practically
+/// untrained (lr 1e-12): the baseline that real training must move away
+/// from, so that agreeing runs are not agreeing by standing still.
+fn model_before(dir: &Path, model: &Path) -> PathBuf {
+    let train = dir.join("train.conll");
+    let out = dir.join("before");
+    let (ok, _, err) = bertrt(&[
+        "finetune",
+        "--task",
+        "token-classification",
+        "--model",
+        model.to_str().unwrap(),
+        "--train",
+        train.to_str().unwrap(),
+        "--valid",
+        train.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--batch-size",
+        "8",
+        "--epochs",
+        "1",
+        "--lr",
+        "1e-12",
+        "--max-length",
+        "32",
+        "--quiet",
+    ]);
+    assert!(ok, "{err}");
+    out
+}
