@@ -17,7 +17,7 @@
 # Each run is fp32, then --int8 (the model quantized on load), and the
 # in-process baseline and overhead line are given for both.
 #
-# Environment: MODEL (default MiniLM), LEVELS ("1 4 16 32 64"), REQUESTS
+# Environment: MODEL (default MiniLM), MODES ("fp32 int8"), LEVELS ("1 4 16 32 64"), REQUESTS
 # (2000 per level), TEXT (16 MiniLM tokens), THREADS (0: all cores),
 # LATENCY_SECS (5: each wrk run), SOAK_SECS (0: no soak), SERVE_ARGS (extra
 # `bertrt serve` flags).
@@ -31,6 +31,7 @@ TEXT=${TEXT:-"the quick brown fox jumps over the lazy dog and then runs far away
 THREADS=${THREADS:-0}
 LATENCY_SECS=${LATENCY_SECS:-5}
 SOAK_SECS=${SOAK_SECS:-0}
+MODES=${MODES:-"fp32 int8"}
 SERVE_ARGS=${SERVE_ARGS:-}
 
 for tool in hey wrk curl; do
@@ -126,7 +127,7 @@ header() {
 }
 
 declare -A embed_p50
-for mode in fp32 int8; do
+for mode in $MODES; do
     flags=()
     [[ $mode == int8 ]] && flags=(--int8)
     echo "== bertrt serve ($mode): POST /embed, 1 text of \"$TEXT\""
@@ -165,7 +166,7 @@ for mode in fp32 int8; do
     stop_server
 done
 
-for mode in fp32 int8; do
+for mode in $MODES; do
     [[ -n ${embed_p50[$mode]:-} ]] || continue
     precision=float32
     [[ $mode == int8 ]] && precision=int8
