@@ -130,6 +130,23 @@ fn jsonl_with_integer_and_boolean_labels() {
     assert!(d.examples.iter().all(|e| e.text_pair.is_none()));
 }
 
+/// Regression targets come as JSON numbers (VADER's `score`).
+#[test]
+fn jsonl_with_float_labels_reads_numeric_targets() {
+    let dir = TempDir::new().unwrap();
+    let path = write(
+        &dir,
+        "d.jsonl",
+        "{\"text\": \"a\", \"label\": 2.25}\n{\"text\": \"b\", \"label\": -1e-3}\n{\"text\": \"c\", \"label\": 3}\n",
+    );
+    let spec = DataSpec {
+        numeric_labels: true,
+        ..DataSpec::default()
+    };
+    let d = read_dataset(&path, &spec).unwrap();
+    assert_eq!(d.numeric_labels().unwrap(), [2.25, -1e-3, 3.0]);
+}
+
 #[test]
 fn json_extension_reads_json_lines() {
     let dir = TempDir::new().unwrap();

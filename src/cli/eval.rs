@@ -68,6 +68,7 @@ pub fn run(args: Args) -> Result<()> {
                 .or(trained_delimiter)
                 .unwrap_or_else(|| "|".into())
         }),
+        numeric_labels: classifier.regression,
         skip_bad_rows: false,
     };
     let dataset = data::read_dataset(&args.data, &spec)?;

@@ -63,7 +63,7 @@ fn example(object: &Map<String, Value>, spec: &DataSpec, line: usize) -> Result<
                 .iter()
                 .enumerate()
                 .map(|(i, item)| {
-                    scalar_label(item).ok_or_else(|| {
+                    scalar_label(item, false).ok_or_else(|| {
                         format!(
                             "item {} of the label list {key:?} is {}; a label must be a string, an integer or a boolean",
                             i + 1,
@@ -73,9 +73,9 @@ fn example(object: &Map<String, Value>, spec: &DataSpec, line: usize) -> Result<
                 })
                 .collect::<Result<_, BadRow>>()?,
         ),
-        other => RawLabel::Text(scalar_label(other).ok_or_else(|| {
+        other => RawLabel::Text(scalar_label(other, spec.numeric_labels).ok_or_else(|| {
             format!(
-                "label {key:?} is {}; a label must be a string, an integer or a boolean (or, with --task multi-label, a list of them)",
+                "label {key:?} is {}; a label must be a string, an integer or a boolean (or, with --task multi-label, a list of them; with --task regression, any number)",
                 kind(other)
             )
         })?),
@@ -84,11 +84,13 @@ fn example(object: &Map<String, Value>, spec: &DataSpec, line: usize) -> Result<
 }
 
 /// A label written as a string, an integer or a boolean: exported data sets
-/// use all three to name classes.
-fn scalar_label(value: &Value) -> Option<String> {
+/// use all three to name classes. Any number with `numeric` (regression
+/// targets); elsewhere a fractional number is refused, as it usually means
+/// continuous targets given to a classifier.
+fn scalar_label(value: &Value, numeric: bool) -> Option<String> {
     match value {
         Value::String(s) => Some(s.clone()),
-        Value::Number(n) if n.is_i64() || n.is_u64() => Some(n.to_string()),
+        Value::Number(n) if numeric || n.is_i64() || n.is_u64() => Some(n.to_string()),
         Value::Bool(b) => Some(b.to_string()),
         _ => None,
     }

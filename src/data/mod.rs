@@ -58,6 +58,9 @@ pub struct DataSpec {
     /// list (JSON Lines) or a string split at this delimiter; an empty one
     /// is the empty set. None: one label per row.
     pub multi_label_delimiter: Option<String>,
+    /// Regression: labels are numbers, and JSON Lines may give them as any
+    /// JSON number (a class label may not be fractional).
+    pub numeric_labels: bool,
     /// Skip (and count) rows whose text or label is missing, empty or of the
     /// wrong type instead of failing on the first one. Malformed files
     /// (invalid JSON or UTF-8, a header without the column) still fail.
@@ -71,6 +74,7 @@ impl Default for DataSpec {
             label_column: "label".into(),
             text_pair_column: None,
             multi_label_delimiter: None,
+            numeric_labels: false,
             skip_bad_rows: false,
         }
     }

@@ -942,6 +942,7 @@ pub fn finetune<B: TrainBackend>(
         text_pair_column: recipe.text_pair_column.clone(),
         multi_label_delimiter: (recipe.task == Task::MultiLabel)
             .then(|| recipe.label_delimiter.clone()),
+        numeric_labels: recipe.task == Task::Regression,
         skip_bad_rows: recipe.skip_bad_rows,
     };
     let mut tag_names = Vec::new();
