@@ -13,7 +13,8 @@ Usage: scripts/hf_roundtrip.py MODEL_DIR [TEXTS_FILE]
 Loads the directory with transformers.BertForSequenceClassification and
 AutoTokenizer, runs each text alone (no padding), and compares
 softmax(hf_logits / T) -- T = bertrt.json "temperature" -- (sigmoid(hf_logits)
-for problem_type multi_label_classification) with the probabilities of
+for problem_type multi_label_classification; the one raw output for problem_type
+regression, against bertrt's "score") with the probabilities of
 `$BERTRT predict --model MODEL_DIR --jsonl`, and the decisions, with the
 decision thresholds of bertrt.json applied on both sides (BERTRT defaults to
 target/release/bertrt). Also compares token ids with `$BERTRT tokenize`.
@@ -133,6 +134,7 @@ def main():
         fail(f"config.json id2label {labels} != bertrt.json labels {meta['labels']}")
 
     multi_label = model.config.problem_type == "multi_label_classification"
+    regression = model.config.problem_type == "regression"
     thresholds = (meta.get("thresholds") or {}).get("values", {})
 
     def decide(p):
@@ -161,6 +163,20 @@ def main():
         enc = tok(text, truncation=True, max_length=max_len, return_tensors="pt")
         with torch.no_grad():
             logits = model(**enc).logits[0].double().numpy()
+        ids_hf = enc["input_ids"][0].tolist()
+        ids_ok = ids_hf == toks[i]["ids"]
+        shown = json.dumps(text, ensure_ascii=False)
+        shown = shown if len(shown) <= 34 else shown[:31] + "..."
+        if regression:
+            # One output, compared as is: HF's logit is the predicted score.
+            s_hf, s_rt = float(logits[0]), float(preds[i]["score"])
+            dp = abs(s_hf - s_rt)
+            ok = dp <= TOL and ids_ok
+            worst = max(worst, dp)
+            failures += not ok
+            print(f"{i:>2}  {shown:<34} {len(ids_hf):>4} {'same' if ids_ok else 'DIFF':>4}  "
+                  f"{s_hf:<9.4f} {s_rt:<9.4f} {dp:>9.2e} {dp:>11.2e}  {'ok' if ok else 'FAIL'}")
+            continue
         if multi_label:
             p_hf = 1.0 / (1.0 + np.exp(-logits))
         else:
@@ -183,13 +199,9 @@ def main():
             dl = float(np.abs((lr - lr.mean()) - (logits - logits.mean())).max())
             rt_label = preds[i]["label"]
         hf_label = decide(p_hf)
-        ids_hf = enc["input_ids"][0].tolist()
-        ids_ok = ids_hf == toks[i]["ids"]
         ok = dp <= TOL and hf_label == rt_label and ids_ok
         worst = max(worst, dp)
         failures += not ok
-        shown = json.dumps(text, ensure_ascii=False)
-        shown = shown if len(shown) <= 34 else shown[:31] + "..."
         print(f"{i:>2}  {shown:<34} {len(ids_hf):>4} {'same' if ids_ok else 'DIFF':>4}  "
               f"{hf_label:<9} {rt_label:<9} {dp:>9.2e} {dl:>11.2e}  {'ok' if ok else 'FAIL'}")
         if not ids_ok:
