@@ -33,17 +33,7 @@ pub(super) static KERNEL: Kernel = Kernel {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn tile(t: &Tile) {
     // SAFETY (all arms): forwarded contract; `rows` selects the panel height.
-    unsafe {
-        match t.rows {
-            6 => tile_rows::<6>(t),
-            5 => tile_rows::<5>(t),
-            4 => tile_rows::<4>(t),
-            3 => tile_rows::<3>(t),
-            2 => tile_rows::<2>(t),
-            1 => tile_rows::<1>(t),
-            _ => unreachable!("tile rows {} outside 1..={MR}", t.rows),
-        }
-    }
+    unsafe { for_tile_rows!(tile_rows, t, MR, [6, 5, 4, 3, 2, 1]) }
 }
 
 /// # Safety

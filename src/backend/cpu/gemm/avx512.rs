@@ -34,23 +34,7 @@ pub(super) static KERNEL: Kernel = Kernel {
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
 unsafe fn tile(t: &Tile) {
     // SAFETY (all arms): forwarded contract; `rows` selects the panel height.
-    unsafe {
-        match t.rows {
-            12 => tile_rows::<12>(t),
-            11 => tile_rows::<11>(t),
-            10 => tile_rows::<10>(t),
-            9 => tile_rows::<9>(t),
-            8 => tile_rows::<8>(t),
-            7 => tile_rows::<7>(t),
-            6 => tile_rows::<6>(t),
-            5 => tile_rows::<5>(t),
-            4 => tile_rows::<4>(t),
-            3 => tile_rows::<3>(t),
-            2 => tile_rows::<2>(t),
-            1 => tile_rows::<1>(t),
-            _ => unreachable!("tile rows {} outside 1..={MR}", t.rows),
-        }
-    }
+    unsafe { for_tile_rows!(tile_rows, t, MR, [12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1]) }
 }
 
 /// # Safety

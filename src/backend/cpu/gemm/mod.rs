@@ -12,6 +12,18 @@
 //! * the driver here: K blocking, M blocking, tile loops, and the split of
 //!   the output between rayon threads.
 
+/// `$tile_rows::<R>($t)` for `R = $t.rows`, one arm per listed height: the
+/// micro-kernels are instantiated per row count (accumulators in registers
+/// need a constant height), and every kernel dispatches the same way.
+macro_rules! for_tile_rows {
+    ($tile_rows:ident, $t:expr, $mr:expr, [$($rows:literal),+]) => {
+        match $t.rows {
+            $($rows => $tile_rows::<$rows>($t),)+
+            _ => unreachable!("tile rows {} outside 1..={}", $t.rows, $mr),
+        }
+    };
+}
+
 mod bf16;
 mod gelu;
 mod pack;
