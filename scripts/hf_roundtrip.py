@@ -49,6 +49,19 @@ TOL = float(os.environ.get("HF_ROUNDTRIP_TOL", "1e-4"))
 IGNORABLE_KEYS = {"bert.embeddings.position_ids"}
 
 
+def load_reporting(model_class, model_dir):
+    """`model_class.from_pretrained(model_dir)` and what its loading info
+    reports (missing/unexpected/mismatched keys, errors), weightless buffers
+    left out; also used by hf_roundtrip_ner.py."""
+    model, info = model_class.from_pretrained(model_dir, output_loading_info=True)
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        keys = [k for k in info.get(kind, []) if not (isinstance(k, str) and k in IGNORABLE_KEYS)]
+        if keys:
+            problems.append(f"{kind}: {keys}")
+    return model, problems
+
+
 def fail(msg):
     print(f"hf_roundtrip: FAIL: {msg}", file=sys.stderr)
     sys.exit(1)
@@ -118,12 +131,7 @@ def main():
     transformers.logging.set_verbosity_error()  # we check loading_info ourselves
     transformers.logging.disable_progress_bar()
 
-    model, info = BertForSequenceClassification.from_pretrained(model_dir, output_loading_info=True)
-    problems = []
-    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
-        keys = [k for k in info.get(kind, []) if not (isinstance(k, str) and k in IGNORABLE_KEYS)]
-        if keys:
-            problems.append(f"{kind}: {keys}")
+    model, problems = load_reporting(BertForSequenceClassification, model_dir)
     if problems:
         fail("transformers loading reported:\n  " + "\n  ".join(problems))
     model.eval()

@@ -25,6 +25,8 @@ import os
 import subprocess
 import sys
 
+from hf_roundtrip import load_reporting
+
 DEFAULT_TEXTS = [
     "",
     "Barack Obama visited the Empire State Building in New York .",
@@ -38,7 +40,6 @@ DEFAULT_TEXTS = [
 ]
 
 TOL = float(os.environ.get("HF_ROUNDTRIP_TOL", "1e-4"))
-IGNORABLE_KEYS = {"bert.embeddings.position_ids"}
 
 
 def fail(msg):
@@ -86,12 +87,7 @@ def main():
     torch.set_num_threads(int(os.environ.get("TORCH_THREADS", "2")))
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    model, info = BertForTokenClassification.from_pretrained(model_dir, output_loading_info=True)
-    problems = []
-    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
-        keys = [k for k in info.get(kind, []) if not (isinstance(k, str) and k in IGNORABLE_KEYS)]
-        if keys:
-            problems.append(f"{kind}: {keys}")
+    model, problems = load_reporting(BertForTokenClassification, model_dir)
     if problems:
         fail("transformers loading reported:\n  " + "\n  ".join(problems))
     model.eval()
