@@ -11,6 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bertrt::backend::cpu::gemm;
+use bertrt::backend::cpu::isa::Isa;
 use bertrt::backend::cpu::CpuBackend;
 use bertrt::model::{BertModel, ModelFiles, TokenBatch, Workspace};
 use bertrt::quant::{Bf16Linears, Int8Linears};
@@ -159,7 +160,7 @@ fn encoder(c: &mut Criterion) {
         "backend": int8.backend_description(),
         "shapes": shapes_json(&f32_rows),
         "bf16": {
-            "native": gemm::bf16_native(),
+            "native": gemm::bf16_native(Isa::detect()),
             "shapes": shapes_json(&bf16_rows),
         },
         "int8": {

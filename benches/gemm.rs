@@ -6,6 +6,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use bertrt::backend::cpu::gemm::{self, Epilogue, PackedWeight, Strided};
+use bertrt::backend::cpu::isa::Isa;
 use criterion::{criterion_group, BenchmarkId, Criterion, SamplingMode, Throughput};
 
 /// `(N, K)` = (out_features, in_features) of BERT-small/base/large layers.
@@ -49,7 +50,7 @@ impl Case {
             m,
             x: values(m * k, 1),
             w: if bf16 {
-                PackedWeight::pack_bf16(&w, n, k)
+                PackedWeight::pack_bf16(&w, n, k, Isa::detect())
             } else {
                 PackedWeight::pack(&w, n, k)
             },

@@ -3,6 +3,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use serde::Serialize;
 
+use bertrt::backend::cpu::isa::Isa;
 use bertrt::backend::cpu::{gemm, CpuBackend};
 use bertrt::backend::Precision;
 use bertrt::model::Pooling;
@@ -188,7 +189,7 @@ pub fn run(args: Args) -> Result<()> {
         overrides["tune_thresholds"] = false.into();
     }
     let recipe = TrainRecipe::resolve(args.config.as_deref(), overrides)?;
-    if recipe.precision == Precision::Bf16 && !gemm::bf16_native() {
+    if recipe.precision == Precision::Bf16 && !gemm::bf16_native(Isa::detect()) {
         eprintln!(
             "note: this CPU lacks AVX512_BF16; bf16 matmuls run on the portable kernel, \
              slower than fp32 (same numbers)"

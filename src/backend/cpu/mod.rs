@@ -89,6 +89,7 @@ impl CpuBackend {
                 weight,
                 out_features,
                 in_features,
+                self.isa,
             )),
             bias: bias.to_vec(),
         }

@@ -9,6 +9,7 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use super::gemm::{self, Strided};
+use super::isa::Isa;
 use super::simd::{self, multiversion};
 use super::{attention, ops, reference, CpuBackend};
 use crate::backend::train::{AdamW, Dropout, ParamGrads, TrainBackend};
@@ -184,7 +185,7 @@ multiversion! {
 
 /// A threaded GEMM: [`gemm::sgemm`]'s signature.
 type GemmFn =
-    fn(usize, usize, usize, f32, Strided, Strided, f32, Option<&[f32]>, &mut [f32], usize);
+    fn(Isa, usize, usize, usize, f32, Strided, Strided, f32, Option<&[f32]>, &mut [f32], usize);
 
 impl CpuBackend {
     fn threaded<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
@@ -244,6 +245,7 @@ impl TrainBackend for CpuBackend {
         // against the GEMM's O(rows·n·k)), into reused scratch.
         self.threaded(|| {
             gemm(
+                self.isa,
                 rows,
                 n,
                 k,
@@ -275,6 +277,7 @@ impl TrainBackend for CpuBackend {
             if let Some(d_input) = d_input {
                 // d_input[rows, k] = d_out[rows, n] · W[n, k].
                 gemm(
+                    self.isa,
                     rows,
                     k,
                     n,
@@ -292,6 +295,7 @@ impl TrainBackend for CpuBackend {
             };
             // d_weight[n, k] += d_outᵀ[n, rows] · input[rows, k].
             gemm(
+                self.isa,
                 n,
                 k,
                 rows,

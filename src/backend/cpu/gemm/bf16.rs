@@ -42,12 +42,12 @@ fn unpair(slot: f32) -> (f32, f32) {
     )
 }
 
-/// Whether the host runs the AVX512_BF16 kernel (`BERTRT_ISA` below
-/// avx512 also selects the portable one).
-pub(super) fn native() -> bool {
+/// Whether a backend capped at `isa` runs the AVX512_BF16 kernel (the host
+/// must have it, and `isa` must be AVX-512).
+pub(super) fn native(isa: Isa) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        Isa::detect() == Isa::Avx512 && is_x86_feature_detected!("avx512bf16")
+        isa == Isa::Avx512 && is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -55,10 +55,10 @@ pub(super) fn native() -> bool {
     }
 }
 
-/// The bf16 kernel for this host.
-pub(super) fn kernel() -> &'static Kernel {
+/// The bf16 kernel for a backend capped at `isa`.
+pub(super) fn kernel(isa: Isa) -> &'static Kernel {
     #[cfg(target_arch = "x86_64")]
-    if native() {
+    if native(isa) {
         return &native_kernel::KERNEL;
     }
     &PORTABLE

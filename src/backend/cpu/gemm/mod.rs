@@ -503,9 +503,10 @@ thread_local! {
 /// `c[i*ldc + j] = beta·c[i*ldc + j] + alpha·Σ_p a(i,p)·b(p,j) (+ bias[j])`
 /// for an `m × n` C, on the current rayon pool (B packed by all threads,
 /// then the output split between them as [`linear`] does). `beta == 0`
-/// ignores the old contents of `c`, as BLAS does.
-#[allow(clippy::too_many_arguments)] // the BLAS sgemm signature, plus bias
+/// ignores the old contents of `c`, as BLAS does. Runs `isa`'s kernel.
+#[allow(clippy::too_many_arguments)] // the BLAS sgemm signature, plus bias and path
 pub fn sgemm(
+    isa: Isa,
     m: usize,
     n: usize,
     k: usize,
@@ -517,28 +518,17 @@ pub fn sgemm(
     c: &mut [f32],
     ldc: usize,
 ) {
-    gemm_with(
-        kernel(Isa::detect()),
-        m,
-        n,
-        k,
-        alpha,
-        a,
-        b,
-        beta,
-        bias,
-        c,
-        ldc,
-    )
+    gemm_with(kernel(isa), m, n, k, alpha, a, b, beta, bias, c, ldc)
 }
 
 /// [`sgemm`] with the products in bf16 (A and B rounded to bf16, to
 /// nearest even, as they are packed) and the sums in f32: what PyTorch's
 /// bf16 autocast does to a matmul. Runs on AVX512_BF16 (`vdpbf16ps`) where
-/// the host has it ([`bf16_native`]), else on a portable kernel with the
-/// same numbers.
-#[allow(clippy::too_many_arguments)] // the BLAS sgemm signature, plus bias
+/// the host has it and `isa` is AVX-512 ([`bf16_native`]), else on a
+/// portable kernel with the same numbers.
+#[allow(clippy::too_many_arguments)] // the BLAS sgemm signature, plus bias and path
 pub fn gemm_bf16(
+    isa: Isa,
     m: usize,
     n: usize,
     k: usize,
@@ -550,13 +540,13 @@ pub fn gemm_bf16(
     c: &mut [f32],
     ldc: usize,
 ) {
-    gemm_with(bf16::kernel(), m, n, k, alpha, a, b, beta, bias, c, ldc)
+    gemm_with(bf16::kernel(isa), m, n, k, alpha, a, b, beta, bias, c, ldc)
 }
 
-/// Whether [`gemm_bf16`] runs on the host's bf16 instructions (rather than
-/// the slower portable kernel).
-pub fn bf16_native() -> bool {
-    bf16::native()
+/// Whether [`gemm_bf16`] on `isa` runs on the host's bf16 instructions
+/// (rather than the slower portable kernel).
+pub fn bf16_native(isa: Isa) -> bool {
+    bf16::native(isa)
 }
 
 /// The threaded GEMM with kernel `kern`.

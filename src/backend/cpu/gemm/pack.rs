@@ -154,14 +154,15 @@ impl PackedWeight {
     }
 
     /// Packs for the bf16 kernel ([`super::gemm_bf16`]'s numbers: the
-    /// weight rounded to bf16 once, activations as they are packed).
-    pub fn pack_bf16(weight: &[f32], n: usize, k: usize) -> Self {
-        let isa = if super::bf16_native() {
+    /// weight rounded to bf16 once, activations as they are packed), on a
+    /// backend capped at `isa`.
+    pub fn pack_bf16(weight: &[f32], n: usize, k: usize, isa: Isa) -> Self {
+        let path = if super::bf16_native(isa) {
             Isa::Avx512
         } else {
             Isa::Portable
         };
-        Self::pack_with(weight, n, k, isa, super::bf16::kernel())
+        Self::pack_with(weight, n, k, path, super::bf16::kernel(isa))
     }
 
     fn pack_with(weight: &[f32], n: usize, k: usize, isa: Isa, kernel: &'static Kernel) -> Self {

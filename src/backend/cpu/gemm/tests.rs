@@ -287,8 +287,8 @@ fn bf16_rounds_to_nearest_even() {
 #[test]
 fn bf16_gemm_matches_reference_on_rounded_inputs() {
     let mut kernels = vec![("portable", &bf16::PORTABLE)];
-    if bf16::native() {
-        kernels.push(("avx512bf16", bf16::kernel()));
+    if bf16::native(Isa::detect()) {
+        kernels.push(("avx512bf16", bf16::kernel(Isa::detect())));
     }
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(2)
@@ -309,7 +309,7 @@ fn bf16_gemm_matches_reference_on_rounded_inputs() {
 fn bf16_packed_weight_rounds_once_and_runs_linear() {
     for (n, k) in [(1, 1), (5, 3), (33, 17), (70, 0)] {
         let w = random(n * k, (n * 31 + k) as u64);
-        let packed = PackedWeight::pack_bf16(&w, n, k);
+        let packed = PackedWeight::pack_bf16(&w, n, k, Isa::detect());
         assert!(packed.is_bf16());
         let rounded: Vec<f32> = w.iter().map(|&v| round_bf16(v)).collect();
         assert_eq!(packed.unpack(), rounded, "n={n} k={k}");
@@ -321,7 +321,7 @@ fn bf16_packed_weight_rounds_once_and_runs_linear() {
         let w = random(n * k, seed + 1);
         let bias = random(n, seed + 2);
         let round = |v: &[f32]| v.iter().map(|&x| round_bf16(x)).collect::<Vec<_>>();
-        let packed = PackedWeight::pack_bf16(&w, n, k);
+        let packed = PackedWeight::pack_bf16(&w, n, k, Isa::detect());
         for epilogue in [Epilogue::None, Epilogue::Gelu] {
             let mut want = vec![0.0; m * n];
             linear_reference(
