@@ -12,6 +12,7 @@
 # split); DATA_DIR overrides. Takes about an hour on 2 cores for all of them.
 #
 # Usage: bench/tasks-e2e.sh [TASKS=sms,trec,regression,strategies] [SEEDS=1,2,3] [extra finetune flags...]
+# Environment: DATA_DIR, WORK (default target/tasks-e2e), BERTRT (a built binary; default: build target/release/bertrt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tasks="${1:-sms,trec,regression,strategies}"
@@ -20,10 +21,10 @@ shift 2 || shift $# || true
 data="${DATA_DIR:-../shared/data}"
 [[ -d $data ]] || { echo "no data directory $data (set DATA_DIR)" >&2; exit 1; }
 scripts/fetch-assets.sh
-cargo build --release --quiet
-bertrt=target/release/bertrt
+bertrt="${BERTRT:-target/release/bertrt}"
+[[ -n ${BERTRT:-} ]] || cargo build --release --quiet
 model=assets/models/all-MiniLM-L6-v2
-work=target/tasks-e2e
+work="${WORK:-target/tasks-e2e}"
 mkdir -p "$work"
 results="$work/results.jsonl"
 
@@ -41,25 +42,39 @@ for part in ["train", "dev", "test"]:
 PY
 }
 
-# run NAME ROW [finetune flags...]: trains NAME per seed as row ROW, evaluates
-# each on NAME-test, appends one result line per seed.
-run() {
-  local name=$1 row=$2
-  shift 2
-  for seed in ${seeds//,/ }; do
-    local out="$work/model-$row-seed$seed"
-    "$bertrt" finetune --model "$model" --train "$work/$name-train.jsonl" \
-      --valid "$work/$name-dev.jsonl" --out "$out" --seed "$seed" --quiet "$@" \
-      > "$work/summary-$row-seed$seed.json"
-    "$bertrt" eval --model "$out" --data "$work/$name-test.jsonl" \
-      | python3 -c "
+# score ROW MODEL SEED [eval flags...]: evaluates MODEL on the test split of
+# the current task, appends one result line.
+score() {
+  local row=$1 model=$2 seed=$3
+  shift 3
+  "$bertrt" eval --model "$model" --data "$work/$name-test.jsonl" "$@" \
+    | python3 -c "
 import json, sys
 r = json.load(sys.stdin)
 keep = {k: r[k] for k in ('accuracy', 'macro_f1', 'pearson', 'spearman', 'rmse') if k in r}
 if 'per_class' in r and 'spam' in r['per_class']:
     keep['spam_f1'] = r['per_class']['spam']['f1']
 print(json.dumps({'row': '$row', 'seed': $seed, **keep}))" >> "$results"
-    echo "$row seed $seed: $(tail -n 1 "$results")"
+  echo "$row seed $seed: $(tail -n 1 "$results")"
+}
+
+# run NAME ROW [finetune flags...]: trains NAME per seed as row ROW and scores
+# each model on NAME-test. With ARGMAX_ROW set, the same model is scored a
+# second time under that row with its tuned threshold ignored (binary
+# thresholds are tuned after training, so they do not change the weights).
+run() {
+  name=$1
+  local row=$2
+  shift 2
+  for seed in ${seeds//,/ }; do
+    local out="$work/model-$row-seed$seed"
+    "$bertrt" finetune --model "$model" --train "$work/$name-train.jsonl" \
+      --valid "$work/$name-dev.jsonl" --out "$out" --seed "$seed" --quiet "$@" \
+      > "$work/summary-$row-seed$seed.json"
+    score "$row" "$out" "$seed"
+    if [[ -n ${ARGMAX_ROW:-} ]]; then
+      score "$ARGMAX_ROW" "$out" "$seed" --argmax
+    fi
   done
 }
 
@@ -68,10 +83,8 @@ for task in ${tasks//,/ }; do
   case $task in
     sms)
       split "$data/sms-spam/sms_spam.jsonl" sms text label
-      run sms sms-default "$@"
-      run sms sms-no-thresholds --no-threshold-tuning "$@"
-      run sms sms-class-weights --class-weights balanced --no-threshold-tuning "$@"
-      run sms sms-class-weights+thresholds --class-weights balanced "$@"
+      ARGMAX_ROW=sms-no-thresholds run sms sms-default "$@"
+      ARGMAX_ROW=sms-class-weights run sms sms-class-weights+thresholds --class-weights balanced "$@"
       ;;
     trec)
       split "$data/trec-questions/trec.jsonl" trec text coarse

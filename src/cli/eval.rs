@@ -38,6 +38,10 @@ pub struct Args {
     /// Print a readable table instead of JSON.
     #[arg(long)]
     report: bool,
+    /// Binary classifiers: score the most probable class, ignoring the
+    /// decision threshold tuned on dev (to see what the threshold buys).
+    #[arg(long)]
+    argmax: bool,
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
     /// CPU threads (0: one per core).
@@ -55,6 +59,15 @@ pub fn run(args: Args) -> Result<()> {
     let mut classifier =
         Classifier::load_with(CpuBackend::new(args.threads), &args.model, linears.as_ref())?;
     let multi_label = matches!(classifier.decision, Decision::MultiLabel { .. });
+    if args.argmax {
+        anyhow::ensure!(
+            !multi_label && !classifier.regression,
+            "--argmax applies to single-label classifiers; {} is {}",
+            args.model.display(),
+            if multi_label { "multi-label" } else { "a regression model" }
+        );
+        classifier.decision = Decision::Argmax;
+    }
     let trained_delimiter = classifier
         .meta
         .as_ref()
