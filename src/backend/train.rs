@@ -5,6 +5,8 @@
 //! Weight and bias gradients *accumulate* (so gradient accumulation across
 //! micro-batches is free); input gradients are *overwritten*.
 
+use std::ops::Range;
+
 use super::Backend;
 
 /// Dropout with a counter-based mask: element `i` of the tensor is dropped
@@ -38,6 +40,15 @@ pub struct AdamW {
 
 /// The gradients of a layer's weight and bias, or None when it is frozen.
 pub type ParamGrads<'a, T> = Option<(&'a mut T, &'a mut T)>;
+
+/// A LoRA adapter's matrices (see [`crate::lora`]): A `[r, in]`, B
+/// `[out, r]`, and the scale `alpha / r` of their product.
+#[derive(Clone, Copy, Debug)]
+pub struct Lora<'a, T> {
+    pub a: &'a T,
+    pub b: &'a T,
+    pub scale: f32,
+}
 
 /// Length of the probabilities buffer of [`TrainBackend::attention_forward`]:
 /// for each sequence, for each head, `len × len`, in that order.
@@ -88,6 +99,41 @@ pub trait TrainBackend: Backend {
         d_out: &Self::Tensor,
         input: &Self::Tensor,
         weight: &Self::Tensor,
+        rows: usize,
+    );
+
+    /// LoRA's update of a linear layer's output: `out[:, columns] +=
+    /// scale · (input · Aᵀ) · Bᵀ`, `out` being `[rows, width]` and
+    /// `columns` `out`'s B rows long (a query, key or value adapter updates
+    /// its third of the fused QKV output). Writes `input · Aᵀ` `[rows, r]`
+    /// to `xa` for backward.
+    fn lora_forward(
+        &self,
+        out: &mut Self::Tensor,
+        columns: Range<usize>,
+        xa: &mut Self::Tensor,
+        input: &Self::Tensor,
+        lora: Lora<Self::Tensor>,
+        rows: usize,
+    );
+
+    /// Gradients of [`Self::lora_forward`], factored through the rank so
+    /// nothing `[out, in]`-sized is formed: with `g = scale · d_out[:,
+    /// columns] · B` `[rows, r]` (written to `scratch`), `d_input += g · A`
+    /// (added: the frozen layer's own [`Self::linear_backward`] wrote it),
+    /// and unless frozen (`param_grads` None) `d_A += gᵀ · input` and
+    /// `d_B += scale · d_out[:, columns]ᵀ · xa`.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_backward(
+        &self,
+        d_input: &mut Self::Tensor,
+        param_grads: ParamGrads<Self::Tensor>,
+        scratch: &mut Self::Tensor,
+        d_out: &Self::Tensor,
+        columns: Range<usize>,
+        xa: &Self::Tensor,
+        input: &Self::Tensor,
+        lora: Lora<Self::Tensor>,
         rows: usize,
     );
 

@@ -5,6 +5,7 @@
 //! ([`multiversion!`]) and threaded over rows or (sequence, head) pairs.
 
 use std::cell::RefCell;
+use std::ops::Range;
 
 use rayon::prelude::*;
 
@@ -12,7 +13,7 @@ use super::gemm::{self, Strided};
 use super::isa::Isa;
 use super::simd::{self, multiversion};
 use super::{attention, ops, reference, CpuBackend};
-use crate::backend::train::{AdamW, Dropout, ParamGrads, TrainBackend};
+use crate::backend::train::{AdamW, Dropout, Lora, ParamGrads, TrainBackend};
 use crate::backend::Precision;
 
 /// Rows per task for threaded row-wise loops.
@@ -310,6 +311,133 @@ impl TrainBackend for CpuBackend {
             for row in d_out.chunks_exact(n) {
                 d_bias.iter_mut().zip(row).for_each(|(b, g)| *b += g);
             }
+        });
+    }
+
+    fn lora_forward(
+        &self,
+        out: &mut Vec<f32>,
+        columns: Range<usize>,
+        xa: &mut Vec<f32>,
+        input: &Vec<f32>,
+        lora: Lora<Vec<f32>>,
+        rows: usize,
+    ) {
+        let n = columns.len();
+        let r = lora.b.len() / n;
+        let k = lora.a.len() / r;
+        let width = out.len() / rows;
+        let gemm = self.linear_gemm();
+        self.threaded(|| {
+            // xa[rows, r] = input[rows, k] · Aᵀ.
+            gemm(
+                self.isa,
+                rows,
+                r,
+                k,
+                1.0,
+                Strided::rows(input, k),
+                Strided::transposed(lora.a, k),
+                0.0,
+                None,
+                &mut xa[..rows * r],
+                r,
+            );
+            // out[:, columns] += scale · xa · Bᵀ.
+            gemm(
+                self.isa,
+                rows,
+                n,
+                r,
+                lora.scale,
+                Strided::rows(xa, r),
+                Strided::transposed(lora.b, r),
+                1.0,
+                None,
+                &mut out[columns.start..],
+                width,
+            );
+        });
+    }
+
+    fn lora_backward(
+        &self,
+        d_input: &mut Vec<f32>,
+        param_grads: ParamGrads<Vec<f32>>,
+        scratch: &mut Vec<f32>,
+        d_out: &Vec<f32>,
+        columns: Range<usize>,
+        xa: &Vec<f32>,
+        input: &Vec<f32>,
+        lora: Lora<Vec<f32>>,
+        rows: usize,
+    ) {
+        let n = columns.len();
+        let r = lora.b.len() / n;
+        let k = lora.a.len() / r;
+        let width = d_out.len() / rows;
+        let d_out = &d_out[columns.start..];
+        let gemm = self.linear_gemm();
+        self.threaded(|| {
+            // g[rows, r] = scale · d_out[rows, n] · B[n, r].
+            gemm(
+                self.isa,
+                rows,
+                r,
+                n,
+                lora.scale,
+                Strided::rows(d_out, width),
+                Strided::rows(lora.b, r),
+                0.0,
+                None,
+                &mut scratch[..rows * r],
+                r,
+            );
+            // d_input[rows, k] += g · A[r, k].
+            gemm(
+                self.isa,
+                rows,
+                k,
+                r,
+                1.0,
+                Strided::rows(scratch, r),
+                Strided::rows(lora.a, k),
+                1.0,
+                None,
+                &mut d_input[..rows * k],
+                k,
+            );
+            let Some((d_a, d_b)) = param_grads else {
+                return;
+            };
+            // d_A[r, k] += gᵀ[r, rows] · input[rows, k].
+            gemm(
+                self.isa,
+                r,
+                k,
+                rows,
+                1.0,
+                Strided::transposed(scratch, r),
+                Strided::rows(&input[..rows * k], k),
+                1.0,
+                None,
+                d_a,
+                k,
+            );
+            // d_B[n, r] += scale · d_outᵀ[n, rows] · xa[rows, r].
+            gemm(
+                self.isa,
+                n,
+                r,
+                rows,
+                lora.scale,
+                Strided::transposed(d_out, width),
+                Strided::rows(&xa[..rows * r], r),
+                1.0,
+                None,
+                d_b,
+                r,
+            );
         });
     }
 
