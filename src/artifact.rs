@@ -12,6 +12,11 @@
 //! - `bertrt.json`: what `transformers` has no place for ([`ArtifactMeta`]),
 //!   and for INT8 models the [`QuantizationRecord`].
 //!
+//! A model trained with LoRA and saved unmerged holds PEFT's
+//! `adapter_config.json` and `adapter_model.safetensors` instead of
+//! `model.safetensors`, and `bertrt.json` records its base model
+//! ([`crate::lora`]).
+//!
 //! A directory is written next to its destination and renamed into place,
 //! so a crash never leaves a half-written model.
 
@@ -22,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::Alignment;
 use crate::error::{Error, Result};
+use crate::lora::AdapterBase;
 use crate::model::Pooling;
 use crate::tokenize::BertTokenizer;
 
@@ -104,6 +110,9 @@ pub struct ArtifactMeta {
     pub data: BTreeMap<String, DataFile>,
     /// Dev metrics of the saved checkpoint, with its epoch and step.
     pub best: serde_json::Value,
+    /// LoRA adapters saved apart from their base: the base model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter_base: Option<AdapterBase>,
 }
 
 impl ArtifactMeta {
@@ -325,6 +334,9 @@ pub fn classifier_config(
 pub struct Artifact<'a> {
     pub config: &'a serde_json::Value,
     pub tensors: &'a [(String, Vec<usize>, Vec<f32>)],
+    /// The file `tensors` go to: `model.safetensors`, or LoRA adapters'
+    /// `adapter_model.safetensors`.
+    pub tensors_file: &'a str,
     pub tokenizer: &'a BertTokenizer,
     pub meta: &'a ArtifactMeta,
     /// Further files (name, contents), e.g. the training log.
@@ -365,7 +377,7 @@ impl Artifact<'_> {
             META_FILE,
             &pretty(&serde_json::to_value(self.meta).expect("serialisable")),
         )?;
-        write("model.safetensors", &safetensors_bytes(self.tensors)?)?;
+        write(self.tensors_file, &safetensors_bytes(self.tensors)?)?;
         let tokenizer_path = dir.join("tokenizer.json");
         self.tokenizer.save(&tokenizer_path)?;
         for (file, bytes) in self.extra {

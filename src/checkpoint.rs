@@ -4,6 +4,9 @@
 //! is half of MiniLM's 90 MB); F16 and BF16 tensors are converted to f32 once.
 //! Names are Hugging Face's, with or without the `bert.` prefix that
 //! task-head checkpoints (`BertForSequenceClassification`, ...) carry.
+//! A checkpoint may carry overrides: tensors computed at load that replace
+//! or add to the file's (LoRA adapters merged into their layers, see
+//! [`crate::lora`]).
 
 use std::collections::HashMap;
 use std::ops::Deref;
@@ -59,6 +62,8 @@ pub struct Checkpoint {
     path: PathBuf,
     map: Arc<Mmap>,
     entries: HashMap<String, Entry>,
+    /// Tensors that replace or add to the file's, by name, with shapes.
+    overrides: HashMap<String, (Vec<usize>, HostTensor)>,
 }
 
 impl Checkpoint {
@@ -97,7 +102,35 @@ impl Checkpoint {
             path: path.into(),
             map: Arc::new(map),
             entries,
+            overrides: HashMap::new(),
         })
+    }
+
+    /// This checkpoint with `tensors` (name, shape, values) read in place
+    /// of the file's tensors of those names, or beside them.
+    pub fn with_overrides(mut self, tensors: Vec<(String, Vec<usize>, Vec<f32>)>) -> Self {
+        for (name, shape, data) in tensors {
+            self.overrides.insert(name, (shape, data.into()));
+        }
+        self
+    }
+
+    /// SHA-256 of the file's bytes, as recorded for a LoRA adapter's base.
+    pub fn sha256(&self) -> String {
+        crate::data::sha256_hex(&self.map)
+    }
+
+    /// Every tensor in the file with its shape (overrides aside).
+    pub fn shapes(&self) -> Vec<(String, Vec<usize>)> {
+        self.entries
+            .iter()
+            .map(|(name, e)| (name.clone(), e.shape.clone()))
+            .collect()
+    }
+
+    /// The shape of tensor `name` in the file, if it holds it.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.entries.get(name).map(|e| e.shape.as_slice())
     }
 
     pub fn path(&self) -> &Path {
@@ -120,18 +153,31 @@ impl Checkpoint {
     }
 
     /// Elements in floating-point tensors (buffers such as `position_ids` are
-    /// integer and not parameters).
+    /// integer and not parameters), overrides that add a tensor included.
     pub fn parameter_count(&self) -> usize {
+        let added: usize = self
+            .overrides
+            .iter()
+            .filter(|(name, _)| self.resolve(name).is_none())
+            .map(|(_, (shape, _))| shape.iter().product::<usize>())
+            .sum();
         self.entries
             .values()
             .filter(|e| matches!(e.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64))
             .map(|e| e.shape.iter().product::<usize>())
-            .sum()
+            .sum::<usize>()
+            + added
     }
 
     /// Whether the file holds `name` (checked with and without `bert.`).
     pub fn contains(&self, name: &str) -> bool {
-        self.resolve(name).is_some()
+        self.override_of(name).is_some() || self.resolve(name).is_some()
+    }
+
+    fn override_of(&self, name: &str) -> Option<&(Vec<usize>, HostTensor)> {
+        std::iter::once(name.to_string())
+            .chain(alternative_names(name))
+            .find_map(|candidate| self.overrides.get(&candidate))
     }
 
     fn resolve(&self, name: &str) -> Option<&Entry> {
@@ -142,6 +188,17 @@ impl Checkpoint {
 
     /// Reads tensor `name` as f32, checking its shape.
     pub fn tensor(&self, name: &str, expected_shape: &[usize]) -> Result<HostTensor> {
+        if let Some((shape, data)) = self.override_of(name) {
+            if shape != expected_shape {
+                return Err(Error::WrongShape {
+                    path: self.path.clone(),
+                    name: name.into(),
+                    expected: expected_shape.to_vec(),
+                    found: shape.clone(),
+                });
+            }
+            return Ok(data.clone());
+        }
         let entry = self.resolve(name).ok_or_else(|| Error::MissingTensor {
             path: self.path.clone(),
             name: name.into(),

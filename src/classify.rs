@@ -5,7 +5,6 @@ use std::path::Path;
 
 use crate::artifact::{ArtifactMeta, ProblemType};
 use crate::backend::Backend;
-use crate::checkpoint::Checkpoint;
 use crate::config::BertConfig;
 use crate::error::{Error, Result};
 use crate::eval::calibration::{sigmoid, softmax_with_temperature};
@@ -61,7 +60,7 @@ impl<B: Backend> Classifier<B> {
         }
         let decision = Decision::new(problem_type, &labels, meta.as_ref());
         let regression = problem_type == ProblemType::Regression;
-        let ckpt = Checkpoint::open(&files.weights)?;
+        let ckpt = files.checkpoint()?;
         let hidden = config.hidden_size;
         let max_length = meta.as_ref().map_or(config.max_position_embeddings, |m| {
             m.preprocessing.max_length

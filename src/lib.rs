@@ -15,6 +15,7 @@ pub mod data;
 pub mod embed;
 pub mod error;
 pub mod eval;
+pub mod lora;
 pub mod model;
 pub mod quant;
 pub mod rng;

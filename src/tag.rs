@@ -14,7 +14,6 @@ use std::path::Path;
 
 use crate::artifact::{ArtifactMeta, ProblemType};
 use crate::backend::Backend;
-use crate::checkpoint::Checkpoint;
 use crate::classify::labels_from_config;
 use crate::config::BertConfig;
 use crate::error::{Error, Result};
@@ -107,7 +106,7 @@ impl<B: Backend> Tagger<B> {
                 problem_type.task()
             )));
         }
-        let ckpt = Checkpoint::open(&files.weights)?;
+        let ckpt = files.checkpoint()?;
         let hidden = config.hidden_size;
         let weight = ckpt.tensor("classifier.weight", &[tags.len(), hidden])?;
         let bias = ckpt.tensor("classifier.bias", &[tags.len()])?;

@@ -6,6 +6,7 @@ use serde::Serialize;
 use bertrt::backend::cpu::isa::Isa;
 use bertrt::backend::cpu::{gemm, CpuBackend};
 use bertrt::backend::Precision;
+use bertrt::lora::LoraTarget;
 use bertrt::model::Pooling;
 use bertrt::train::{finetune, finetune_seeds, Metric, Task, TrainRecipe};
 
@@ -167,6 +168,27 @@ pub struct Args {
     /// worse.
     #[arg(long)]
     unfreeze_schedule: Option<String>,
+    /// LoRA: train a rank-R adapter on each --lora-targets linear of every
+    /// layer, plus the pooler and classifier, the base model frozen
+    /// [default: off].
+    #[arg(long, value_name = "R")]
+    lora_rank: Option<usize>,
+    /// LoRA: adapter updates are scaled by alpha / rank [default: 2 x
+    /// --lora-rank].
+    #[arg(long, value_name = "ALPHA")]
+    lora_alpha: Option<f32>,
+    /// LoRA: which linears of each layer get an adapter, comma-separated:
+    /// query, key, value, dense (attention output), intermediate, output
+    /// (feed-forward output) [default: query,value].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    lora_targets: Option<Vec<LoraTarget>>,
+    /// LoRA: save a plain model with the adapters merged into its weights,
+    /// instead of the adapters alone (adapter_config.json and
+    /// adapter_model.safetensors, loaded on top of the --model they were
+    /// trained on).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
+    merge_lora: bool,
     /// No progress output.
     #[arg(long)]
     #[serde(skip)]

@@ -1,6 +1,5 @@
 use anyhow::Result;
 
-use bertrt::checkpoint::Checkpoint;
 use bertrt::config::BertConfig;
 use bertrt::model::ModelFiles;
 use bertrt::tokenize::{BertTokenizer, TokenizerSource};
@@ -14,7 +13,7 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let files = ModelFiles::locate(&args.model.model)?;
     let config = BertConfig::from_file(&files.config)?;
-    let ckpt = Checkpoint::open(&files.weights)?;
+    let ckpt = files.checkpoint()?;
     let max_length = args
         .model
         .max_length

@@ -135,7 +135,7 @@ impl<B: Backend> BertModel<B> {
     /// [`Self::load`] with `loader` choosing each encoder linear's form.
     pub fn load_with(backend: B, files: &ModelFiles, loader: &dyn LinearLoader<B>) -> Result<Self> {
         let config = BertConfig::from_file(&files.config)?;
-        let ckpt = Checkpoint::open(&files.weights)?;
+        let ckpt = files.checkpoint()?;
         Self::from_checkpoint_with(backend, config, &ckpt, loader)
     }
 

@@ -9,7 +9,9 @@ pub use linear::{F32Linears, LinearKind, LinearLoader, LinearSpec};
 
 use std::path::{Path, PathBuf};
 
+use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
+use crate::lora::Adapter;
 use crate::tokenize::Encoded;
 
 /// Sequences packed back to back, without padding (see
@@ -72,12 +74,18 @@ pub enum Pooling {
 pub struct ModelFiles {
     pub dir: PathBuf,
     pub config: PathBuf,
+    /// `model.safetensors`: the directory's own, or for LoRA adapters
+    /// saved apart from their base, the base model's.
     pub weights: PathBuf,
+    /// LoRA adapters to merge into `weights` at load (see [`crate::lora`]).
+    pub adapter: Option<Adapter>,
 }
 
 impl ModelFiles {
     /// Checks the directory holds what we can load, with an actionable error
-    /// when it does not (notably the pickle-only case).
+    /// when it does not (notably the pickle-only case). A directory with
+    /// LoRA adapters (`adapter_config.json`) and no `model.safetensors`
+    /// takes its weights from the recorded base model.
     pub fn locate(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::Invalid(format!(
@@ -86,15 +94,27 @@ impl ModelFiles {
             )));
         }
         let config = dir.join("config.json");
-        let weights = dir.join("model.safetensors");
+        let mut weights = dir.join("model.safetensors");
+        let mut adapter = None;
         if !weights.exists() {
-            if dir.join("pytorch_model.bin").exists() {
+            if let Some(found) = Adapter::read(dir)? {
+                weights = found.base.model.join("model.safetensors");
+                if !weights.exists() {
+                    return Err(Error::Invalid(format!(
+                        "{}: LoRA adapters on the base model {}, whose model.safetensors is missing; put the base model back there, or retrain with --merge-lora for a self-contained model",
+                        dir.display(),
+                        found.base.model.display()
+                    )));
+                }
+                adapter = Some(found);
+            } else if dir.join("pytorch_model.bin").exists() {
                 return Err(Error::PickleOnly { dir: dir.into() });
+            } else {
+                return Err(Error::MissingFile {
+                    dir: dir.into(),
+                    file: "model.safetensors",
+                });
             }
-            return Err(Error::MissingFile {
-                dir: dir.into(),
-                file: "model.safetensors",
-            });
         }
         if !config.exists() {
             return Err(Error::MissingFile {
@@ -106,7 +126,18 @@ impl ModelFiles {
             dir: dir.into(),
             config,
             weights,
+            adapter,
         })
+    }
+
+    /// The weights, with LoRA adapters merged in where the directory has
+    /// them (after checking the base is the one they were trained on).
+    pub fn checkpoint(&self) -> Result<Checkpoint> {
+        let ckpt = Checkpoint::open(&self.weights)?;
+        match &self.adapter {
+            Some(adapter) => adapter.checkpoint(ckpt),
+            None => Ok(ckpt),
+        }
     }
 
     /// Pooling named by a sentence-transformers `1_Pooling/config.json`, if any.

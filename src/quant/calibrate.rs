@@ -7,7 +7,6 @@ use crate::artifact::{LayerError, QuantizationRecord};
 use crate::backend::cpu::gemm::{self, Epilogue, PackedWeight};
 use crate::backend::cpu::int8::{linear_int8, Int8Isa, QuantizedWeight};
 use crate::backend::cpu::CpuBackend;
-use crate::checkpoint::Checkpoint;
 use crate::classify::{Classifier, Input};
 use crate::config::BertConfig;
 use crate::embed::Embedder;
@@ -162,13 +161,19 @@ pub fn is_int8_artifact(dir: &Path) -> Result<bool> {
 pub fn quantize(dir: &Path, sample: &Sample, options: &QuantizeOptions) -> Result<Quantization> {
     options.check()?;
     let files = ModelFiles::locate(dir)?;
+    if files.adapter.is_some() {
+        return Err(Error::Invalid(format!(
+            "{}: LoRA adapters saved apart from their base; quantize a merged model (bertrt finetune --merge-lora)",
+            dir.display()
+        )));
+    }
     let source = &sample.source;
     if sample.texts.is_empty() {
         return Err(Error::Invalid(format!(
             "{source}: no texts to calibrate on"
         )));
     }
-    let ckpt = Checkpoint::open(&files.weights)?;
+    let ckpt = files.checkpoint()?;
     let tensors = ModelTensors::new(&ckpt)?;
     if !tensors.int8.is_empty() {
         return Err(Error::Invalid(format!(

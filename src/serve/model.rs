@@ -9,7 +9,6 @@
 use std::path::Path;
 
 use crate::backend::Backend;
-use crate::checkpoint::Checkpoint;
 use crate::classify::{Classifier, Decision};
 use crate::config::BertConfig;
 use crate::error::{Error, Result};
@@ -226,7 +225,7 @@ pub fn load<B: Backend + 'static>(
     if replicas == 0 {
         return Err(Error::Invalid("--workers must be at least 1".into()));
     }
-    let ckpt = Checkpoint::open(&files.weights)?;
+    let ckpt = files.checkpoint()?;
     let weights_dtype = ckpt.dominant_dtype();
     // A fine-tuned classifier (bertrt artifact or HF
     // BertForSequenceClassification) serves /predict as well as /embed.

@@ -8,12 +8,19 @@
 //! residual LayerNorm, intermediate GELU, output dense → dropout → residual
 //! LayerNorm; pooling (BERT pooler, `[CLS]` or mean) for a sequence head,
 //! every token's hidden state for a token head; dropout; classifier.
+//!
+//! With LoRA ([`SequenceClassifier::add_lora`]) the chosen linears add
+//! their adapter's low-rank update to their output, and backward reaches
+//! through the frozen encoder to the adapters only.
 
-use crate::backend::train::{attention_probs_len, Dropout, TrainBackend};
+use std::ops::Range;
+
+use crate::backend::train::{attention_probs_len, Dropout, Lora, TrainBackend};
 use crate::backend::Backend;
 use crate::checkpoint::Checkpoint;
 use crate::config::BertConfig;
 use crate::error::{Error, Result};
+use crate::lora::{self, LoraSpec, LoraTarget, PEFT_PREFIX};
 use crate::model::{Pooling, TokenBatch};
 use crate::rng::{self, Rng};
 use crate::train::loss;
@@ -32,6 +39,30 @@ struct LayerParams {
     output_bias: ParamId,
     output_norm_weight: ParamId,
     output_norm_bias: ParamId,
+    adapters: Vec<LayerAdapter>,
+}
+
+/// The linear layers of an encoder layer, as adapters see them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Linear {
+    /// Query, key and value fused: `[3·hidden, hidden]`.
+    Qkv,
+    AttentionOutput,
+    Intermediate,
+    Output,
+}
+
+/// One LoRA adapter of an encoder layer.
+struct LayerAdapter {
+    /// `{module}` of `{module}.weight`, the Hugging Face layer it adapts.
+    module: String,
+    linear: Linear,
+    /// The columns of the linear's output it updates (a third of the fused
+    /// QKV output for query, key or value; all of them otherwise).
+    columns: Range<usize>,
+    rank: usize,
+    a: ParamId,
+    b: ParamId,
 }
 
 /// What one layer's backward needs from its forward.
@@ -49,6 +80,8 @@ struct LayerActivations<B: Backend> {
     output_sum: B::Tensor,
     output_mean: B::Tensor,
     output_rstd: B::Tensor,
+    /// `input · Aᵀ` of each adapter, in [`LayerParams::adapters`] order.
+    lora_xa: Vec<B::Tensor>,
 }
 
 impl<B: Backend> LayerActivations<B> {
@@ -67,6 +100,7 @@ impl<B: Backend> LayerActivations<B> {
             output_sum: backend.new_tensor(),
             output_mean: backend.new_tensor(),
             output_rstd: backend.new_tensor(),
+            lora_xa: Vec::new(),
         }
     }
 }
@@ -93,6 +127,8 @@ struct Activations<B: Backend> {
     d_sum: B::Tensor,
     d_wide: B::Tensor,
     d_qkv: B::Tensor,
+    /// `scale · d_out · B` of the adapter being differentiated.
+    d_lora: B::Tensor,
 }
 
 /// Dropout sites, each with its own mask stream.
@@ -178,6 +214,8 @@ pub struct SequenceClassifier<B: TrainBackend> {
     pooler: Option<(ParamId, ParamId)>,
     classifier_weight: ParamId,
     classifier_bias: ParamId,
+    /// The adapters' settings, once [`Self::add_lora`] added them.
+    lora: Option<LoraSpec>,
     acts: Activations<B>,
     dropouts: Option<u64>,
 }
@@ -340,6 +378,7 @@ impl<B: TrainBackend> SequenceClassifier<B> {
                     &format!("{pre}.output.LayerNorm.bias"),
                     &[h],
                 )?,
+                adapters: Vec::new(),
             });
         }
         let pooler = if kind == HeadKind::Token {
@@ -405,6 +444,7 @@ impl<B: TrainBackend> SequenceClassifier<B> {
             d_sum: backend.new_tensor(),
             d_wide: backend.new_tensor(),
             d_qkv: backend.new_tensor(),
+            d_lora: backend.new_tensor(),
         };
         Ok(SequenceClassifier {
             backend,
@@ -423,9 +463,140 @@ impl<B: TrainBackend> SequenceClassifier<B> {
             pooler,
             classifier_weight,
             classifier_bias,
+            lora: None,
             acts,
             dropouts: None,
         })
+    }
+
+    /// Adds a LoRA adapter on each of `spec.targets` in every encoder layer
+    /// and freezes the base model (embeddings and encoder); the head (pooler
+    /// and classifier) keeps training, as it must for a new task (PEFT's
+    /// `modules_to_save`; bertrt's head includes the pooler, whose tanh
+    /// projection was trained for next-sentence prediction, or not at all).
+    /// A is drawn as PEFT draws it (`kaiming_uniform_(a=√5)`: uniform in
+    /// ±1/√in), B is zero, so the model starts out computing exactly what
+    /// the base model does. Adapters are named as PEFT names them
+    /// (`{module}.lora_A.weight`), and get weight decay like other matrices.
+    pub fn add_lora(&mut self, spec: LoraSpec, seed: u64) {
+        let (h, i) = (self.config.hidden_size, self.config.intermediate_size);
+        let rank = spec.rank;
+        let mut rng = Rng::new(rng::derive_seed(seed, 0x10_4A));
+        for (l, (layer, acts)) in self
+            .layers
+            .iter_mut()
+            .zip(&mut self.acts.layers)
+            .enumerate()
+        {
+            for &target in &spec.targets {
+                let (linear, columns, inputs) = match target {
+                    LoraTarget::Query => (Linear::Qkv, 0..h, h),
+                    LoraTarget::Key => (Linear::Qkv, h..2 * h, h),
+                    LoraTarget::Value => (Linear::Qkv, 2 * h..3 * h, h),
+                    LoraTarget::Dense => (Linear::AttentionOutput, 0..h, h),
+                    LoraTarget::Intermediate => (Linear::Intermediate, 0..i, h),
+                    LoraTarget::Output => (Linear::Output, 0..h, i),
+                };
+                let module = target.module(l);
+                let bound = 1.0 / (inputs as f32).sqrt();
+                let a: Vec<f32> = (0..rank * inputs)
+                    .map(|_| bound * (2.0 * rng.next_f32() - 1.0))
+                    .collect();
+                let outputs = columns.len();
+                let mut add = |matrix: &str, shape: [usize; 2], data: &[f32]| {
+                    let name = format!("{module}.{matrix}.weight");
+                    let parts = vec![(name.clone(), 0..shape[0])];
+                    self.params.add(&self.backend, &name, &shape, parts, data)
+                };
+                let a = add("lora_A", [rank, inputs], &a);
+                let b = add("lora_B", [outputs, rank], &vec![0.0; outputs * rank]);
+                layer.adapters.push(LayerAdapter {
+                    module,
+                    linear,
+                    columns,
+                    rank,
+                    a,
+                    b,
+                });
+                acts.lora_xa.push(self.backend.new_tensor());
+            }
+        }
+        for group in self.groups() {
+            self.set_trainable(group, group == Group::Head);
+        }
+        self.lora = Some(spec);
+    }
+
+    /// The LoRA settings, if the model has adapters.
+    pub fn lora(&self) -> Option<&LoraSpec> {
+        self.lora.as_ref()
+    }
+
+    /// Every LoRA adapter matrix (A and B of each adapter).
+    pub fn adapter_params(&self) -> Vec<ParamId> {
+        self.layers
+            .iter()
+            .flat_map(|l| &l.adapters)
+            .flat_map(|a| [a.a, a.b])
+            .collect()
+    }
+
+    /// Every Hugging Face tensor of the model with each LoRA adapter merged
+    /// into its layer (`W + s·B·A`, [`lora::merge`]): the model as a plain
+    /// `BertFor*Classification`, for saving.
+    pub fn merged_tensors(&self) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+        let adapter_names: Vec<&str> = self
+            .adapter_params()
+            .into_iter()
+            .map(|id| self.params[id].name.as_str())
+            .collect();
+        let mut tensors: Vec<_> = self
+            .params
+            .export(&self.backend)
+            .into_iter()
+            .filter(|(name, _, _)| !adapter_names.contains(&name.as_str()))
+            .collect();
+        let scale = self.lora.as_ref().map_or(0.0, LoraSpec::scale);
+        for adapter in self.layers.iter().flat_map(|l| &l.adapters) {
+            let weight_name = format!("{}.weight", adapter.module);
+            let (_, _, weight) = tensors
+                .iter_mut()
+                .find(|(name, _, _)| *name == weight_name)
+                .expect("every adapted layer is exported");
+            let a = self.backend.to_host(&self.params[adapter.a].value);
+            let b = self.backend.to_host(&self.params[adapter.b].value);
+            lora::merge(weight, &a, &b, scale, adapter.rank);
+        }
+        tensors
+    }
+
+    /// The LoRA adapters and the head, named as PEFT saves them in
+    /// `adapter_model.safetensors` (`base_model.model.` + the Hugging Face
+    /// name): what an adapter artifact holds beside its base model.
+    pub fn adapter_tensors(&self) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+        let saved: Vec<&str> = self
+            .adapter_params()
+            .into_iter()
+            .chain(self.group(Group::Head))
+            .map(|id| self.params[id].name.as_str())
+            .collect();
+        self.params
+            .export(&self.backend)
+            .into_iter()
+            .filter(|(name, _, _)| saved.contains(&name.as_str()))
+            .map(|(name, shape, data)| (format!("{PEFT_PREFIX}{name}"), shape, data))
+            .collect()
+    }
+
+    /// The modules an adapter artifact saves whole besides the adapters
+    /// (PEFT's `modules_to_save`): the classifier, and the pooler where the
+    /// model has one.
+    pub fn modules_to_save(&self) -> Vec<&'static str> {
+        let mut modules = vec!["classifier"];
+        if self.pooler.is_some() {
+            modules.push("pooler");
+        }
+        modules
     }
 
     fn dropout(&self, site: Site) -> Dropout {
@@ -513,6 +684,7 @@ impl<B: TrainBackend> SequenceClassifier<B> {
             )));
         }
         let p = &self.params;
+        let scale = self.lora.as_ref().map_or(0.0, LoraSpec::scale);
         let mut acts = std::mem::take(&mut self.acts.layers);
 
         be.resize(&mut self.acts.embedding_sum, t * h);
@@ -553,6 +725,12 @@ impl<B: TrainBackend> SequenceClassifier<B> {
                 &p[lp.qkv_bias].value,
                 t,
             );
+            let adapters = Adapters {
+                list: &lp.adapters,
+                scale,
+                rows: t,
+            };
+            adapters.forward(be, p, Linear::Qkv, &mut a.lora_xa, &mut a.qkv, &a.input);
             be.resize(
                 &mut a.probs,
                 attention_probs_len(&batch.offsets, c.num_attention_heads),
@@ -574,6 +752,14 @@ impl<B: TrainBackend> SequenceClassifier<B> {
                 &p[lp.attention_output_weight].value,
                 &p[lp.attention_output_bias].value,
                 t,
+            );
+            adapters.forward(
+                be,
+                p,
+                Linear::AttentionOutput,
+                &mut a.lora_xa,
+                &mut a.attention_sum,
+                &a.context,
             );
             be.dropout(&mut a.attention_sum, self.dropout(Site::AttentionOutput(l)));
             be.add_assign(&mut a.attention_sum, &a.input);
@@ -598,6 +784,14 @@ impl<B: TrainBackend> SequenceClassifier<B> {
                 &p[lp.intermediate_bias].value,
                 t,
             );
+            adapters.forward(
+                be,
+                p,
+                Linear::Intermediate,
+                &mut a.lora_xa,
+                &mut a.intermediate_pre,
+                &a.attention_normed,
+            );
             be.gelu_forward(&mut a.intermediate, &a.intermediate_pre);
             be.resize(&mut a.output_sum, t * h);
             be.linear_forward(
@@ -606,6 +800,14 @@ impl<B: TrainBackend> SequenceClassifier<B> {
                 &p[lp.output_weight].value,
                 &p[lp.output_bias].value,
                 t,
+            );
+            adapters.forward(
+                be,
+                p,
+                Linear::Output,
+                &mut a.lora_xa,
+                &mut a.output_sum,
+                &a.intermediate,
             );
             be.dropout(&mut a.output_sum, self.dropout(Site::Output(l)));
             be.add_assign(&mut a.output_sum, &a.attention_normed);
@@ -698,13 +900,18 @@ impl<B: TrainBackend> SequenceClassifier<B> {
         }
     }
 
-    /// The lowest layer backward must reach: below it nothing trains.
+    /// The lowest layer backward must reach: below it nothing trains
+    /// (neither the layer nor its adapters).
     fn lowest_trained_layer(&self) -> usize {
-        if self.params.is_trainable(self.word_embeddings) {
+        let p = &self.params;
+        if p.is_trainable(self.word_embeddings) {
             return 0;
         }
-        (0..self.layers.len())
-            .find(|&l| self.params.is_trainable(self.layers[l].qkv_weight))
+        self.layers
+            .iter()
+            .position(|lp| {
+                p.is_trainable(lp.qkv_weight) || lp.adapters.iter().any(|a| p.is_trainable(a.a))
+            })
             .unwrap_or(self.layers.len())
     }
 
@@ -843,6 +1050,7 @@ impl<B: TrainBackend> SequenceClassifier<B> {
     /// state in `acts.d_hidden` down to layer `lowest` (and the
     /// embeddings when they train), shared by both heads.
     fn encoder_backward(&mut self, batch: &TokenBatch, lowest: usize) {
+        let scale = self.lora.as_ref().map_or(0.0, LoraSpec::scale);
         let Self {
             backend: be,
             config: c,
@@ -861,6 +1069,11 @@ impl<B: TrainBackend> SequenceClassifier<B> {
         be.resize(&mut acts.d_qkv, t * 3 * h);
         for (l, lp) in layers.iter().enumerate().skip(lowest).rev() {
             let a = &acts.layers[l];
+            let adapters = Adapters {
+                list: &lp.adapters,
+                scale,
+                rows: t,
+            };
             // Output LayerNorm over (dropout(dense(intermediate)) + attention_normed).
             let (gamma, grads) = p.weight_and_grads(lp.output_norm_weight, lp.output_norm_bias);
             be.layer_norm_backward(
@@ -883,6 +1096,16 @@ impl<B: TrainBackend> SequenceClassifier<B> {
                 weight,
                 t,
             );
+            adapters.backward(
+                be,
+                p,
+                Linear::Output,
+                &a.lora_xa,
+                &mut acts.d_wide,
+                &mut acts.d_lora,
+                &acts.d_branch,
+                &a.intermediate,
+            );
             be.gelu_backward(&mut acts.d_wide, &a.intermediate_pre);
             let (weight, grads) = p.weight_and_grads(lp.intermediate_weight, lp.intermediate_bias);
             be.linear_backward(
@@ -892,6 +1115,16 @@ impl<B: TrainBackend> SequenceClassifier<B> {
                 &a.attention_normed,
                 weight,
                 t,
+            );
+            adapters.backward(
+                be,
+                p,
+                Linear::Intermediate,
+                &a.lora_xa,
+                &mut acts.d_hidden,
+                &mut acts.d_lora,
+                &acts.d_wide,
+                &a.attention_normed,
             );
             // Residual: attention_normed feeds both the FFN and the sum.
             be.add_assign(&mut acts.d_hidden, &acts.d_sum);
@@ -921,6 +1154,16 @@ impl<B: TrainBackend> SequenceClassifier<B> {
                 weight,
                 t,
             );
+            adapters.backward(
+                be,
+                p,
+                Linear::AttentionOutput,
+                &a.lora_xa,
+                &mut acts.d_hidden,
+                &mut acts.d_lora,
+                &acts.d_branch,
+                &a.context,
+            );
             be.attention_backward(
                 &mut acts.d_qkv,
                 &acts.d_hidden,
@@ -939,6 +1182,16 @@ impl<B: TrainBackend> SequenceClassifier<B> {
                 &a.input,
                 weight,
                 t,
+            );
+            adapters.backward(
+                be,
+                p,
+                Linear::Qkv,
+                &a.lora_xa,
+                &mut acts.d_hidden,
+                &mut acts.d_lora,
+                &acts.d_qkv,
+                &a.input,
             );
             be.add_assign(&mut acts.d_hidden, &acts.d_sum);
         }
@@ -973,6 +1226,75 @@ impl<B: TrainBackend> SequenceClassifier<B> {
             &batch.type_ids,
             &batch.offsets,
         );
+    }
+}
+
+/// A layer's adapters during one pass over `rows` tokens.
+struct Adapters<'a> {
+    list: &'a [LayerAdapter],
+    scale: f32,
+    rows: usize,
+}
+
+impl Adapters<'_> {
+    /// Adds the update of each adapter on `linear` to the linear's output
+    /// `out`, from its `input`; `xa` is the layer's [`LayerActivations::lora_xa`].
+    fn forward<B: TrainBackend>(
+        &self,
+        be: &B,
+        p: &ParamStore<B>,
+        linear: Linear,
+        xa: &mut [B::Tensor],
+        out: &mut B::Tensor,
+        input: &B::Tensor,
+    ) {
+        for (adapter, xa) in self.list.iter().zip(xa) {
+            if adapter.linear != linear {
+                continue;
+            }
+            be.resize(xa, self.rows * adapter.rank);
+            let lora = Lora {
+                a: &p[adapter.a].value,
+                b: &p[adapter.b].value,
+                scale: self.scale,
+            };
+            be.lora_forward(out, adapter.columns.clone(), xa, input, lora, self.rows);
+        }
+    }
+
+    /// Backward of [`Self::forward`]: adds each adapter's share to
+    /// `d_input` (the linear's input gradient, already written by the
+    /// frozen linear's backward) and accumulates its A and B gradients.
+    #[allow(clippy::too_many_arguments)]
+    fn backward<B: TrainBackend>(
+        &self,
+        be: &B,
+        p: &mut ParamStore<B>,
+        linear: Linear,
+        xa: &[B::Tensor],
+        d_input: &mut B::Tensor,
+        scratch: &mut B::Tensor,
+        d_out: &B::Tensor,
+        input: &B::Tensor,
+    ) {
+        for (adapter, xa) in self.list.iter().zip(xa) {
+            if adapter.linear != linear {
+                continue;
+            }
+            be.resize(scratch, self.rows * adapter.rank);
+            let (lora, grads) = p.lora_and_grads(adapter.a, adapter.b, self.scale);
+            be.lora_backward(
+                d_input,
+                grads,
+                scratch,
+                d_out,
+                adapter.columns.clone(),
+                xa,
+                input,
+                lora,
+                self.rows,
+            );
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::ops::Range;
 
-use crate::backend::train::{AdamW, ParamGrads, TrainBackend};
+use crate::backend::train::{AdamW, Lora, ParamGrads, TrainBackend};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 
@@ -137,8 +137,6 @@ impl<B: TrainBackend> ParamStore<B> {
         Ok(self.add(backend, name, &stacked, parts, &data))
     }
 
-    /// `weight`'s value with the gradients of `weight` and `bias`: what a
-    /// linear or LayerNorm backward reads and writes.
     /// `weight`'s value with the gradients of `weight` and `bias` (None
     /// when frozen): what a linear or LayerNorm backward reads and writes.
     pub fn weight_and_grads(
@@ -154,6 +152,30 @@ impl<B: TrainBackend> ParamStore<B> {
             _ => None,
         };
         (&w.value, grads)
+    }
+
+    /// A LoRA adapter's matrices `a` and `b` with `scale`, and their
+    /// gradients (None when frozen): what a LoRA backward reads and writes.
+    pub fn lora_and_grads(
+        &mut self,
+        a: ParamId,
+        b: ParamId,
+        scale: f32,
+    ) -> (Lora<'_, B::Tensor>, ParamGrads<'_, B::Tensor>) {
+        let [a, b] = self
+            .params
+            .get_disjoint_mut([a.0, b.0])
+            .expect("distinct parameters");
+        let grads = match (a.grad.as_mut(), b.grad.as_mut()) {
+            (Some(a_grad), Some(b_grad)) => Some((a_grad, b_grad)),
+            _ => None,
+        };
+        let lora = Lora {
+            a: &a.value,
+            b: &b.value,
+            scale,
+        };
+        (lora, grads)
     }
 
     /// Gradients of distinct parameters, all writable at once; None if any

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::Precision;
 use crate::data::Alignment;
 use crate::error::{Error, Result};
+use crate::lora::{LoraSpec, LoraTarget};
 use crate::model::Pooling;
 
 /// What the model learns to predict.
@@ -174,6 +175,22 @@ pub struct TrainRecipe {
     /// `epochs` and the freezing settings.
     #[serde(default)]
     pub unfreeze_schedule: Option<String>,
+    /// LoRA: the rank of an adapter on each target linear, the base model
+    /// frozen (0: no LoRA, every parameter trains).
+    #[serde(default)]
+    pub lora_rank: usize,
+    /// LoRA: the update is scaled by `lora_alpha / lora_rank`
+    /// [default: 2 · lora_rank].
+    #[serde(default)]
+    pub lora_alpha: Option<f32>,
+    /// LoRA: the linears of every layer that get an adapter
+    /// [default: query, value].
+    #[serde(default)]
+    pub lora_targets: Option<Vec<LoraTarget>>,
+    /// LoRA: save the adapters merged into the base weights (a plain
+    /// Hugging Face model) instead of apart from the base model.
+    #[serde(default)]
+    pub merge_lora: bool,
 }
 
 /// One phase of gradual unfreezing: what trains, for how many epochs.
@@ -354,6 +371,20 @@ impl TrainRecipe {
         }
     }
 
+    /// The LoRA adapters to train, if any: alpha defaults to twice the rank
+    /// (scale 2 whatever the rank, so a learning rate tuned at one rank
+    /// carries over to another), the targets to PEFT's BERT default.
+    pub fn lora(&self) -> Option<LoraSpec> {
+        (self.lora_rank > 0).then(|| LoraSpec {
+            rank: self.lora_rank,
+            alpha: self.lora_alpha.unwrap_or(2.0 * self.lora_rank as f32),
+            targets: self
+                .lora_targets
+                .clone()
+                .unwrap_or_else(|| LoraTarget::DEFAULT.to_vec()),
+        })
+    }
+
     /// The gradual-unfreezing phases, if a schedule is set (checked when
     /// the recipe was resolved).
     pub fn unfreeze_phases(&self) -> Result<Option<Vec<UnfreezePhase>>> {
@@ -430,7 +461,50 @@ impl TrainRecipe {
                 "unfreeze_schedule decides what trains in each phase; drop head_only, freeze_embeddings and freeze_bottom",
             )?;
         }
-        Ok(())
+        self.validate_lora()
+    }
+
+    /// LoRA settings: only with a rank, and not with the settings that
+    /// decide which base parameters train (LoRA freezes them all).
+    fn validate_lora(&self) -> Result<()> {
+        let check = |ok: bool, message: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(Error::Invalid(message.into()))
+            }
+        };
+        if self.lora_rank == 0 {
+            return check(
+                self.lora_alpha.is_none() && self.lora_targets.is_none() && !self.merge_lora,
+                "lora_alpha, lora_targets and merge_lora need lora_rank (at least 1)",
+            );
+        }
+        check(
+            self.lora_alpha.is_none_or(|a| a > 0.0 && a.is_finite()),
+            "lora_alpha must be positive",
+        )?;
+        if let Some(targets) = &self.lora_targets {
+            check(
+                !targets.is_empty(),
+                "lora_targets must name at least one of query, key, value, dense, intermediate, output",
+            )?;
+            let mut unique = targets.clone();
+            unique.sort();
+            unique.dedup();
+            check(
+                unique.len() == targets.len(),
+                "lora_targets names a linear twice",
+            )?;
+        }
+        check(
+            !self.head_only && self.freeze_bottom == 0 && self.unfreeze_schedule.is_none(),
+            "lora_rank freezes the whole base model and trains adapters on every layer; drop head_only, freeze_bottom and unfreeze_schedule",
+        )?;
+        check(
+            self.layer_lr_decay.is_none(),
+            "layer_lr_decay scales the learning rates of base layers, which lora_rank freezes; drop it (head_lr still sets the head's)",
+        )
     }
 }
 

@@ -10,7 +10,6 @@ use crate::artifact::{
     self, Artifact, ArtifactMeta, Calibration, DataFile, Preprocessing, ProblemType, Thresholds,
 };
 use crate::backend::train::{AdamW, TrainBackend};
-use crate::checkpoint::Checkpoint;
 use crate::classify::argmax;
 use crate::config::BertConfig;
 use crate::data::{self, Alignment, DataSpec, Dataset, LabelSet, TagSet, TagSpec};
@@ -20,6 +19,7 @@ use crate::eval::calibration::{
 };
 use crate::eval::thresholds::{self, Counts, DEFAULT_THRESHOLD};
 use crate::eval::{ClassificationReport, EntityReport, MultiLabelReport, RegressionReport};
+use crate::lora::{self, AdapterBase};
 use crate::model::{ModelFiles, TokenBatch};
 use crate::rng;
 use crate::tokenize::{BertTokenizer, Encoded};
@@ -542,6 +542,8 @@ struct Trainer<'a, B: TrainBackend> {
     class_weights: Option<Vec<f32>>,
     tokenizer: BertTokenizer,
     base_config: serde_json::Value,
+    /// LoRA adapters saved apart from their base: the base model.
+    adapter_base: Option<AdapterBase>,
     recipe_json: serde_json::Value,
     data_records: BTreeMap<String, DataFile>,
     log: MetricsLog,
@@ -730,6 +732,7 @@ impl<B: TrainBackend> Trainer<'_, B> {
             recipe: self.recipe_json.clone(),
             data: self.data_records.clone(),
             best: serde_json::Value::Null,
+            adapter_base: self.adapter_base.clone(),
         };
         let meta = match &self.valid.gold {
             Gold::Classes(labels) if recipe.calibrate => calibrated(meta, evaluation, labels),
@@ -762,16 +765,38 @@ impl<B: TrainBackend> Trainer<'_, B> {
             best,
             ..meta
         };
+        let model = &self.model;
+        let mut extra = vec![("metrics.jsonl", self.log.contents()?)];
+        let (tensors, tensors_file) = match (model.lora(), &self.adapter_base) {
+            (Some(spec), Some(base)) => {
+                let task_type = match self.problem_type {
+                    ProblemType::TokenClassification => "TOKEN_CLS",
+                    _ => "SEQ_CLS",
+                };
+                let config = lora::adapter_config(
+                    spec,
+                    model.config.num_hidden_layers,
+                    &base.model,
+                    task_type,
+                    &model.modules_to_save(),
+                );
+                extra.push((lora::ADAPTER_CONFIG, artifact::pretty(&config)));
+                (model.adapter_tensors(), lora::ADAPTER_WEIGHTS)
+            }
+            (Some(_), None) => (model.merged_tensors(), "model.safetensors"),
+            (None, _) => (model.params.export(&model.backend), "model.safetensors"),
+        };
         Artifact {
             config: &artifact::classifier_config(
                 &self.base_config,
                 &self.label_names,
                 self.problem_type,
             ),
-            tensors: &self.model.params.export(&self.model.backend),
+            tensors: &tensors,
+            tensors_file,
             tokenizer: &self.tokenizer,
             meta: &meta,
-            extra: &[("metrics.jsonl", self.log.contents()?)],
+            extra: &extra,
         }
         .write(&recipe.out)
     }
@@ -1043,7 +1068,23 @@ pub fn finetune<B: TrainBackend>(
         Task::TokenClassification => ProblemType::TokenClassification,
     };
 
-    let ckpt = Checkpoint::open(&files.weights)?;
+    let lora = recipe.lora();
+    if files.adapter.is_some() && lora.is_some() && !recipe.merge_lora {
+        return Err(Error::Invalid(format!(
+            "{}: LoRA adapters saved apart from their base; new adapters on top of it can only be saved merged (--merge-lora)",
+            recipe.model.display()
+        )));
+    }
+    let ckpt = files.checkpoint()?;
+    // Unmerged adapters are saved apart from the base: record which file
+    // they go with, by path and content.
+    let adapter_base = match &lora {
+        Some(_) if !recipe.merge_lora => Some(AdapterBase {
+            model: std::path::absolute(&files.dir).map_err(|e| Error::io(&files.dir, e))?,
+            sha256: ckpt.sha256(),
+        }),
+        _ => None,
+    };
     let mut model = match recipe.task {
         Task::TokenClassification => SequenceClassifier::new_token_classifier(
             backend,
@@ -1064,6 +1105,9 @@ pub fn finetune<B: TrainBackend>(
         )?,
     };
     drop(ckpt);
+    if let Some(spec) = lora {
+        model.add_lora(spec, recipe.seed);
+    }
     apply_strategies(&mut model, recipe)?;
     let class_weights = match (&recipe.class_weights, &label_set, &train.gold) {
         (Some(spec), Some(set), Gold::Classes(labels)) => Some(class_weights(spec, set, labels)?),
@@ -1107,6 +1151,7 @@ pub fn finetune<B: TrainBackend>(
         class_weights,
         tokenizer,
         base_config,
+        adapter_base,
         recipe_json: serde_json::to_value(recipe).expect("serialisable"),
         data_records,
         log,
@@ -1199,7 +1244,8 @@ fn mean_and_std(values: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
-/// Freezing and per-group learning rates from the recipe.
+/// Freezing and per-group learning rates from the recipe (a LoRA model
+/// keeps the freezing [`SequenceClassifier::add_lora`] set).
 fn apply_strategies<B: TrainBackend>(
     model: &mut SequenceClassifier<B>,
     recipe: &TrainRecipe,
@@ -1224,7 +1270,10 @@ fn apply_strategies<B: TrainBackend>(
             Group::Layer(l) => (l >= frozen_layers, layers - 1 - l),
             Group::Head => (true, 0),
         };
-        model.set_trainable(group, trainable);
+        // With LoRA the base stays as add_lora froze it.
+        if model.lora().is_none() {
+            model.set_trainable(group, trainable);
+        }
         let mut scale = recipe.layer_lr_decay.map_or(1.0, |d| d.powi(depth as i32));
         if group == Group::Head {
             scale = recipe.head_lr.map_or(1.0, |head_lr| head_lr / recipe.lr);

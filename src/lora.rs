@@ -1,0 +1,293 @@
+//! LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language
+//! Models"): a frozen linear layer `y = x·Wᵀ + b` gains a trainable
+//! low-rank update, `y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ`, with A `[r, in]`, B
+//! `[out, r]` and `s = alpha / r`.
+//!
+//! What training and loading share lives here: the targets (Hugging Face's
+//! module names), the merge `W + s·B·A`, and adapters saved apart from
+//! their base in PEFT's layout (`adapter_config.json` and
+//! `adapter_model.safetensors`, tensors named
+//! `base_model.model.<module>.lora_A.weight`, the trained head under its
+//! own name). Loaders merge such adapters into the base weights at load
+//! ([`Adapter::checkpoint`]); the base is found by the path recorded in
+//! `adapter_config.json` and must still hash to the SHA-256 recorded in
+//! `bertrt.json` ([`AdapterBase`]), so a moved or changed base is refused
+//! rather than silently combined with adapters trained on another.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+
+/// PEFT's adapter settings file.
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+/// PEFT's adapter weights file.
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+/// PEFT's prefix of every tensor name in [`ADAPTER_WEIGHTS`] (the
+/// `PeftModel` wraps the task model as `base_model.model`).
+pub const PEFT_PREFIX: &str = "base_model.model.";
+
+/// A linear layer of every encoder layer that can carry an adapter, named
+/// by the last part of its Hugging Face module name.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum LoraTarget {
+    /// `attention.self.query`.
+    Query,
+    /// `attention.self.key`.
+    Key,
+    /// `attention.self.value`.
+    Value,
+    /// `attention.output.dense`, the attention output projection.
+    Dense,
+    /// `intermediate.dense`, the feed-forward up-projection.
+    Intermediate,
+    /// `output.dense`, the feed-forward down-projection.
+    Output,
+}
+
+impl LoraTarget {
+    /// PEFT's default for BERT (`query`, `value`).
+    pub const DEFAULT: [LoraTarget; 2] = [LoraTarget::Query, LoraTarget::Value];
+
+    /// The Hugging Face module of this linear in encoder layer `layer`.
+    pub fn module(self, layer: usize) -> String {
+        let name = match self {
+            LoraTarget::Query => "attention.self.query",
+            LoraTarget::Key => "attention.self.key",
+            LoraTarget::Value => "attention.self.value",
+            LoraTarget::Dense => "attention.output.dense",
+            LoraTarget::Intermediate => "intermediate.dense",
+            LoraTarget::Output => "output.dense",
+        };
+        format!("bert.encoder.layer.{layer}.{name}")
+    }
+}
+
+/// The adapters of a run: on which linears, of which rank and scale.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraSpec {
+    pub rank: usize,
+    pub alpha: f32,
+    pub targets: Vec<LoraTarget>,
+}
+
+impl LoraSpec {
+    /// `s = alpha / r`, which multiplies the low-rank update.
+    pub fn scale(&self) -> f32 {
+        self.alpha / self.rank as f32
+    }
+}
+
+/// `weight += scale · B·A` for `weight` `[out, in]`, A `[rank, in]` and B
+/// `[out, rank]`: the adapter folded into its layer. Each element's update
+/// is summed in f64 and added once, so the merged weight is the nearest
+/// f32 to the exact `W + s·B·A` whichever order the rank is summed in;
+/// training's merged save and a loader's merge agree bit for bit.
+pub fn merge(weight: &mut [f32], a: &[f32], b: &[f32], scale: f32, rank: usize) {
+    let inputs = a.len() / rank;
+    assert_eq!(weight.len(), b.len() / rank * inputs, "weight is [out, in]");
+    for (row, b_row) in weight.chunks_exact_mut(inputs).zip(b.chunks_exact(rank)) {
+        for (i, w) in row.iter_mut().enumerate() {
+            let update: f64 = b_row
+                .iter()
+                .enumerate()
+                .map(|(r, &b)| b as f64 * a[r * inputs + i] as f64)
+                .sum();
+            *w = (*w as f64 + scale as f64 * update) as f32;
+        }
+    }
+}
+
+/// `adapter_config.json` in PEFT's `LoraConfig` format. `target_modules`
+/// lists every adapted module by its full name: PEFT matches a plain
+/// suffix such as `output.dense` against `attention.output.dense` too, so
+/// full names are the only list that says exactly which layers carry one.
+pub fn adapter_config(
+    spec: &LoraSpec,
+    layers: usize,
+    base: &Path,
+    task_type: &str,
+    modules_to_save: &[&str],
+) -> serde_json::Value {
+    let target_modules: Vec<String> = (0..layers)
+        .flat_map(|l| spec.targets.iter().map(move |t| t.module(l)))
+        .collect();
+    serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base,
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": 0.0,
+        "target_modules": target_modules,
+        "modules_to_save": modules_to_save,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "use_rslora": false,
+        "init_lora_weights": true,
+        "inference_mode": true,
+    })
+}
+
+/// The `adapter_base` entry of `bertrt.json`: the base model an adapter
+/// artifact was trained on, which loading checks is still the same file.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct AdapterBase {
+    /// The base model directory (also `base_model_name_or_path` in
+    /// `adapter_config.json`).
+    pub model: PathBuf,
+    /// SHA-256 of its `model.safetensors`.
+    pub sha256: String,
+}
+
+/// The key of [`AdapterBase`] in `bertrt.json`.
+pub const ADAPTER_BASE_KEY: &str = "adapter_base";
+
+/// LoRA adapters saved apart from their base model, in a model directory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Adapter {
+    /// `adapter_model.safetensors`.
+    pub weights: PathBuf,
+    pub base: AdapterBase,
+    /// `lora_alpha / r`.
+    pub scale: f32,
+}
+
+impl Adapter {
+    /// The adapters in `dir`, if it holds `adapter_config.json`.
+    pub fn read(dir: &Path) -> Result<Option<Self>> {
+        let config_path = dir.join(ADAPTER_CONFIG);
+        if !config_path.exists() {
+            return Ok(None);
+        }
+        let config = read_json(&config_path)?;
+        let bad = |message: String| Error::Config {
+            path: config_path.clone(),
+            message,
+        };
+        if config["peft_type"] != "LORA" {
+            return Err(bad(format!(
+                "peft_type {}: only LORA adapters load",
+                config["peft_type"]
+            )));
+        }
+        if config["use_rslora"] == true {
+            return Err(bad("use_rslora adapters (scale alpha/sqrt(r)) do not load; merge them in PEFT and load the merged model".into()));
+        }
+        let rank = config["r"]
+            .as_u64()
+            .filter(|&r| r > 0)
+            .ok_or_else(|| bad("r must be a whole number, at least 1".into()))?;
+        let alpha = config["lora_alpha"]
+            .as_f64()
+            .ok_or_else(|| bad("lora_alpha must be a number".into()))?;
+        let meta_path = dir.join(crate::artifact::META_FILE);
+        let base = read_json(&meta_path)?
+            .get(ADAPTER_BASE_KEY)
+            .cloned()
+            .ok_or_else(|| Error::Config {
+                path: meta_path.clone(),
+                message: format!("no {ADAPTER_BASE_KEY}: these adapters do not say which base model they were trained on (SHA-256)"),
+            })
+            .and_then(|v| {
+                serde_json::from_value::<AdapterBase>(v).map_err(|e| Error::Config {
+                    path: meta_path.clone(),
+                    message: format!("{ADAPTER_BASE_KEY}: {e}"),
+                })
+            })?;
+        Ok(Some(Adapter {
+            weights: dir.join(ADAPTER_WEIGHTS),
+            base,
+            scale: (alpha / rank as f64) as f32,
+        }))
+    }
+
+    /// The base model's weights in `base` (its `model.safetensors`) with
+    /// every adapter merged into its layer and the saved modules (the
+    /// trained head) in place. Refuses a base whose SHA-256 is not the
+    /// recorded one.
+    pub fn checkpoint(&self, base: Checkpoint) -> Result<Checkpoint> {
+        let sha256 = base.sha256();
+        if sha256 != self.base.sha256 {
+            return Err(Error::Invalid(format!(
+                "{}: the LoRA adapters in {} were trained on a base model with SHA-256 {}, but this file has {sha256}; restore the original base model, or retrain (--merge-lora saves a self-contained model)",
+                base.path().display(),
+                self.weights.display(),
+                self.base.sha256
+            )));
+        }
+        let adapters = Checkpoint::open(&self.weights)?;
+        let mut tensors = Vec::new();
+        for (name, shape) in adapters.shapes() {
+            let module = name.strip_prefix(PEFT_PREFIX).unwrap_or(&name);
+            if module.contains(".lora_B.") {
+                continue;
+            }
+            let Some(module) = module.strip_suffix(".lora_A.weight") else {
+                // A saved module (classifier, pooler): replaces the base's.
+                tensors.push((
+                    module.to_string(),
+                    shape.clone(),
+                    adapters.tensor(&name, &shape)?.to_vec(),
+                ));
+                continue;
+            };
+            let &[rank, inputs] = shape.as_slice() else {
+                return Err(Error::Invalid(format!(
+                    "{}: {name} has shape {shape:?}; lora_A is [r, in]",
+                    self.weights.display()
+                )));
+            };
+            let b_name = name.replace(".lora_A.weight", ".lora_B.weight");
+            let outputs = adapters.shape(&b_name).map(|s| s[0]).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{}: {name} has no {b_name}",
+                    self.weights.display()
+                ))
+            })?;
+            let a = adapters.tensor(&name, &[rank, inputs])?;
+            let b = adapters.tensor(&b_name, &[outputs, rank])?;
+            let weight_name = format!("{module}.weight");
+            let mut weight = base.tensor(&weight_name, &[outputs, inputs])?.to_vec();
+            merge(&mut weight, &a, &b, self.scale, rank);
+            tensors.push((weight_name, vec![outputs, inputs], weight));
+        }
+        Ok(base.with_overrides(tensors))
+    }
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: path.into(),
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_adds_scaled_product() {
+        // W [2, 3], A [1, 3], B [2, 1], scale 2: W + 2·B·A.
+        let mut w = vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        merge(&mut w, &[1.0, 0.0, -1.0], &[0.5, 2.0], 2.0, 1);
+        assert_eq!(w, [2.0, 2.0, 2.0, 8.0, 5.0, 2.0]);
+    }
+}
