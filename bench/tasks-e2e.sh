@@ -7,7 +7,8 @@
 #   trec        TREC-6 question type: accuracy and macro-F1
 #   regression  VADER tweets `score` (-4..+4): Pearson, Spearman, RMSE
 #   strategies  VADER movies+amazon with 500 training examples: full
-#               fine-tuning vs --freeze-bottom 4 vs gradual unfreezing
+#               fine-tuning vs --freeze-bottom 4 vs gradual unfreezing vs
+#               LoRA rank 8 (query, value)
 # Reads the JSONL files of ../shared/data (see DATA.md; every row carries its
 # split); DATA_DIR overrides. Takes about an hour on 2 cores for all of them.
 #
@@ -110,6 +111,8 @@ PY
       run reviews500 500-full --epochs 5 "$@"
       run reviews500 500-freeze-bottom-4 --epochs 5 --freeze-bottom 4 "$@"
       run reviews500 500-gradual-unfreezing --unfreeze-schedule "head:1,top2:1,top6:1,all:2" "$@"
+      # LoRA wants a larger lr than full fine-tuning (5e-4 provisional: tune on dev).
+      run reviews500 500-lora-r8 --epochs 5 --lora-rank 8 --lr 5e-4 "$@"
       ;;
     *) echo "unknown task $task (sms, trec, regression, strategies)" >&2; exit 1 ;;
   esac

@@ -597,6 +597,61 @@ fn label_all_subwords_trains_and_is_recorded() {
     );
 }
 
+/// LoRA on a token classifier: saved merged, or as PEFT `TOKEN_CLS`
+/// adapters (classifier saved whole, no pooler) that `predict` merges into
+/// the base at load, to the same per-word logits bit for bit.
+#[test]
+fn lora_token_classifier_merged_and_unmerged_predict_alike() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let model = tiny_model(dir);
+    let train = write(dir, "train.conll", TRAIN_CONLL);
+    let finetune = |out: &str, extra: &[&str]| {
+        let out = dir.join(out);
+        let mut args = vec![
+            "finetune",
+            "--task",
+            "token-classification",
+            "--model",
+            model.to_str().unwrap(),
+            "--train",
+            train.to_str().unwrap(),
+            "--valid",
+            train.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--epochs",
+            "2",
+            "--lr",
+            "1e-2",
+            "--max-length",
+            "32",
+            "--lora-rank",
+            "4",
+            "--lora-targets",
+            "value,intermediate",
+            "--quiet",
+        ];
+        args.extend_from_slice(extra);
+        let (ok, _, err) = bertrt(&args);
+        assert!(ok, "{err}");
+        out
+    };
+    let merged = finetune("merged", &["--merge-lora"]);
+    let adapters = finetune("adapters", &[]);
+    assert!(!adapters.join("model.safetensors").exists());
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapters.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["task_type"], "TOKEN_CLS");
+    assert_eq!(config["modules_to_save"], serde_json::json!(["classifier"]));
+    let text = "the big cat sat\na small dog ran fast\n";
+    let from_merged = word_logits(&merged, dir, text);
+    assert!(!from_merged.is_empty());
+    assert_eq!(from_merged, word_logits(&adapters, dir, text));
+}
+
 /// Per-word logits of `model` for `text` (`predict --words`).
 fn word_logits(model: &Path, dir: &Path, text: &str) -> Vec<f32> {
     let input = write(dir, "words.txt", text);
