@@ -44,9 +44,11 @@ pub trait Model: Send {
     }
 }
 
-/// The number format the encoder's linear layers run in.
+/// The number format a served encoder's linear layers run in: one of the
+/// CLI's `--dtype` ([`crate::backend::Precision`], which is also what
+/// training multiplies in) or INT8, which only inference has.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Precision {
+pub enum LinearNumerics {
     Float32,
     /// bf16 operands, f32 sums (`--dtype bf16`).
     Bfloat16,
@@ -54,13 +56,13 @@ pub enum Precision {
     Int8,
 }
 
-impl Precision {
+impl LinearNumerics {
     /// As `/info` reports it (`model_dtype`).
     pub fn name(self) -> &'static str {
         match self {
-            Precision::Float32 => "float32",
-            Precision::Bfloat16 => "bfloat16",
-            Precision::Int8 => "int8",
+            LinearNumerics::Float32 => "float32",
+            LinearNumerics::Bfloat16 => "bfloat16",
+            LinearNumerics::Int8 => "int8",
         }
     }
 }
@@ -84,7 +86,7 @@ pub struct ModelInfo {
     /// Storage dtype of the weights in the checkpoint.
     pub weights_dtype: String,
     /// What inference runs in.
-    pub precision: Precision,
+    pub numerics: LinearNumerics,
     pub max_input_length: usize,
     pub hidden_size: usize,
     /// Pooling used when an `/embed` request does not name one.
@@ -210,14 +212,14 @@ pub struct Loaded {
 }
 
 /// Loads `dir` once per replica, each on a fresh `backend()`, its linear
-/// layers made by `linears` (which run in `precision`). `max_length`
+/// layers made by `linears` (which run in `numerics`). `max_length`
 /// defaults to the model's position limit; with `truncate` off, inputs over
 /// it are left for the caller to refuse instead of being cut.
 pub fn load<B: Backend + 'static>(
     dir: &Path,
     replicas: usize,
     linears: &dyn LinearLoader<B>,
-    precision: Precision,
+    numerics: LinearNumerics,
     max_length: Option<usize>,
     truncate: bool,
     mut backend: impl FnMut() -> B,
@@ -264,7 +266,7 @@ pub fn load<B: Backend + 'static>(
     let info = ModelInfo {
         id: dir.display().to_string(),
         weights_dtype,
-        precision,
+        numerics,
         max_input_length,
         hidden_size: first_config.hidden_size,
         pooling: default_pooling,

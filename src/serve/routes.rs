@@ -23,7 +23,7 @@ use tokio::sync::oneshot;
 
 use super::error::ApiError;
 use super::metrics::Metrics;
-use super::model::{ModelInfo, Precision, Task, NO_HEAD};
+use super::model::{LinearNumerics, ModelInfo, Task, NO_HEAD};
 use super::queue::{Job, Queue, Rejected};
 use super::request::{self, Inputs};
 use crate::classify::Prediction;
@@ -355,7 +355,7 @@ async fn info(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
     };
     Json(json!({
         "model_id": info.id,
-        "model_dtype": info.precision.name(),
+        "model_dtype": info.numerics.name(),
         "weights_dtype": info.weights_dtype,
         "model_type": model_type,
         "labels": info.head.as_ref().map(|head| &head.labels),
@@ -370,7 +370,7 @@ async fn info(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
         "max_wait_ms": limits.max_wait.as_secs_f64() * 1e3,
         "workers": app.workers,
         "backend": info.backend,
-        "int8": info.precision == Precision::Int8,
+        "int8": info.numerics == LinearNumerics::Int8,
         "version": crate::VERSION,
     }))
 }
