@@ -64,7 +64,11 @@ pub fn run(args: Args) -> Result<()> {
             !multi_label && !classifier.regression,
             "--argmax applies to single-label classifiers; {} is {}",
             args.model.display(),
-            if multi_label { "multi-label" } else { "a regression model" }
+            if multi_label {
+                "multi-label"
+            } else {
+                "a regression model"
+            }
         );
         classifier.decision = Decision::Argmax;
     }
