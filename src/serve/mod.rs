@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 use crate::model::{LinearLoader, TokenBatch};
 use crate::quant::{self, Bf16Linears, Int8Linears};
 use metrics::Metrics;
-use model::{LinearNumerics, Task};
+use model::LinearNumerics;
 use queue::{Limits, Queue};
 use routes::App;
 
@@ -99,10 +99,7 @@ pub fn run(options: Options) -> Result<()> {
         || CpuBackend::new(threads),
     )?;
     let info = loaded.info;
-    let warmup_task = match info.head {
-        Some(_) => Task::Classify,
-        None => Task::Embed(info.pooling),
-    };
+    let warmup_task = info.head.warmup_task(info.pooling);
     let warmup_input = TokenBatch::from_encoded(&[loaded
         .tokenizer
         .encode("warm-up: the model runs once before serving")?]);

@@ -2,18 +2,21 @@
 //! [`ModelInfo`] every replica shares.
 //!
 //! The trait takes token batches, not text: tokenization happens on the HTTP
-//! side so the model threads only run the encoder. A fine-tuned classifier
-//! plugs in by implementing [`Model::classify`] and describing its labels in
-//! [`ModelInfo::head`]; the routes, batching and metrics need no change.
+//! side so the model threads only run the encoder. A fine-tuned sequence
+//! classifier plugs in through [`Model::classify`], a token classifier
+//! through [`Model::tag`], each describing its labels in [`ModelInfo::head`];
+//! the routes, batching and metrics need no change.
 
 use std::path::Path;
 
+use crate::artifact::ProblemType;
 use crate::backend::Backend;
 use crate::checkpoint::Checkpoint;
 use crate::classify::{Classifier, Decision};
 use crate::config::BertConfig;
 use crate::error::{Error, Result};
 use crate::model::{BertModel, LinearLoader, ModelFiles, Pooling, TokenBatch, Workspace};
+use crate::tag::{self, Tagger};
 use crate::tokenize::BertTokenizer;
 
 /// What a queued request asks the model for. Only requests with the same
@@ -22,6 +25,7 @@ use crate::tokenize::BertTokenizer;
 pub enum Task {
     Embed(Pooling),
     Classify,
+    Tag,
 }
 
 /// One model replica. Each worker thread owns one, with its own buffers and
@@ -35,11 +39,21 @@ pub trait Model: Send {
     /// set; an encoder without a head answers with an error.
     fn classify(&mut self, batch: &TokenBatch) -> Result<Vec<Vec<f32>>>;
 
+    /// Token logits per sequence of `batch`, `[tokens, tags]` flattened, in
+    /// the order of [`Head::Tagger`]'s tags. Only a token classifier
+    /// answers; the routes never ask another model.
+    fn tag(&mut self, _batch: &TokenBatch) -> Result<Vec<Vec<f32>>> {
+        Err(Error::Invalid(
+            "this model is not a token classifier".into(),
+        ))
+    }
+
     /// Runs `task` on `batch`.
     fn run(&mut self, task: Task, batch: &TokenBatch) -> Result<Vec<Vec<f32>>> {
         match task {
             Task::Embed(pooling) => self.embed(batch, pooling),
             Task::Classify => self.classify(batch),
+            Task::Tag => self.tag(batch),
         }
     }
 }
@@ -78,6 +92,44 @@ pub struct ClassifierHead {
     pub decision: Decision,
 }
 
+/// What `/predict` answers with.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Head {
+    /// A plain encoder: no `/predict`, only `/embed`.
+    Embedder,
+    /// Scores per input.
+    Classifier(ClassifierHead),
+    /// Entities per input, read from these (BIO) tags.
+    Tagger { tags: Vec<String> },
+}
+
+impl Head {
+    /// As `/info` reports it (`task`): "embedding", or the `bertrt finetune
+    /// --task` that makes such a model.
+    pub fn task(&self) -> &'static str {
+        match self {
+            Head::Embedder => "embedding",
+            Head::Classifier(head) => match head.decision {
+                Decision::Argmax | Decision::PositiveThreshold { .. } => ProblemType::SingleLabel,
+                Decision::MultiLabel { .. } => ProblemType::MultiLabel,
+                Decision::Score => ProblemType::Regression,
+            }
+            .task(),
+            Head::Tagger { .. } => ProblemType::TokenClassification.task(),
+        }
+    }
+
+    /// The task a warm-up forward exercises: the one `/predict` runs, else
+    /// `/embed` with `pooling`.
+    pub fn warmup_task(&self, pooling: Pooling) -> Task {
+        match self {
+            Head::Embedder => Task::Embed(pooling),
+            Head::Classifier(_) => Task::Classify,
+            Head::Tagger { .. } => Task::Tag,
+        }
+    }
+}
+
 /// Facts about the served model, shared by all replicas.
 #[derive(Clone, Debug)]
 pub struct ModelInfo {
@@ -92,7 +144,7 @@ pub struct ModelInfo {
     /// Pooling used when an `/embed` request does not name one.
     pub pooling: Pooling,
     pub has_pooler: bool,
-    pub head: Option<ClassifierHead>,
+    pub head: Head,
     /// E.g. "cpu (avx2, 8 threads)", per replica.
     pub backend: String,
 }
@@ -137,13 +189,31 @@ impl<B: Backend> Model for Classifier<B> {
     }
 }
 
+impl<B: Backend> Model for Tagger<B> {
+    fn embed(&mut self, batch: &TokenBatch, pooling: Pooling) -> Result<Vec<Vec<f32>>> {
+        let hidden = self.model.config().hidden_size;
+        let pooled = self.pooled(batch, pooling)?;
+        Ok(pooled.chunks_exact(hidden).map(<[f32]>::to_vec).collect())
+    }
+
+    fn classify(&mut self, _batch: &TokenBatch) -> Result<Vec<Vec<f32>>> {
+        Err(Error::Invalid(
+            "this model is a token classifier; /predict answers with entities".into(),
+        ))
+    }
+
+    fn tag(&mut self, batch: &TokenBatch) -> Result<Vec<Vec<f32>>> {
+        self.sequence_logits(batch)
+    }
+}
+
 /// Replicas of one model and what [`ModelInfo`] needs from the first.
 struct Replicas {
     models: Vec<Box<dyn Model>>,
     config: BertConfig,
     has_pooler: bool,
     backend: String,
-    head: Option<ClassifierHead>,
+    head: Head,
     /// The max length a fine-tuned model was trained with.
     trained_length: Option<usize>,
 }
@@ -162,7 +232,7 @@ fn classifier_replicas<B: Backend + 'static>(
         config: first.model.config().clone(),
         has_pooler: first.model.has_pooler(),
         backend: first.model.backend_description(),
-        head: Some(ClassifierHead {
+        head: Head::Classifier(ClassifierHead {
             labels: first.labels.clone(),
             temperature: (!first.regression).then_some(first.temperature),
             decision: first.decision.clone(),
@@ -171,6 +241,31 @@ fn classifier_replicas<B: Backend + 'static>(
         models: classifiers
             .into_iter()
             .map(|c| Box::new(c) as Box<dyn Model>)
+            .collect(),
+    })
+}
+
+fn tagger_replicas<B: Backend + 'static>(
+    dir: &Path,
+    count: usize,
+    linears: &dyn LinearLoader<B>,
+    backend: &mut impl FnMut() -> B,
+) -> Result<Replicas> {
+    let taggers = (0..count)
+        .map(|_| Tagger::load_with(backend(), dir, linears))
+        .collect::<Result<Vec<_>>>()?;
+    let first = &taggers[0];
+    Ok(Replicas {
+        config: first.model.config().clone(),
+        has_pooler: first.model.has_pooler(),
+        backend: first.model.backend_description(),
+        head: Head::Tagger {
+            tags: first.tags.clone(),
+        },
+        trained_length: Some(first.tokenizer.max_length()),
+        models: taggers
+            .into_iter()
+            .map(|t| Box::new(t) as Box<dyn Model>)
             .collect(),
     })
 }
@@ -189,7 +284,7 @@ fn encoder_replicas<B: Backend + 'static>(
         config: first.config().clone(),
         has_pooler: first.has_pooler(),
         backend: first.backend_description(),
-        head: None,
+        head: Head::Embedder,
         trained_length: None,
         models: models
             .into_iter()
@@ -231,16 +326,19 @@ pub fn load<B: Backend + 'static>(
     let ckpt = Checkpoint::open(&files.weights)?;
     let weights_dtype = ckpt.dominant_dtype();
     // A fine-tuned classifier (bertrt artifact or HF
-    // BertForSequenceClassification) serves /predict as well as /embed.
-    let is_classifier = ckpt.contains("classifier.weight");
+    // BertFor{Sequence,Token}Classification) serves /predict as well as
+    // /embed.
+    let has_head = ckpt.contains("classifier.weight");
     drop(ckpt);
     let default_pooling = files
         .sentence_transformers_pooling()
         .unwrap_or(Pooling::Mean);
-    let built = if is_classifier {
-        classifier_replicas(dir, replicas, linears, &mut backend)?
-    } else {
+    let built = if !has_head {
         encoder_replicas(&files, replicas, linears, &mut backend)?
+    } else if tag::is_token_classifier(dir)? {
+        tagger_replicas(dir, replicas, linears, &mut backend)?
+    } else {
+        classifier_replicas(dir, replicas, linears, &mut backend)?
     };
     let Replicas {
         models: replicas,
