@@ -25,36 +25,36 @@ pub fn run(args: Args) -> Result<()> {
         .first()
         .map(String::as_str)
         .unwrap_or("BertModel");
-    println!("model:          {}", files.dir.display());
-    println!("architecture:   {architecture} ({})", config.model_type);
-    println!(
+    outln!("model:          {}", files.dir.display())?;
+    outln!("architecture:   {architecture} ({})", config.model_type)?;
+    outln!(
         "shape:          {} layers, hidden {}, {} heads, intermediate {}, vocab {}",
         config.num_hidden_layers,
         config.hidden_size,
         config.num_attention_heads,
         config.intermediate_size,
         config.vocab_size
-    );
-    println!("parameters:     {}", ckpt.parameter_count());
-    println!("dtype:          {}", ckpt.dominant_dtype());
+    )?;
+    outln!("parameters:     {}", ckpt.parameter_count())?;
+    outln!("dtype:          {}", ckpt.dominant_dtype())?;
     let tokenizer_desc = match tokenizer.source() {
         TokenizerSource::TokenizerJson(path) => format!("{}", path.display()),
         TokenizerSource::VocabTxt { path, lowercase } => {
             format!("WordPiece from {} (lowercase: {lowercase})", path.display())
         }
     };
-    println!(
+    outln!(
         "tokenizer:      {tokenizer_desc}, vocab {}",
         tokenizer.vocab_size()
-    );
-    println!("max length:     {max_length}");
-    println!(
+    )?;
+    outln!("max length:     {max_length}")?;
+    outln!(
         "pooler:         {}",
         if ckpt.contains("pooler.dense.weight") {
             "yes"
         } else {
             "no"
         }
-    );
+    )?;
     Ok(())
 }
