@@ -35,8 +35,12 @@ pub fn run(args: Args) -> Result<()> {
         config.intermediate_size,
         config.vocab_size
     )?;
-    outln!("parameters:     {}", ckpt.parameter_count())?;
-    outln!("dtype:          {}", ckpt.dominant_dtype())?;
+    let parameters = ckpt.parameter_count();
+    outln!("parameters:     {parameters}")?;
+    outln!(
+        "dtype:          {}",
+        dtype_mix(&ckpt.parameters_by_dtype(), parameters)
+    )?;
     let tokenizer_desc = match tokenizer.source() {
         TokenizerSource::TokenizerJson(path) => format!("{}", path.display()),
         TokenizerSource::VocabTxt { path, lowercase } => {
@@ -57,4 +61,18 @@ pub fn run(args: Args) -> Result<()> {
         }
     )?;
     Ok(())
+}
+
+/// "F32", or for a mix (an INT8 model) each dtype's share of the
+/// parameters: "I8 95.2%, F32 4.8%".
+fn dtype_mix(by_dtype: &[(String, usize)], parameters: usize) -> String {
+    match by_dtype {
+        [] => "none".into(),
+        [(dtype, _)] => dtype.clone(),
+        mix => mix
+            .iter()
+            .map(|(dtype, n)| format!("{dtype} {:.1}%", 100.0 * *n as f64 / parameters as f64))
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
 }
