@@ -433,4 +433,25 @@ fn classifier_label_agreement_and_artifact() {
         mix.starts_with("I8 ") && mix.contains("%, F32 "),
         "{int8_info}"
     );
+
+    // An INT8 model is not a starting point for fine-tuning.
+    let (ok, _, stderr) = bertrt(&[
+        "finetune",
+        "--model",
+        out.to_str().unwrap(),
+        "--train",
+        data.to_str().unwrap(),
+        "--valid",
+        data.to_str().unwrap(),
+        "--out",
+        tmp.path().join("from-int8").to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains(out.to_str().unwrap())
+            && stderr.contains("INT8")
+            && stderr.contains("fine-tune the fp32 model"),
+        "{stderr}"
+    );
 }
