@@ -18,7 +18,7 @@ use bertrt::backend::cpu::CpuBackend;
 use bertrt::embed::l2_normalize;
 use bertrt::model::TokenBatch;
 use bertrt::serve;
-use bertrt::serve::model::{self, Model, Precision, Task};
+use bertrt::serve::model::{self, LinearNumerics, Model, Task};
 use bertrt::tokenize::BertTokenizer;
 
 fn percentiles(mut samples: Vec<Duration>) -> [f64; 3] {
@@ -59,15 +59,15 @@ fn main() -> bertrt::Result<()> {
     let text = args.next().expect(usage);
     let iterations: usize = args.next().map_or(2000, |n| n.parse().expect(usage));
     let threads: usize = args.next().map_or(0, |n| n.parse().expect(usage));
-    let precision = match args.next().as_deref() {
-        None | Some("float32") => Precision::Float32,
-        Some("bfloat16") => Precision::Bfloat16,
-        Some("int8") => Precision::Int8,
+    let numerics = match args.next().as_deref() {
+        None | Some("float32") => LinearNumerics::Float32,
+        Some("bfloat16") => LinearNumerics::Bfloat16,
+        Some("int8") => LinearNumerics::Int8,
         Some(_) => panic!("{usage}"),
     };
 
-    let (linears, precision) = serve::linears_for(&dir, precision)?;
-    let loaded = model::load(&dir, 1, linears.as_ref(), precision, None, true, || {
+    let (linears, numerics) = serve::linears_for(&dir, numerics)?;
+    let loaded = model::load(&dir, 1, linears.as_ref(), numerics, None, true, || {
         CpuBackend::new(threads)
     })?;
     let tokenizer = &loaded.tokenizer;
@@ -77,7 +77,7 @@ fn main() -> bertrt::Result<()> {
     println!(
         "in-process, {}, {} ({tokens} tokens per text)",
         loaded.info.backend,
-        precision.name()
+        numerics.name()
     );
     println!("{:<34} {:>9} {:>9} {:>9}", "", "p50 ms", "p95 ms", "p99 ms");
 

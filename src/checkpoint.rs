@@ -17,6 +17,7 @@ use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
+use crate::model::linear::{INT8_SCALE, INT8_SMOOTHING, INT8_WEIGHT};
 
 /// f32 tensor data on the host: either a view into the mapped file or an
 /// owned conversion.
@@ -152,21 +153,47 @@ impl Checkpoint {
             .unwrap_or_else(|| "none".into())
     }
 
-    /// Elements in floating-point tensors (buffers such as `position_ids` are
-    /// integer and not parameters), overrides that add a tensor included.
+    /// Parameters: the elements of floating-point tensors and of an INT8
+    /// model's int8 weights (`bertrt quantize`), whose per-channel scales and
+    /// smoothing factors describe those weights rather than add to them,
+    /// overrides that add a tensor included. Integer buffers such as
+    /// `position_ids` are not parameters.
     pub fn parameter_count(&self) -> usize {
+        self.parameters_by_dtype().iter().map(|(_, n)| n).sum()
+    }
+
+    /// [`Self::parameter_count`] by storage dtype, most first: one entry for
+    /// an f32 model, int8 and f32 for an INT8 one (its embeddings, norms,
+    /// biases and any linears kept f32).
+    pub fn parameters_by_dtype(&self) -> Vec<(String, usize)> {
+        let mut by_dtype: HashMap<String, usize> = HashMap::new();
+        for (name, entry) in &self.entries {
+            let suffix = name.rsplit('.').next().unwrap_or(name);
+            let parameter = match entry.dtype {
+                Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64 => {
+                    suffix != INT8_SCALE && suffix != INT8_SMOOTHING
+                }
+                Dtype::I8 => suffix == INT8_WEIGHT,
+                _ => false,
+            };
+            if parameter {
+                *by_dtype.entry(format!("{:?}", entry.dtype)).or_default() +=
+                    entry.shape.iter().product::<usize>();
+            }
+        }
+        // Overrides (merged LoRA adapters, a new head) are f32.
         let added: usize = self
             .overrides
             .iter()
             .filter(|(name, _)| self.resolve(name).is_none())
             .map(|(_, (shape, _))| shape.iter().product::<usize>())
             .sum();
-        self.entries
-            .values()
-            .filter(|e| matches!(e.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64))
-            .map(|e| e.shape.iter().product::<usize>())
-            .sum::<usize>()
-            + added
+        if added > 0 {
+            *by_dtype.entry(format!("{:?}", Dtype::F32)).or_default() += added;
+        }
+        let mut by_dtype: Vec<(String, usize)> = by_dtype.into_iter().collect();
+        by_dtype.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        by_dtype
     }
 
     /// Whether the file holds `name` (checked with and without `bert.`).

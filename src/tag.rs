@@ -10,6 +10,7 @@
 //! character offsets are those of its first and last word in the original
 //! text.
 
+use std::ops::Range;
 use std::path::Path;
 
 use crate::artifact::{ArtifactMeta, ProblemType};
@@ -18,8 +19,10 @@ use crate::classify::labels_from_config;
 use crate::config::BertConfig;
 use crate::error::{Error, Result};
 use crate::eval::entities;
-use crate::model::{BertModel, F32Linears, LinearLoader, ModelFiles, TokenBatch, Workspace};
-use crate::tokenize::BertTokenizer;
+use crate::model::{
+    BertModel, F32Linears, LinearLoader, ModelFiles, Pooling, TokenBatch, Workspace,
+};
+use crate::tokenize::{BertTokenizer, WordsEncoded};
 
 pub struct Tagger<B: Backend> {
     pub model: BertModel<B>,
@@ -131,38 +134,18 @@ impl<B: Backend> Tagger<B> {
     /// no token (cut off by `max_length`, or nothing left after
     /// normalisation), which reads as `O`.
     pub fn tag_words(&mut self, sentences: &[Vec<&str>]) -> Result<Vec<Vec<Option<WordTag>>>> {
-        Ok(self
-            .word_logits(sentences)?
-            .iter()
-            .map(|words| {
-                words
-                    .iter()
-                    .map(|logits| logits.as_deref().map(best_tag))
-                    .collect()
-            })
-            .collect())
-    }
-
-    /// Each word's logits (at its first subword), for sentences given as
-    /// words; None for a word with no token.
-    pub fn word_logits(&mut self, sentences: &[Vec<&str>]) -> Result<Vec<Vec<Option<Vec<f32>>>>> {
         let tokenized = self.tokenizer.encode_words_batch(sentences)?;
         let batch = TokenBatch::from_encoded(tokenized.iter().map(|t| &t.encoded));
-        let logits = self.token_logits(&batch)?;
+        let logits = self.sequence_logits(&batch)?;
         let classes = self.tags.len();
         Ok(tokenized
             .iter()
             .zip(sentences)
-            .enumerate()
-            .map(|(s, (t, words))| {
-                crate::data::first_subwords(&t.word_ids, words.len())
+            .zip(&logits)
+            .map(|((t, words), logits)| {
+                first_subword_rows(&t.word_ids, words.len(), logits, classes)
                     .into_iter()
-                    .map(|first| {
-                        first.map(|p| {
-                            let row = (batch.offsets[s] + p) * classes;
-                            logits[row..row + classes].to_vec()
-                        })
-                    })
+                    .map(|row| row.map(best_tag))
                     .collect()
             })
             .collect())
@@ -172,30 +155,12 @@ impl<B: Backend> Tagger<B> {
     /// offsets, tag and logits, for inspecting a model (and for comparing
     /// it with `transformers`).
     pub fn predict_words(&mut self, texts: &[&str]) -> Result<Vec<Vec<WordPrediction>>> {
-        let split: Vec<Vec<Word>> = texts.iter().map(|t| whitespace_words(t)).collect();
-        let sentences: Vec<Vec<&str>> = split
+        let inputs = TextWords::encode_batch(&self.tokenizer, texts)?;
+        let logits = self.text_logits(&inputs)?;
+        Ok(inputs
             .iter()
-            .map(|words| words.iter().map(|w| w.text).collect())
-            .collect();
-        let logits = self.word_logits(&sentences)?;
-        Ok(split
-            .iter()
-            .zip(logits)
-            .map(|(words, logits)| {
-                words
-                    .iter()
-                    .zip(logits)
-                    .map(|(word, logits)| WordPrediction {
-                        text: word.text.to_string(),
-                        start: word.char_start,
-                        end: word.char_end,
-                        tag: logits
-                            .as_deref()
-                            .map(|z| self.tags[best_tag(z).tag].clone()),
-                        logits,
-                    })
-                    .collect()
-            })
+            .zip(&logits)
+            .map(|(input, logits)| input.word_predictions(&self.tags, logits))
             .collect())
     }
 
@@ -215,45 +180,143 @@ impl<B: Backend> Tagger<B> {
             .collect())
     }
 
-    /// The entities of each text, in text order.
-    pub fn predict(&mut self, texts: &[&str]) -> Result<Vec<Vec<EntitySpan>>> {
-        let split: Vec<Vec<Word>> = texts.iter().map(|t| whitespace_words(t)).collect();
-        let sentences: Vec<Vec<&str>> = split
-            .iter()
-            .map(|words| words.iter().map(|w| w.text).collect())
-            .collect();
-        let tagged = self.tag_words(&sentences)?;
-        Ok(split
-            .iter()
-            .zip(&tagged)
-            .map(|(words, tags)| self.entity_spans(words, tags))
+    /// [`Self::token_logits`] split per sequence: `[tokens, tags]` of each
+    /// sequence of `batch`, in order, as [`TextWords::entities`] takes them.
+    pub fn sequence_logits(&mut self, batch: &TokenBatch) -> Result<Vec<Vec<f32>>> {
+        let logits = self.token_logits(batch)?;
+        let classes = self.tags.len();
+        Ok(batch
+            .offsets
+            .windows(2)
+            .map(|s| logits[s[0] * classes..s[1] * classes].to_vec())
             .collect())
     }
 
-    fn entity_spans(&self, words: &[Word], tags: &[Option<WordTag>]) -> Vec<EntitySpan> {
-        let names: Vec<&str> = tags
+    /// One pooled vector per sequence of `batch`, packed `[sequences,
+    /// hidden]`: the encoder under the head, as an embedder.
+    pub fn pooled(&mut self, batch: &TokenBatch, pooling: Pooling) -> Result<Vec<f32>> {
+        self.model.forward(batch, &mut self.workspace)?;
+        self.model.pool(batch, &mut self.workspace, pooling)
+    }
+
+    /// The entities of each text, in text order.
+    pub fn predict(&mut self, texts: &[&str]) -> Result<Vec<Vec<EntitySpan>>> {
+        let inputs = TextWords::encode_batch(&self.tokenizer, texts)?;
+        let logits = self.text_logits(&inputs)?;
+        Ok(inputs
             .iter()
-            .map(|t| t.map_or("O", |t| self.tags[t.tag].as_str()))
+            .zip(&logits)
+            .map(|(input, logits)| input.entities(&self.tags, logits))
+            .collect())
+    }
+
+    fn text_logits(&mut self, inputs: &[TextWords]) -> Result<Vec<Vec<f32>>> {
+        let batch = TokenBatch::from_encoded(inputs.iter().map(|input| &input.tokens.encoded));
+        self.sequence_logits(&batch)
+    }
+}
+
+/// A text split into words at whitespace and tokenized with each token's
+/// word: what a tagger runs on, and what reads its logits back as words and
+/// entities in the text's own offsets. Kept apart from the model so that a
+/// server can tokenize on its request threads and decode there too.
+pub struct TextWords {
+    text: String,
+    words: Vec<Word>,
+    pub tokens: WordsEncoded,
+}
+
+impl TextWords {
+    pub fn encode(tokenizer: &BertTokenizer, text: &str) -> Result<Self> {
+        Ok(Self::encode_batch(tokenizer, &[text])?.remove(0))
+    }
+
+    /// Splits and tokenizes `texts` (in parallel), in input order.
+    pub fn encode_batch(tokenizer: &BertTokenizer, texts: &[&str]) -> Result<Vec<Self>> {
+        let words: Vec<Vec<Word>> = texts.iter().map(|text| whitespace_words(text)).collect();
+        let sentences: Vec<Vec<&str>> = texts
+            .iter()
+            .zip(&words)
+            .map(|(text, words)| words.iter().map(|w| &text[w.bytes.clone()]).collect())
+            .collect();
+        let tokens = tokenizer.encode_words_batch(&sentences)?;
+        Ok(texts
+            .iter()
+            .zip(words)
+            .zip(tokens)
+            .map(|((text, words), tokens)| TextWords {
+                text: (*text).to_owned(),
+                words,
+                tokens,
+            })
+            .collect())
+    }
+
+    /// The entities of the text, in text order, from the logits `[tokens,
+    /// tags.len()]` of its tokens ([`Tagger::sequence_logits`]).
+    pub fn entities(&self, tags: &[String], logits: &[f32]) -> Vec<EntitySpan> {
+        let tagged: Vec<Option<WordTag>> = self
+            .word_rows(logits, tags.len())
+            .into_iter()
+            .map(|row| row.map(best_tag))
+            .collect();
+        let names: Vec<&str> = tagged
+            .iter()
+            .map(|t| t.map_or("O", |t| tags[t.tag].as_str()))
             .collect();
         entities(&names)
             .into_iter()
             .map(|e| {
-                let (first, last) = (&words[e.start], &words[e.end - 1]);
-                let probabilities: Vec<f32> = tags[e.start..e.end]
+                let (first, last) = (&self.words[e.start], &self.words[e.end - 1]);
+                let probabilities: Vec<f32> = tagged[e.start..e.end]
                     .iter()
                     .flatten()
                     .map(|t| t.probability)
                     .collect();
                 EntitySpan {
                     kind: e.kind,
-                    text: first.line[first.byte_start..last.byte_end].to_string(),
-                    start: first.char_start,
-                    end: last.char_end,
+                    text: self.text[first.bytes.start..last.bytes.end].to_string(),
+                    start: first.chars.start,
+                    end: last.chars.end,
                     score: probabilities.iter().sum::<f32>() / probabilities.len().max(1) as f32,
                 }
             })
             .collect()
     }
+
+    /// Every word with its offsets, tag and logits, from the logits of the
+    /// text's tokens.
+    pub fn word_predictions(&self, tags: &[String], logits: &[f32]) -> Vec<WordPrediction> {
+        self.words
+            .iter()
+            .zip(self.word_rows(logits, tags.len()))
+            .map(|(word, row)| WordPrediction {
+                text: self.text[word.bytes.clone()].to_string(),
+                start: word.chars.start,
+                end: word.chars.end,
+                tag: row.map(|z| tags[best_tag(z).tag].clone()),
+                logits: row.map(<[f32]>::to_vec),
+            })
+            .collect()
+    }
+
+    fn word_rows<'l>(&self, logits: &'l [f32], classes: usize) -> Vec<Option<&'l [f32]>> {
+        first_subword_rows(&self.tokens.word_ids, self.words.len(), logits, classes)
+    }
+}
+
+/// Each word's row of a sequence's `logits` (`[tokens, classes]`) at its
+/// first subword; None for a word with no token.
+fn first_subword_rows<'l>(
+    word_ids: &[Option<usize>],
+    words: usize,
+    logits: &'l [f32],
+    classes: usize,
+) -> Vec<Option<&'l [f32]>> {
+    crate::data::first_subwords(word_ids, words)
+        .into_iter()
+        .map(|first| first.map(|p| &logits[p * classes..(p + 1) * classes]))
+        .collect()
 }
 
 /// The most probable tag of a token's logits, with its softmax probability.
@@ -275,17 +338,13 @@ fn best_tag(logits: &[f32]) -> WordTag {
     }
 }
 
-/// A whitespace-separated word of a text, with byte and character offsets.
-struct Word<'a> {
-    line: &'a str,
-    text: &'a str,
-    byte_start: usize,
-    byte_end: usize,
-    char_start: usize,
-    char_end: usize,
+/// A whitespace-separated word: its byte and character ranges in the text.
+struct Word {
+    bytes: Range<usize>,
+    chars: Range<usize>,
 }
 
-fn whitespace_words(line: &str) -> Vec<Word<'_>> {
+fn whitespace_words(line: &str) -> Vec<Word> {
     let mut words = Vec::new();
     let mut open: Option<(usize, usize)> = None;
     let mut chars = 0;
@@ -293,12 +352,8 @@ fn whitespace_words(line: &str) -> Vec<Word<'_>> {
         match (c.is_whitespace(), open) {
             (true, Some((byte_start, char_start))) => {
                 words.push(Word {
-                    line,
-                    text: &line[byte_start..byte],
-                    byte_start,
-                    byte_end: byte,
-                    char_start,
-                    char_end: chars,
+                    bytes: byte_start..byte,
+                    chars: char_start..chars,
                 });
                 open = None;
             }
@@ -309,12 +364,8 @@ fn whitespace_words(line: &str) -> Vec<Word<'_>> {
     }
     if let Some((byte_start, char_start)) = open {
         words.push(Word {
-            line,
-            text: &line[byte_start..],
-            byte_start,
-            byte_end: line.len(),
-            char_start,
-            char_end: chars,
+            bytes: byte_start..line.len(),
+            chars: char_start..chars,
         });
     }
     words

@@ -15,12 +15,12 @@ fn bertrt(args: &[&str], stdin: &str) -> (bool, String, String) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
+    // A command that fails early (a bad model directory) may exit before
+    // reading its input; that is its answer, not the test's failure.
+    let fed = child.stdin.take().unwrap().write_all(stdin.as_bytes());
+    if let Err(error) = fed {
+        assert_eq!(error.kind(), std::io::ErrorKind::BrokenPipe, "{error}");
+    }
     let out = child.wait_with_output().unwrap();
     (
         out.status.success(),
@@ -185,4 +185,39 @@ fn invalid_jsonl_names_the_line() {
     );
     assert!(!ok);
     assert!(stderr.contains("stdin line 2"), "{stderr}");
+}
+
+/// `bertrt CMD` with a stdout whose reader has already gone, as under
+/// `bertrt CMD | head -1` once `head` exits: its exit status and stderr.
+fn bertrt_into_closed_pipe(args: &[&str]) -> (bool, String) {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_bertrt"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8(out.stderr).unwrap())
+}
+
+/// A closed stdout ends a command quietly (exit 0, nothing on stderr)
+/// instead of panicking (`println!`) or failing with "Broken pipe": both
+/// for the line-by-line writers and for the one-shot reports.
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    let model = common::minilm_dir();
+    let input = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(input.path(), "the cat sat\n".repeat(100)).unwrap();
+    let model_arg = model.to_str().unwrap();
+    let input_arg = input.path().to_str().unwrap();
+    for args in [
+        &["info", "--model", model_arg][..],
+        &["tokenize", "--model", model_arg, "--input", input_arg][..],
+        &["embed", "--model", model_arg, "--input", input_arg][..],
+    ] {
+        let (ok, stderr) = bertrt_into_closed_pipe(args);
+        assert!(ok && stderr.is_empty(), "{args:?}: {stderr}");
+    }
 }

@@ -410,4 +410,48 @@ fn classifier_label_agreement_and_artifact() {
     assert!(ok, "{stderr}");
     assert!(stderr.contains("label agreement"), "{stderr}");
     assert!(stdout.contains("accuracy"), "{stdout}");
+
+    // info counts each int8 weight as the f32 one it replaces (scales and
+    // smoothing factors are not parameters) and shows the dtype mix.
+    let info = |dir: &Path| {
+        let (ok, stdout, stderr) = bertrt(&["info", "--model", dir.to_str().unwrap()]);
+        assert!(ok, "{stderr}");
+        stdout
+    };
+    let field = |text: &str, name: &str| -> String {
+        let line = text.lines().find(|l| l.starts_with(name)).unwrap();
+        line[name.len()..].trim().to_owned()
+    };
+    let (f32_info, int8_info) = (info(&dir), info(&out));
+    assert_eq!(
+        field(&int8_info, "parameters:"),
+        field(&f32_info, "parameters:")
+    );
+    assert_eq!(field(&f32_info, "dtype:"), "F32");
+    let mix = field(&int8_info, "dtype:");
+    assert!(
+        mix.starts_with("I8 ") && mix.contains("%, F32 "),
+        "{int8_info}"
+    );
+
+    // An INT8 model is not a starting point for fine-tuning.
+    let (ok, _, stderr) = bertrt(&[
+        "finetune",
+        "--model",
+        out.to_str().unwrap(),
+        "--train",
+        data.to_str().unwrap(),
+        "--valid",
+        data.to_str().unwrap(),
+        "--out",
+        tmp.path().join("from-int8").to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains(out.to_str().unwrap())
+            && stderr.contains("INT8")
+            && stderr.contains("fine-tune the fp32 model"),
+        "{stderr}"
+    );
 }

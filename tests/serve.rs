@@ -196,6 +196,7 @@ fn every_route_answers_on_the_tiny_model() {
     assert_eq!(info["weights_dtype"], "F32");
     assert_eq!(info["int8"], false);
     assert_eq!(info["model_type"]["embedding"]["pooling"], "mean");
+    assert_eq!(info["task"], "embedding");
     assert!(info["labels"].is_null());
     assert_eq!(info["version"], env!("CARGO_PKG_VERSION"));
 
@@ -628,6 +629,7 @@ fn predict_on_a_fine_tuned_model_matches_the_cli() {
     let addr = server.addr;
     let info = get(addr, "/info").json();
     assert_eq!(info["max_input_length"], 16, "{info}");
+    assert_eq!(info["task"], "sequence-classification", "{info}");
     let predict = post(
         addr,
         "/predict",
@@ -736,6 +738,128 @@ fn predict_on_a_multi_label_model_applies_its_thresholds() {
             entry["predicted"],
             chosen.contains(&label),
             "{entry} vs {cli}"
+        );
+    }
+}
+
+/// A token classifier written in code: the tiny encoder under a random
+/// `BertForTokenClassification` head over BIO tags. Untrained, but its tags
+/// vary from word to word, and the served entities are checked against
+/// `bertrt predict`'s.
+fn tiny_tagger() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tensors = common::tiny_tensors(1);
+    let mut rng = common::Rng::new(3);
+    tensors.push(("classifier.weight".into(), vec![3, 16], rng.vec(48, 2.0)));
+    tensors.push(("classifier.bias".into(), vec![3], vec![0.0; 3]));
+    let mut config = common::tiny_config();
+    config["architectures"] = json!(["BertForTokenClassification"]);
+    config["id2label"] = json!({"0": "B-ANIMAL", "1": "I-ANIMAL", "2": "O"});
+    let weights = common::safetensors_bytes(&tensors, Dtype::F32);
+    common::write_tiny_model(dir.path(), &config, &weights);
+    dir
+}
+
+/// A token classifier serves /predict as entities with character offsets
+/// into each input, the same as `bertrt predict` prints; /info reports the
+/// task and tags, /embed still answers, and entities count in /metrics.
+#[test]
+fn token_classifier_serves_the_entities_bertrt_predict_prints() {
+    let model = tiny_tagger();
+    // Two spaces, a multi-byte character, an empty text, and a long one.
+    let texts = [
+        "the  big dog ran",
+        "thé cat sat on the mat",
+        "",
+        "a small dog ran fast on a big mat and the cat sat",
+    ];
+    let input = model.path().join("texts.txt");
+    std::fs::write(&input, texts.join("\n") + "\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_bertrt"))
+        .args(["predict", "--model"])
+        .arg(model.path())
+        .arg("--input")
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cli: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).unwrap()["entities"].clone())
+        .collect();
+    assert_eq!(cli.len(), texts.len());
+
+    let server = Server::start(model.path(), &["--max-batch-requests", "8"]);
+    let addr = server.addr;
+    let info = get(addr, "/info").json();
+    assert_eq!(info["task"], "token-classification", "{info}");
+    assert_eq!(
+        info["model_type"]["token_classifier"]["id2label"]["1"],
+        "I-ANIMAL"
+    );
+    assert_eq!(info["labels"], json!(["B-ANIMAL", "I-ANIMAL", "O"]));
+
+    let predict = post(addr, "/predict", json!({ "inputs": texts }));
+    assert_eq!(predict.status, 200, "{}", predict.body);
+    let served = predict.json();
+    let mut found = 0;
+    for ((text, served), cli) in texts.iter().zip(served.as_array().unwrap()).zip(&cli) {
+        let (served, cli) = (served.as_array().unwrap(), cli.as_array().unwrap());
+        assert_eq!(served.len(), cli.len(), "{text:?}: {served:?} vs {cli:?}");
+        for (entity, want) in served.iter().zip(cli) {
+            for field in ["type", "text", "start", "end"] {
+                assert_eq!(entity[field], want[field], "{text:?}: {entity} vs {want}");
+            }
+            let score = entity["score"].as_f64().unwrap();
+            assert!(
+                (score - want["score"].as_f64().unwrap()).abs() < 1e-5,
+                "{entity} vs {want}"
+            );
+            assert!(score > 0.0 && score <= 1.0, "{entity}");
+            // Offsets are characters of the input, not bytes or tokens.
+            let (start, end) = (
+                entity["start"].as_u64().unwrap() as usize,
+                entity["end"].as_u64().unwrap() as usize,
+            );
+            let slice: String = text.chars().skip(start).take(end - start).collect();
+            assert_eq!(slice, entity["text"].as_str().unwrap(), "{entity}");
+            found += 1;
+        }
+    }
+    assert!(found >= 2, "the random head finds some entities: {served}");
+    assert_eq!(served[2], json!([]));
+
+    // One text: its entities alone, not wrapped in a list per input.
+    let one = post(addr, "/predict", json!({ "inputs": texts[1] }));
+    assert_eq!(one.status, 200, "{}", one.body);
+    assert_eq!(
+        one.json().as_array().unwrap().len(),
+        cli[1].as_array().unwrap().len()
+    );
+
+    let raw = post(addr, "/predict", json!({"inputs": "a", "raw_scores": true}));
+    assert_eq!(raw.status, 422, "{}", raw.body);
+    assert!(raw.error().contains("raw_scores"), "{}", raw.body);
+    assert_eq!(
+        vectors(&post(addr, "/embed", json!({"inputs": "the cat"})))[0].len(),
+        16
+    );
+
+    let metrics = get(addr, "/metrics").body;
+    for needle in [
+        "bertrt_requests_total{route=\"/predict\",status=\"200\"} 2",
+        "bertrt_requests_total{route=\"/predict\",status=\"422\"} 1",
+        "bertrt_predictions_total{label=\"ANIMAL\"}",
+        "bertrt_prediction_confidence_count",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "metrics lack {needle}:\n{metrics}"
         );
     }
 }

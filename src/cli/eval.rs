@@ -106,12 +106,16 @@ pub fn run(args: Args) -> Result<()> {
         let gold = dataset.numeric_labels()?;
         let report = RegressionReport::compute(&gold, &logits);
         if args.report {
-            println!(
+            outln!(
                 "n {}  rmse {:.4}  mae {:.4}  pearson {:.4}  spearman {:.4}",
-                report.n, report.rmse, report.mae, report.pearson, report.spearman
-            );
+                report.n,
+                report.rmse,
+                report.mae,
+                report.pearson,
+                report.spearman
+            )?;
         } else {
-            println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+            outln!("{}", serde_json::to_string_pretty(&report.to_json())?)?;
         }
         return Ok(());
     }
@@ -130,7 +134,7 @@ pub fn run(args: Args) -> Result<()> {
         .collect();
     let report = ClassificationReport::compute(&classifier.labels, &gold, &predictions);
     if args.report {
-        println!("{}", report.to_table());
+        outln!("{}", report.to_table())?;
         return Ok(());
     }
     let probs = softmax_with_temperature(&logits, classes, classifier.temperature);
@@ -141,7 +145,7 @@ pub fn run(args: Args) -> Result<()> {
     if let Decision::PositiveThreshold { threshold, .. } = classifier.decision {
         json["threshold"] = threshold.into();
     }
-    println!("{}", serde_json::to_string_pretty(&json)?);
+    outln!("{}", serde_json::to_string_pretty(&json)?)?;
     Ok(())
 }
 
@@ -173,7 +177,7 @@ fn print_multi_label<B: bertrt::backend::Backend>(
     }
     let report = MultiLabelReport::compute(&classifier.labels, &gold, &predicted);
     if table {
-        println!("{}", report.to_table());
+        outln!("{}", report.to_table())?;
         return Ok(());
     }
     let mut json = report.to_json();
@@ -187,7 +191,7 @@ fn print_multi_label<B: bertrt::backend::Backend>(
             .collect::<serde_json::Map<_, _>>()
             .into();
     }
-    println!("{}", serde_json::to_string_pretty(&json)?);
+    outln!("{}", serde_json::to_string_pretty(&json)?)?;
     Ok(())
 }
 
@@ -221,9 +225,9 @@ fn evaluate_tagger(args: Args) -> Result<()> {
     let gold: Vec<Vec<String>> = dataset.sentences.iter().map(|s| s.tags.clone()).collect();
     let report = EntityReport::compute(&gold, &predicted);
     if args.report {
-        println!("{}", report.to_table());
+        outln!("{}", report.to_table())?;
     } else {
-        println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+        outln!("{}", serde_json::to_string_pretty(&report.to_json())?)?;
     }
     Ok(())
 }

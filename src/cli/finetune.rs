@@ -220,7 +220,7 @@ pub fn run(args: Args) -> Result<()> {
     let backend = || CpuBackend::new(recipe.threads).with_training_precision(recipe.precision);
     if let Some(seeds) = &args.seeds {
         let report = finetune_seeds(backend, &recipe, seeds, args.quiet)?;
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
         return Ok(());
     }
     let summary = finetune(backend(), &recipe, args.quiet)?;
@@ -231,6 +231,6 @@ pub fn run(args: Args) -> Result<()> {
         "stopped_early": summary.stopped_early,
         "best": summary.best,
     });
-    println!("{}", serde_json::to_string_pretty(&report)?);
+    outln!("{}", serde_json::to_string_pretty(&report)?)?;
     Ok(())
 }

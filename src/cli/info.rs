@@ -24,36 +24,54 @@ pub fn run(args: Args) -> Result<()> {
         .first()
         .map(String::as_str)
         .unwrap_or("BertModel");
-    println!("model:          {}", files.dir.display());
-    println!("architecture:   {architecture} ({})", config.model_type);
-    println!(
+    outln!("model:          {}", files.dir.display())?;
+    outln!("architecture:   {architecture} ({})", config.model_type)?;
+    outln!(
         "shape:          {} layers, hidden {}, {} heads, intermediate {}, vocab {}",
         config.num_hidden_layers,
         config.hidden_size,
         config.num_attention_heads,
         config.intermediate_size,
         config.vocab_size
-    );
-    println!("parameters:     {}", ckpt.parameter_count());
-    println!("dtype:          {}", ckpt.dominant_dtype());
+    )?;
+    let parameters = ckpt.parameter_count();
+    outln!("parameters:     {parameters}")?;
+    outln!(
+        "dtype:          {}",
+        dtype_mix(&ckpt.parameters_by_dtype(), parameters)
+    )?;
     let tokenizer_desc = match tokenizer.source() {
         TokenizerSource::TokenizerJson(path) => format!("{}", path.display()),
         TokenizerSource::VocabTxt { path, lowercase } => {
             format!("WordPiece from {} (lowercase: {lowercase})", path.display())
         }
     };
-    println!(
+    outln!(
         "tokenizer:      {tokenizer_desc}, vocab {}",
         tokenizer.vocab_size()
-    );
-    println!("max length:     {max_length}");
-    println!(
+    )?;
+    outln!("max length:     {max_length}")?;
+    outln!(
         "pooler:         {}",
         if ckpt.contains("pooler.dense.weight") {
             "yes"
         } else {
             "no"
         }
-    );
+    )?;
     Ok(())
+}
+
+/// "F32", or for a mix (an INT8 model) each dtype's share of the
+/// parameters: "I8 95.2%, F32 4.8%".
+fn dtype_mix(by_dtype: &[(String, usize)], parameters: usize) -> String {
+    match by_dtype {
+        [] => "none".into(),
+        [(dtype, _)] => dtype.clone(),
+        mix => mix
+            .iter()
+            .map(|(dtype, n)| format!("{dtype} {:.1}%", 100.0 * *n as f64 / parameters as f64))
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
 }

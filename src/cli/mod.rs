@@ -1,5 +1,18 @@
 //! Command-line parsing and printing; every command is a few calls into the
 //! library.
+//!
+//! Results go to stdout through [`outln!`] or a writer on the locked stdout,
+//! never `println!`: that panics when the reader has gone (`bertrt info |
+//! head -1`), where a write error lets [`run`] end quietly.
+#![deny(clippy::print_stdout)]
+
+/// `println!` that returns the write's `io::Result` instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+    }};
+}
 
 mod embed;
 mod eval;
@@ -73,9 +86,24 @@ pub fn run() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader stopped early (`| head`): it has all it wanted.
+        Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether `error` is a write to a closed pipe, directly or through
+/// `serde_json::to_writer` (whose error does not expose the `io::Error` as a
+/// source).
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        let kind = cause
+            .downcast_ref::<std::io::Error>()
+            .map(std::io::Error::kind)
+            .or_else(|| cause.downcast_ref::<serde_json::Error>()?.io_error_kind());
+        kind == Some(std::io::ErrorKind::BrokenPipe)
+    })
 }

@@ -58,12 +58,16 @@ pub fn run(args: Args) -> Result<()> {
         min_label_agreement: args.min_agreement,
     };
     let quantization = quant::quantize(&args.model, &sample, &options)?;
-    print!("{}", quantization.report());
+    // A reader gone from stdout (`| head`) does not stop the artifact being
+    // written: the report's write error waits until it is.
+    let printed =
+        std::io::Write::write_all(&mut std::io::stdout(), quantization.report().as_bytes());
     if !quantization.passes() && args.force {
         eprintln!("warning: below the accuracy bar; writing anyway (--force)");
     }
     quant::write_int8_artifact(&args.model, &args.out, &quantization, args.force)?;
-    println!("wrote {}", args.out.display());
+    printed?;
+    outln!("wrote {}", args.out.display())?;
     Ok(())
 }
 

@@ -3,8 +3,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 
-use bertrt::backend::Precision as DType;
-use bertrt::serve::model::Precision;
+use bertrt::backend::Precision;
+use bertrt::serve::model::LinearNumerics;
 use bertrt::serve::queue::Limits;
 use bertrt::serve::{self, Options};
 
@@ -62,10 +62,10 @@ pub fn run(args: Args) -> Result<()> {
     };
     serve::run(Options {
         model: args.model,
-        precision: match (args.numerics.int8, args.numerics.dtype) {
-            (true, _) => Precision::Int8,
-            (false, DType::Bf16) => Precision::Bfloat16,
-            (false, DType::Fp32) => Precision::Float32,
+        numerics: match (args.numerics.int8, args.numerics.dtype) {
+            (true, _) => LinearNumerics::Int8,
+            (false, Precision::Bf16) => LinearNumerics::Bfloat16,
+            (false, Precision::Fp32) => LinearNumerics::Float32,
         },
         host: args.host,
         port: args.port,

@@ -226,7 +226,7 @@ impl Metrics {
             ),
             (
                 "bertrt_prediction_confidence",
-                "Probability of the top class per /predict input.",
+                "Probability of each predicted class per /predict input (score of each entity for a token classifier).",
                 &self.confidence,
             ),
         ];
@@ -245,7 +245,7 @@ impl Metrics {
             &mut out,
             "bertrt_predictions_total",
             "counter",
-            "Top predicted class per /predict input.",
+            "Predicted classes per /predict input (entities by type for a token classifier).",
         );
         for (label, count) in lock(&self.predictions).iter() {
             let _ = writeln!(

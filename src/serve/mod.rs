@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 use crate::model::{LinearLoader, TokenBatch};
 use crate::quant::{self, Bf16Linears, Int8Linears};
 use metrics::Metrics;
-use model::{Precision, Task};
+use model::LinearNumerics;
 use queue::{Limits, Queue};
 use routes::App;
 
@@ -39,7 +39,7 @@ pub struct Options {
     pub model: PathBuf,
     /// What the linear layers run in; an INT8 model directory runs INT8
     /// whatever is asked here.
-    pub precision: Precision,
+    pub numerics: LinearNumerics,
     pub host: String,
     /// 0 picks a free port (the bound address is printed).
     pub port: u16,
@@ -56,26 +56,26 @@ pub struct Options {
     pub drain_timeout: Duration,
 }
 
-/// How the CPU replicas load `dir`'s linear layers for `precision`, and the
-/// precision they then run in (an INT8 model directory is served INT8).
+/// How the CPU replicas load `dir`'s linear layers for `numerics`, and the
+/// numerics they then run in (an INT8 model directory is served INT8).
 pub fn linears_for(
     dir: &std::path::Path,
-    precision: Precision,
-) -> Result<(Box<dyn LinearLoader<CpuBackend>>, Precision)> {
-    if precision == Precision::Bfloat16 {
-        return Ok((Box::new(Bf16Linears), precision));
+    numerics: LinearNumerics,
+) -> Result<(Box<dyn LinearLoader<CpuBackend>>, LinearNumerics)> {
+    if numerics == LinearNumerics::Bfloat16 {
+        return Ok((Box::new(Bf16Linears), numerics));
     }
-    let (linears, quantization) = Int8Linears::for_model(dir, precision == Precision::Int8)?;
+    let (linears, quantization) = Int8Linears::for_model(dir, numerics == LinearNumerics::Int8)?;
     if let Some(q) = &quantization {
         eprintln!("{}", q.summary());
     }
     let stored_int8 = quantization.is_none() && quant::is_int8_artifact(dir)?;
-    let precision = if stored_int8 {
-        Precision::Int8
+    let numerics = if stored_int8 {
+        LinearNumerics::Int8
     } else {
-        precision
+        numerics
     };
-    Ok((Box::new(linears), precision))
+    Ok((Box::new(linears), numerics))
 }
 
 /// Serves until SIGTERM or SIGINT, then drains and returns.
@@ -88,21 +88,18 @@ pub fn run(options: Options) -> Result<()> {
         }
         n => n,
     };
-    let (linears, precision) = linears_for(&options.model, options.precision)?;
+    let (linears, numerics) = linears_for(&options.model, options.numerics)?;
     let loaded = model::load(
         &options.model,
         options.workers,
         linears.as_ref(),
-        precision,
+        numerics,
         options.max_input_length,
         options.truncate,
         || CpuBackend::new(threads),
     )?;
     let info = loaded.info;
-    let warmup_task = match info.head {
-        Some(_) => Task::Classify,
-        None => Task::Embed(info.pooling),
-    };
+    let warmup_task = info.head.warmup_task(info.pooling);
     let warmup_input = TokenBatch::from_encoded(&[loaded
         .tokenizer
         .encode("warm-up: the model runs once before serving")?]);

@@ -2,17 +2,20 @@
 //! [`ModelInfo`] every replica shares.
 //!
 //! The trait takes token batches, not text: tokenization happens on the HTTP
-//! side so the model threads only run the encoder. A fine-tuned classifier
-//! plugs in by implementing [`Model::classify`] and describing its labels in
-//! [`ModelInfo::head`]; the routes, batching and metrics need no change.
+//! side so the model threads only run the encoder. A fine-tuned sequence
+//! classifier plugs in through [`Model::classify`], a token classifier
+//! through [`Model::tag`], each describing its labels in [`ModelInfo::head`];
+//! the routes, batching and metrics need no change.
 
 use std::path::Path;
 
+use crate::artifact::ProblemType;
 use crate::backend::Backend;
 use crate::classify::{Classifier, Decision};
 use crate::config::BertConfig;
 use crate::error::{Error, Result};
 use crate::model::{BertModel, LinearLoader, ModelFiles, Pooling, TokenBatch, Workspace};
+use crate::tag::{self, Tagger};
 use crate::tokenize::BertTokenizer;
 
 /// What a queued request asks the model for. Only requests with the same
@@ -21,6 +24,7 @@ use crate::tokenize::BertTokenizer;
 pub enum Task {
     Embed(Pooling),
     Classify,
+    Tag,
 }
 
 /// One model replica. Each worker thread owns one, with its own buffers and
@@ -34,18 +38,30 @@ pub trait Model: Send {
     /// set; an encoder without a head answers with an error.
     fn classify(&mut self, batch: &TokenBatch) -> Result<Vec<Vec<f32>>>;
 
+    /// Token logits per sequence of `batch`, `[tokens, tags]` flattened, in
+    /// the order of [`Head::Tagger`]'s tags. Only a token classifier
+    /// answers; the routes never ask another model.
+    fn tag(&mut self, _batch: &TokenBatch) -> Result<Vec<Vec<f32>>> {
+        Err(Error::Invalid(
+            "this model is not a token classifier".into(),
+        ))
+    }
+
     /// Runs `task` on `batch`.
     fn run(&mut self, task: Task, batch: &TokenBatch) -> Result<Vec<Vec<f32>>> {
         match task {
             Task::Embed(pooling) => self.embed(batch, pooling),
             Task::Classify => self.classify(batch),
+            Task::Tag => self.tag(batch),
         }
     }
 }
 
-/// The number format the encoder's linear layers run in.
+/// The number format a served encoder's linear layers run in: one of the
+/// CLI's `--dtype` ([`crate::backend::Precision`], which is also what
+/// training multiplies in) or INT8, which only inference has.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Precision {
+pub enum LinearNumerics {
     Float32,
     /// bf16 operands, f32 sums (`--dtype bf16`).
     Bfloat16,
@@ -53,13 +69,13 @@ pub enum Precision {
     Int8,
 }
 
-impl Precision {
+impl LinearNumerics {
     /// As `/info` reports it (`model_dtype`).
     pub fn name(self) -> &'static str {
         match self {
-            Precision::Float32 => "float32",
-            Precision::Bfloat16 => "bfloat16",
-            Precision::Int8 => "int8",
+            LinearNumerics::Float32 => "float32",
+            LinearNumerics::Bfloat16 => "bfloat16",
+            LinearNumerics::Int8 => "int8",
         }
     }
 }
@@ -75,6 +91,44 @@ pub struct ClassifierHead {
     pub decision: Decision,
 }
 
+/// What `/predict` answers with.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Head {
+    /// A plain encoder: no `/predict`, only `/embed`.
+    Embedder,
+    /// Scores per input.
+    Classifier(ClassifierHead),
+    /// Entities per input, read from these (BIO) tags.
+    Tagger { tags: Vec<String> },
+}
+
+impl Head {
+    /// As `/info` reports it (`task`): "embedding", or the `bertrt finetune
+    /// --task` that makes such a model.
+    pub fn task(&self) -> &'static str {
+        match self {
+            Head::Embedder => "embedding",
+            Head::Classifier(head) => match head.decision {
+                Decision::Argmax | Decision::PositiveThreshold { .. } => ProblemType::SingleLabel,
+                Decision::MultiLabel { .. } => ProblemType::MultiLabel,
+                Decision::Score => ProblemType::Regression,
+            }
+            .task(),
+            Head::Tagger { .. } => ProblemType::TokenClassification.task(),
+        }
+    }
+
+    /// The task a warm-up forward exercises: the one `/predict` runs, else
+    /// `/embed` with `pooling`.
+    pub fn warmup_task(&self, pooling: Pooling) -> Task {
+        match self {
+            Head::Embedder => Task::Embed(pooling),
+            Head::Classifier(_) => Task::Classify,
+            Head::Tagger { .. } => Task::Tag,
+        }
+    }
+}
+
 /// Facts about the served model, shared by all replicas.
 #[derive(Clone, Debug)]
 pub struct ModelInfo {
@@ -83,13 +137,13 @@ pub struct ModelInfo {
     /// Storage dtype of the weights in the checkpoint.
     pub weights_dtype: String,
     /// What inference runs in.
-    pub precision: Precision,
+    pub numerics: LinearNumerics,
     pub max_input_length: usize,
     pub hidden_size: usize,
     /// Pooling used when an `/embed` request does not name one.
     pub pooling: Pooling,
     pub has_pooler: bool,
-    pub head: Option<ClassifierHead>,
+    pub head: Head,
     /// E.g. "cpu (avx2, 8 threads)", per replica.
     pub backend: String,
 }
@@ -134,13 +188,31 @@ impl<B: Backend> Model for Classifier<B> {
     }
 }
 
+impl<B: Backend> Model for Tagger<B> {
+    fn embed(&mut self, batch: &TokenBatch, pooling: Pooling) -> Result<Vec<Vec<f32>>> {
+        let hidden = self.model.config().hidden_size;
+        let pooled = self.pooled(batch, pooling)?;
+        Ok(pooled.chunks_exact(hidden).map(<[f32]>::to_vec).collect())
+    }
+
+    fn classify(&mut self, _batch: &TokenBatch) -> Result<Vec<Vec<f32>>> {
+        Err(Error::Invalid(
+            "this model is a token classifier; /predict answers with entities".into(),
+        ))
+    }
+
+    fn tag(&mut self, batch: &TokenBatch) -> Result<Vec<Vec<f32>>> {
+        self.sequence_logits(batch)
+    }
+}
+
 /// Replicas of one model and what [`ModelInfo`] needs from the first.
 struct Replicas {
     models: Vec<Box<dyn Model>>,
     config: BertConfig,
     has_pooler: bool,
     backend: String,
-    head: Option<ClassifierHead>,
+    head: Head,
     /// The max length a fine-tuned model was trained with.
     trained_length: Option<usize>,
 }
@@ -159,7 +231,7 @@ fn classifier_replicas<B: Backend + 'static>(
         config: first.model.config().clone(),
         has_pooler: first.model.has_pooler(),
         backend: first.model.backend_description(),
-        head: Some(ClassifierHead {
+        head: Head::Classifier(ClassifierHead {
             labels: first.labels.clone(),
             temperature: (!first.regression).then_some(first.temperature),
             decision: first.decision.clone(),
@@ -168,6 +240,31 @@ fn classifier_replicas<B: Backend + 'static>(
         models: classifiers
             .into_iter()
             .map(|c| Box::new(c) as Box<dyn Model>)
+            .collect(),
+    })
+}
+
+fn tagger_replicas<B: Backend + 'static>(
+    dir: &Path,
+    count: usize,
+    linears: &dyn LinearLoader<B>,
+    backend: &mut impl FnMut() -> B,
+) -> Result<Replicas> {
+    let taggers = (0..count)
+        .map(|_| Tagger::load_with(backend(), dir, linears))
+        .collect::<Result<Vec<_>>>()?;
+    let first = &taggers[0];
+    Ok(Replicas {
+        config: first.model.config().clone(),
+        has_pooler: first.model.has_pooler(),
+        backend: first.model.backend_description(),
+        head: Head::Tagger {
+            tags: first.tags.clone(),
+        },
+        trained_length: Some(first.tokenizer.max_length()),
+        models: taggers
+            .into_iter()
+            .map(|t| Box::new(t) as Box<dyn Model>)
             .collect(),
     })
 }
@@ -186,7 +283,7 @@ fn encoder_replicas<B: Backend + 'static>(
         config: first.config().clone(),
         has_pooler: first.has_pooler(),
         backend: first.backend_description(),
-        head: None,
+        head: Head::Embedder,
         trained_length: None,
         models: models
             .into_iter()
@@ -209,14 +306,14 @@ pub struct Loaded {
 }
 
 /// Loads `dir` once per replica, each on a fresh `backend()`, its linear
-/// layers made by `linears` (which run in `precision`). `max_length`
+/// layers made by `linears` (which run in `numerics`). `max_length`
 /// defaults to the model's position limit; with `truncate` off, inputs over
 /// it are left for the caller to refuse instead of being cut.
 pub fn load<B: Backend + 'static>(
     dir: &Path,
     replicas: usize,
     linears: &dyn LinearLoader<B>,
-    precision: Precision,
+    numerics: LinearNumerics,
     max_length: Option<usize>,
     truncate: bool,
     mut backend: impl FnMut() -> B,
@@ -228,16 +325,19 @@ pub fn load<B: Backend + 'static>(
     let ckpt = files.checkpoint()?;
     let weights_dtype = ckpt.dominant_dtype();
     // A fine-tuned classifier (bertrt artifact or HF
-    // BertForSequenceClassification) serves /predict as well as /embed.
-    let is_classifier = ckpt.contains("classifier.weight");
+    // BertFor{Sequence,Token}Classification) serves /predict as well as
+    // /embed.
+    let has_head = ckpt.contains("classifier.weight");
     drop(ckpt);
     let default_pooling = files
         .sentence_transformers_pooling()
         .unwrap_or(Pooling::Mean);
-    let built = if is_classifier {
-        classifier_replicas(dir, replicas, linears, &mut backend)?
-    } else {
+    let built = if !has_head {
         encoder_replicas(&files, replicas, linears, &mut backend)?
+    } else if tag::is_token_classifier(dir)? {
+        tagger_replicas(dir, replicas, linears, &mut backend)?
+    } else {
+        classifier_replicas(dir, replicas, linears, &mut backend)?
     };
     let Replicas {
         models: replicas,
@@ -263,7 +363,7 @@ pub fn load<B: Backend + 'static>(
     let info = ModelInfo {
         id: dir.display().to_string(),
         weights_dtype,
-        precision,
+        numerics,
         max_input_length,
         hidden_size: first_config.hidden_size,
         pooling: default_pooling,

@@ -3,7 +3,8 @@
 //! Handlers validate and tokenize (off the model threads: short inputs on the
 //! request's own task, long ones on tokio's blocking pool), then queue the
 //! tokens and await the worker's reply. Response shapes follow
-//! text-embeddings-inference.
+//! text-embeddings-inference, and for token classifiers (which it does not
+//! serve) the Hugging Face token-classification pipeline.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -23,12 +24,13 @@ use tokio::sync::oneshot;
 
 use super::error::ApiError;
 use super::metrics::Metrics;
-use super::model::{ModelInfo, Precision, Task, NO_HEAD};
+use super::model::{ClassifierHead, Head, LinearNumerics, ModelInfo, Task, NO_HEAD};
 use super::queue::{Job, Queue, Rejected};
-use super::request::{self, Inputs};
+use super::request::{self, Inputs, PredictRequest};
 use crate::classify::Prediction;
 use crate::embed::l2_normalize;
 use crate::model::{Pooling, TokenBatch};
+use crate::tag::{EntitySpan, TextWords};
 use crate::tokenize::{BertTokenizer, Encoded, TokenSpan};
 
 /// Requests with at most this many bytes of text are tokenized inline (see
@@ -49,6 +51,29 @@ impl Tokenized for Encoded {
 impl Tokenized for Vec<TokenSpan> {
     fn token_count(&self) -> usize {
         self.len()
+    }
+}
+
+impl Tokenized for TextWords {
+    fn token_count(&self) -> usize {
+        self.tokens.encoded.ids.len()
+    }
+}
+
+/// A tokenized input the model can run.
+trait Runnable: Tokenized {
+    fn encoded(&self) -> &Encoded;
+}
+
+impl Runnable for Encoded {
+    fn encoded(&self) -> &Encoded {
+        self
+    }
+}
+
+impl Runnable for TextWords {
+    fn encoded(&self) -> &Encoded {
+        &self.tokens.encoded
     }
 }
 
@@ -123,31 +148,35 @@ impl App {
         Ok(encoded)
     }
 
-    /// Queues `texts` for `task` and waits for one row per text.
-    async fn infer(
+    /// Tokenizes `inputs` with `encode`, queues them for `task` and waits
+    /// for one row per text; returns the tokenized texts with the rows, for
+    /// answers that need both.
+    async fn infer<T: Runnable>(
         self: &Arc<Self>,
         task: Task,
         inputs: &Inputs,
-    ) -> Result<Vec<Vec<f32>>, ApiError> {
+        encode: impl Fn(&BertTokenizer, &str) -> crate::Result<T> + Send + 'static,
+    ) -> Result<(Vec<T>, Vec<Vec<f32>>), ApiError> {
         if !self.is_ready() {
             return Err(ApiError::unavailable("the model is warming up"));
         }
         let admission = self.queue.admit().map_err(|r| self.rejected(r))?;
-        let encoded = self.tokenize(inputs, BertTokenizer::encode).await?;
+        let encoded = self.tokenize(inputs, encode).await?;
         let (reply, answer) = oneshot::channel();
         let job = Job {
             task,
-            inputs: TokenBatch::from_encoded(&encoded),
+            inputs: TokenBatch::from_encoded(encoded.iter().map(Runnable::encoded)),
             enqueued: Instant::now(),
             reply,
         };
         self.queue
             .push(job, admission)
             .map_err(|r| self.rejected(r))?;
-        answer
+        let rows = answer
             .await
             .map_err(|_| ApiError::internal("the model worker stopped"))?
-            .map_err(ApiError::internal)
+            .map_err(ApiError::internal)?;
+        Ok((encoded, rows))
     }
 
     fn rejected(&self, why: Rejected) -> ApiError {
@@ -194,7 +223,9 @@ async fn embed(
 ) -> Result<Json<Vec<Vec<f32>>>, ApiError> {
     let request = request::embed(&body(raw)?, app.max_inputs(), app.info.has_pooler)?;
     let pooling = request.pooling.unwrap_or(app.info.pooling);
-    let mut rows = app.infer(Task::Embed(pooling), &request.inputs).await?;
+    let (_, mut rows) = app
+        .infer(Task::Embed(pooling), &request.inputs, BertTokenizer::encode)
+        .await?;
     if request.normalize {
         rows.iter_mut().for_each(|row| l2_normalize(row));
     }
@@ -218,13 +249,38 @@ async fn predict(
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let request = request::predict(&body(raw)?, app.max_inputs())?;
-    let Some(head) = &app.info.head else {
-        return Err(ApiError::validation(NO_HEAD));
-    };
-    let logits = app.infer(Task::Classify, &request.inputs).await?;
+    Ok(match &app.info.head {
+        Head::Embedder => return Err(ApiError::validation(NO_HEAD)),
+        Head::Classifier(head) => {
+            one_or_many(&request.inputs, &scores(&app, head, &request).await?)
+        }
+        Head::Tagger { tags } => {
+            one_or_many(&request.inputs, &entities(&app, tags, &request).await?)
+        }
+    })
+}
+
+/// The answer for one input alone when `inputs` was one text, else the list.
+fn one_or_many<T: Serialize>(inputs: &Inputs, per_input: &[T]) -> Response {
+    if inputs.is_one() {
+        Json(&per_input[0]).into_response()
+    } else {
+        Json(per_input).into_response()
+    }
+}
+
+/// A sequence classifier's labels per input, most probable first.
+async fn scores<'a>(
+    app: &Arc<App>,
+    head: &'a ClassifierHead,
+    request: &PredictRequest,
+) -> Result<Vec<Vec<Score<'a>>>, ApiError> {
+    let (_, logits) = app
+        .infer(Task::Classify, &request.inputs, BertTokenizer::encode)
+        .await?;
     let temperature = head.temperature.unwrap_or(1.0);
     let labels = &head.labels;
-    let per_input: Vec<Vec<Score>> = logits
+    Ok(logits
         .iter()
         .map(|row| {
             let prediction = head
@@ -260,12 +316,39 @@ async fn predict(
             scores.sort_by(|a, b| b.score.total_cmp(&a.score));
             scores
         })
+        .collect())
+}
+
+/// A token classifier's entities per input, in text order, exactly as
+/// `bertrt predict` prints them: `{type, text, start, end, score}` with
+/// `start..end` in characters of the input. They mirror the Hugging Face
+/// token-classification pipeline with `aggregation_strategy="simple"`
+/// (`entity_group` is `type`, `word` is `text`, `score` the mean over the
+/// entity), except that words are whitespace-separated and take their first
+/// subword's tag, as in training, and `text` is the input's own slice rather
+/// than decoded tokens.
+async fn entities(
+    app: &Arc<App>,
+    tags: &[String],
+    request: &PredictRequest,
+) -> Result<Vec<Vec<EntitySpan>>, ApiError> {
+    if request.raw_scores {
+        return Err(ApiError::validation(
+            "\"raw_scores\" is for sequence classifiers; this token classifier answers with entities",
+        ));
+    }
+    let (inputs, logits) = app
+        .infer(Task::Tag, &request.inputs, TextWords::encode)
+        .await?;
+    let found: Vec<Vec<EntitySpan>> = inputs
+        .iter()
+        .zip(&logits)
+        .map(|(input, logits)| input.entities(tags, logits))
         .collect();
-    Ok(if request.inputs.is_one() {
-        Json(&per_input[0]).into_response()
-    } else {
-        Json(&per_input).into_response()
-    })
+    for entity in found.iter().flatten() {
+        app.metrics.record_prediction(&entity.kind, entity.score);
+    }
+    Ok(found)
 }
 
 /// A token in text-embeddings-inference's `/tokenize` shape: `text` is the
@@ -341,25 +424,29 @@ async fn info(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
         Pooling::Cls => "cls",
         Pooling::Pooler => "pooler",
     };
-    let model_type = match &info.head {
-        Some(head) => {
-            let id2label: serde_json::Map<String, serde_json::Value> = head
-                .labels
-                .iter()
-                .enumerate()
-                .map(|(i, label)| (i.to_string(), label.as_str().into()))
-                .collect();
-            json!({ "classifier": { "id2label": id2label } })
-        }
-        None => json!({ "embedding": { "pooling": pooling } }),
+    // TEI's model_type for the classifier and the embedder; TEI serves no
+    // token classifiers, so theirs is our own "token_classifier".
+    let (model_type, labels, temperature) = match &info.head {
+        Head::Embedder => (json!({ "embedding": { "pooling": pooling } }), None, None),
+        Head::Classifier(head) => (
+            json!({ "classifier": { "id2label": id2label(&head.labels) } }),
+            Some(&head.labels),
+            head.temperature,
+        ),
+        Head::Tagger { tags } => (
+            json!({ "token_classifier": { "id2label": id2label(tags) } }),
+            Some(tags),
+            None,
+        ),
     };
     Json(json!({
         "model_id": info.id,
-        "model_dtype": info.precision.name(),
+        "model_dtype": info.numerics.name(),
         "weights_dtype": info.weights_dtype,
         "model_type": model_type,
-        "labels": info.head.as_ref().map(|head| &head.labels),
-        "temperature": info.head.as_ref().and_then(|head| head.temperature),
+        "task": info.head.task(),
+        "labels": labels,
+        "temperature": temperature,
         "hidden_size": info.hidden_size,
         "max_input_length": info.max_input_length,
         "truncate": app.truncate,
@@ -370,9 +457,19 @@ async fn info(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
         "max_wait_ms": limits.max_wait.as_secs_f64() * 1e3,
         "workers": app.workers,
         "backend": info.backend,
-        "int8": info.precision == Precision::Int8,
+        "int8": info.numerics == LinearNumerics::Int8,
         "version": crate::VERSION,
     }))
+}
+
+/// `{"0": label, ...}`, as in a Hugging Face `config.json`.
+fn id2label(labels: &[String]) -> serde_json::Value {
+    labels
+        .iter()
+        .enumerate()
+        .map(|(i, label)| (i.to_string(), serde_json::Value::from(label.as_str())))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
 
 /// 200 once every worker has run its warm-up forward, 503 before.

@@ -946,6 +946,15 @@ pub fn finetune<B: TrainBackend>(
 ) -> Result<TrainSummary> {
     artifact::check_replaceable(&recipe.out)?;
     let files = ModelFiles::locate(&recipe.model)?;
+    // Its linears hold rounded int8 weights, not trainable f32 ones.
+    if crate::quant::is_int8_artifact(&recipe.model)? {
+        return Err(Error::Invalid(format!(
+            "{} is an INT8 model (written by `bertrt quantize`), which is for inference only; \
+             fine-tune the fp32 model it was quantized from (the --model given to \
+             `bertrt quantize`), then quantize the result",
+            recipe.model.display()
+        )));
+    }
     let config = BertConfig::from_file(&files.config)?;
     if recipe.max_length > config.max_position_embeddings {
         return Err(Error::Invalid(format!(
