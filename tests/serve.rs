@@ -479,7 +479,16 @@ fn flooded_queue_answers_429_with_retry_after() {
 fn sigterm_drains_in_flight_requests_then_exits_0() {
     let mut server = Server::start(
         &common::minilm_dir(),
-        &["--max-batch-requests", "16", "--threads", "1"],
+        // A debug build on a loaded CI box can take longer than the default
+        // drain timeout for these 64 sequences; this test is about draining.
+        &[
+            "--max-batch-requests",
+            "16",
+            "--threads",
+            "1",
+            "--drain-timeout-secs",
+            "600",
+        ],
     );
     let addr = server.addr;
     let body = json!({"inputs": vec![long_text(120); 16]});
