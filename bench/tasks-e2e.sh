@@ -13,7 +13,9 @@
 # split); DATA_DIR overrides. Takes about an hour on 2 cores for all of them.
 #
 # Usage: bench/tasks-e2e.sh [TASKS=sms,trec,regression,strategies] [SEEDS=1,2,3] [extra finetune flags...]
-# Environment: DATA_DIR, WORK (default target/tasks-e2e), BERTRT (a built binary; default: build target/release/bertrt).
+# Environment: DATA_DIR, WORK (default target/tasks-e2e), BERTRT (a built
+# binary; default: build target/release/bertrt), ROWS (comma list: run only
+# these rows), TUNE_LRS (see run below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tasks="${1:-sms,trec,regression,strategies}"
@@ -59,22 +61,62 @@ print(json.dumps({'row': '$row', 'seed': $seed, **keep}))" >> "$results"
   echo "$row seed $seed: $(tail -n 1 "$results")"
 }
 
+# train ROW SEED [finetune flags...]: trains the current task's model for
+# one seed into $work/model-ROW-seedSEED.
+train() {
+  local row=$1 seed=$2
+  shift 2
+  "$bertrt" finetune --model "$model" --train "$work/$name-train.jsonl" \
+    --valid "$work/$name-dev.jsonl" --out "$work/model-$row-seed$seed" --seed "$seed" \
+    --quiet "$@" > "$work/summary-$row-seed$seed.json"
+}
+
+# dev_score ROW SEED: the selection metric of the checkpoint kept, on dev.
+dev_score() {
+  python3 -c "
+import json, sys
+best = json.load(open(sys.argv[1]))['best']
+print(best['dev'][best['metric']])" "$work/summary-$1-seed$2.json"
+}
+
 # run NAME ROW [finetune flags...]: trains NAME per seed as row ROW and scores
-# each model on NAME-test. With ARGMAX_ROW set, the same model is scored a
-# second time under that row with its tuned threshold ignored (binary
-# thresholds are tuned after training, so they do not change the weights).
+# each model on NAME-test. With TUNE_LRS (e.g. "3e-5,1e-4,2e-4") the first
+# seed is trained at each learning rate, the one with the best dev score is
+# kept (its first-seed model is reused) and the other seeds use it; test is
+# never looked at while choosing. With ARGMAX_ROW set, the same model is
+# scored a second time under that row with its tuned threshold ignored
+# (binary thresholds are tuned after training, so they do not change the
+# weights).
 run() {
   name=$1
-  local row=$2
+  local row=$2 lr_flags=()
   shift 2
+  [[ -z ${ROWS:-} || ,$ROWS, == *,$row,* ]] || return 0
+  local first=${seeds%%,*}
+  if [[ -n ${TUNE_LRS:-} ]]; then
+    local best_lr="" best=""
+    for lr in ${TUNE_LRS//,/ }; do
+      train "$row-lr$lr" "$first" "$@" --lr "$lr"
+      local dev
+      dev=$(dev_score "$row-lr$lr" "$first")
+      echo "$row lr $lr seed $first: dev $dev" | tee -a "$work/lr-sweep.txt"
+      if [[ -z $best ]] || python3 -c "import sys; sys.exit(not float(sys.argv[1]) > float(sys.argv[2]))" "$dev" "$best"; then
+        best=$dev best_lr=$lr
+      fi
+    done
+    echo "$row: lr $best_lr chosen on dev ($best)" | tee -a "$work/lr-sweep.txt"
+    lr_flags=(--lr "$best_lr")
+    rm -rf "$work/model-$row-seed$first"
+    mv "$work/model-$row-lr$best_lr-seed$first" "$work/model-$row-seed$first"
+    cp "$work/summary-$row-lr$best_lr-seed$first.json" "$work/summary-$row-seed$first.json"
+  fi
   for seed in ${seeds//,/ }; do
-    local out="$work/model-$row-seed$seed"
-    "$bertrt" finetune --model "$model" --train "$work/$name-train.jsonl" \
-      --valid "$work/$name-dev.jsonl" --out "$out" --seed "$seed" --quiet "$@" \
-      > "$work/summary-$row-seed$seed.json"
-    score "$row" "$out" "$seed"
+    if [[ -z ${TUNE_LRS:-} || $seed != "$first" ]]; then
+      train "$row" "$seed" "$@" "${lr_flags[@]}"
+    fi
+    score "$row" "$work/model-$row-seed$seed" "$seed"
     if [[ -n ${ARGMAX_ROW:-} ]]; then
-      score "$ARGMAX_ROW" "$out" "$seed" --argmax
+      score "$ARGMAX_ROW" "$work/model-$row-seed$seed" "$seed" --argmax
     fi
   done
 }
@@ -112,7 +154,9 @@ PY
       run reviews500 500-freeze-bottom-4 --epochs 5 --freeze-bottom 4 "$@"
       run reviews500 500-gradual-unfreezing --unfreeze-schedule "head:1,top2:1,top6:1,all:2" "$@"
       # LoRA wants a larger lr than full fine-tuning (5e-4 provisional: tune on dev).
-      run reviews500 500-lora-r8 --epochs 5 --lora-rank 8 --lr 5e-4 "$@"
+      # LoRA trains far fewer weights and wants a ~10x larger lr: tune it
+      # (TUNE_LRS=3e-4,1e-3,3e-3).
+      run reviews500 500-lora-r8 --epochs 5 --lora-rank 8 "$@"
       ;;
     *) echo "unknown task $task (sms, trec, regression, strategies)" >&2; exit 1 ;;
   esac
