@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create bench/.venv: CPU PyTorch + transformers + safetensors + numpy +
-# onnxruntime + onnx (+ onnxscript, which torch.onnx.export needs), for the
-# reference checks and benchmarks under bench/ and scripts/hf_roundtrip.py.
+# onnxruntime + onnx (+ onnxscript, which torch.onnx.export needs) + peft (for
+# loading LoRA adapter directories), for the reference checks and benchmarks
+# under bench/ and scripts/hf_roundtrip.py.
 #
 # Usage: bench/setup-venv.sh            (idempotent: a working venv is kept)
 #        FORCE=1 bench/setup-venv.sh    (reinstall into the existing venv)
@@ -29,6 +30,12 @@ TORCH_PY_DEPS=(filelock 'typing-extensions>=4.13.0' 'setuptools>=77.0.3' 'sympy>
 # Versions checked together on this machine (2 cores, Python 3.11).
 PKGS=(transformers==5.24.0 safetensors==0.8.0 numpy==2.4.6 onnxruntime==1.32.0
       onnx==1.23.2 onnxscript==0.7.2)
+# peft and accelerate (which peft imports) require torch, so a normal install
+# would pull torch's nvidia-*/triton dependencies back in: install them
+# --no-deps, and their requirements that the packages above do not already
+# bring (numpy, packaging, pyyaml, tqdm, huggingface_hub, safetensors) by hand.
+PEFT_PKGS=(peft==0.21.2 accelerate==1.15.0)
+PEFT_DEPS=(psutil==7.2.2)
 
 say() { printf '[setup-venv] %s\n' "$*"; }
 die() { printf '[setup-venv] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -40,14 +47,15 @@ import torch
 a = torch.randn(2, 2) @ torch.randn(2, 2)
 assert a.shape == (2, 2)
 assert not torch.cuda.is_available(), "expected a CPU-only torch"
-import transformers, safetensors, numpy, onnxruntime, onnx  # noqa: F401
+import transformers, safetensors, numpy, onnxruntime, onnx, peft  # noqa: F401
 from onnxruntime.transformers import optimizer  # noqa: F401
 nv = sorted(d.metadata["Name"] for d in md.distributions()
             if d.metadata["Name"].lower().startswith(("nvidia", "triton", "cuda-")))
 assert not nv, f"CUDA packages installed: {nv}"
 print(f"[setup-venv] ok: torch {torch.__version__} (threads {torch.get_num_threads()}), "
       f"transformers {transformers.__version__}, onnxruntime {onnxruntime.__version__}, "
-      f"onnx {onnx.__version__}, numpy {numpy.__version__}, safetensors {safetensors.__version__}")
+      f"onnx {onnx.__version__}, numpy {numpy.__version__}, safetensors {safetensors.__version__}, "
+      f"peft {peft.__version__}")
 EOF
 }
 
@@ -73,6 +81,9 @@ say "installing torch's pure-python dependencies"
 "${pip[@]}" install "${TORCH_PY_DEPS[@]}"
 say "installing ${PKGS[*]}"
 "${pip[@]}" install "${PKGS[@]}"
+say "installing ${PEFT_PKGS[*]} --no-deps, ${PEFT_DEPS[*]}"
+"${pip[@]}" install --no-deps "${PEFT_PKGS[@]}"
+"${pip[@]}" install "${PEFT_DEPS[@]}"
 
 site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 say "building CUDA stub libraries into $site/torch/lib"

@@ -5,22 +5,30 @@ transformers and predicts what bertrt predicts.
 Usage: scripts/hf_roundtrip.py MODEL_DIR [TEXTS_FILE]
 
   MODEL_DIR   a `bertrt finetune` output: config.json (id2label/label2id),
-              model.safetensors (bert.* / classifier.*), tokenizer.json, bertrt.json
+              model.safetensors (bert.* / classifier.*), tokenizer.json,
+              bertrt.json; or, instead of model.safetensors, LoRA adapters
+              (adapter_config.json + adapter_model.safetensors)
   TEXTS_FILE  texts to compare: one per line, or, for a .jsonl file, one JSON
               string or {"text": ...} per line. Default: a built-in list
               (empty string, unicode, a text longer than max_length, ...).
 
 Loads the directory with transformers.BertForSequenceClassification and
-AutoTokenizer, runs each text alone (no padding), and compares
-softmax(hf_logits / T) -- T = bertrt.json "temperature" -- (sigmoid(hf_logits)
-for problem_type multi_label_classification; the one raw output for problem_type
-regression, against bertrt's "score") with the probabilities of
+AutoTokenizer -- an adapter directory (`finetune --lora-rank` without
+--merge-lora) as a PEFT user does: AutoModelForSequenceClassification on the
+base that adapter_config.json names, with the directory's labels, then
+peft.PeftModel.from_pretrained(model, MODEL_DIR) (load_peft_reporting) --
+runs each text alone (no padding), and compares softmax(hf_logits / T) -- T =
+bertrt.json "temperature" -- (sigmoid(hf_logits) for problem_type
+multi_label_classification; the one raw output for problem_type regression,
+against bertrt's "score") with the probabilities of
 `$BERTRT predict --model MODEL_DIR --jsonl`, and the decisions, with the
 decision thresholds of bertrt.json applied on both sides (BERTRT defaults to
 target/release/bertrt). Also compares token ids with `$BERTRT tokenize`.
-Fails (exit 1) when loading reports missing/unexpected/mismatched weights, when
-a max abs probability difference exceeds TOL (env HF_ROUNDTRIP_TOL, default
-1e-4), when the predicted labels differ, or when the token ids differ. Needs bench/.venv (bench/setup-venv.sh).
+Fails (exit 1) when loading reports missing/unexpected/mismatched weights (an
+adapter directory: also PEFT's warnings, and adapter/head tensors PEFT did not
+load bit for bit), when a max abs probability difference exceeds TOL (env
+HF_ROUNDTRIP_TOL, default 1e-4), when the predicted labels differ, or when the
+token ids differ. Needs bench/.venv (bench/setup-venv.sh, with peft).
 """
 
 import json
@@ -49,16 +57,108 @@ TOL = float(os.environ.get("HF_ROUNDTRIP_TOL", "1e-4"))
 IGNORABLE_KEYS = {"bert.embeddings.position_ids"}
 
 
-def load_reporting(model_class, model_dir):
-    """`model_class.from_pretrained(model_dir)` and what its loading info
-    reports (missing/unexpected/mismatched keys, errors), weightless buffers
-    left out; also used by hf_roundtrip_ner.py."""
-    model, info = model_class.from_pretrained(model_dir, output_loading_info=True)
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+def load_reporting(model_class, model_dir, allow_missing=(), unexpected_ok=False, **kwargs):
+    """`model_class.from_pretrained(model_dir, **kwargs)` and what its
+    loading info reports (missing/unexpected/mismatched keys, errors),
+    weightless buffers and the missing keys in `allow_missing` left out, and
+    unexpected keys only noted (on stderr) when `unexpected_ok`; also used by
+    hf_roundtrip_ner.py."""
+    model, info = model_class.from_pretrained(model_dir, output_loading_info=True, **kwargs)
     problems = []
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
         keys = [k for k in info.get(kind, []) if not (isinstance(k, str) and k in IGNORABLE_KEYS)]
-        if keys:
+        if kind == "missing_keys":
+            keys = [k for k in keys if k not in allow_missing]
+        if keys and kind == "unexpected_keys" and unexpected_ok:
+            print(f"[load] {model_dir}: unused by {model_class.__name__}: {sorted(keys)}", file=sys.stderr)
+        elif keys:
             problems.append(f"{kind}: {keys}")
+    return model, problems
+
+
+def is_adapter_dir(model_dir):
+    """Whether `model_dir` holds PEFT adapters (`bertrt finetune --lora-rank`
+    without --merge-lora) rather than a whole model."""
+    return os.path.exists(os.path.join(model_dir, ADAPTER_CONFIG))
+
+
+def load_model(model_class, auto_class, model_dir):
+    """The model in `model_dir` as a Hugging Face user loads it, and the
+    loading problems: a whole model through `load_reporting(model_class)`, an
+    adapter directory through `load_peft_reporting(auto_class)`; also used by
+    hf_roundtrip_ner.py."""
+    if is_adapter_dir(model_dir):
+        return load_peft_reporting(auto_class, model_dir)
+    return load_reporting(model_class, model_dir)
+
+
+def load_peft_reporting(auto_class, adapter_dir):
+    """An adapter directory loaded as a PEFT user loads it: the base model
+    named by adapter_config.json's `base_model_name_or_path`, with the labels
+    and problem type of the directory's config.json, through
+    `auto_class.from_pretrained`, then `PeftModel.from_pretrained(model,
+    adapter_dir)`. Returns the PeftModel and the problems:
+      - the base load's missing/mismatched keys, except the saved modules
+        the adapter file supplies (the new task head); its unexpected keys
+        are tensors of the base checkpoint that the task model has no use
+        for (the pooler under a token classifier), as in any fine-tune from
+        that base, and are only noted;
+      - every warning PEFT gives while loading (missing adapter keys, ...);
+      - PEFT's view of the adapter after loading (`get_peft_model_state_dict`,
+        what `save_pretrained` would write) against adapter_model.safetensors:
+        keys PEFT has that the file lacks (missing), keys of the file PEFT
+        does not have (unexpected: silently dropped at load), and tensors
+        not loaded bit for bit."""
+    import warnings
+
+    import torch
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    with open(os.path.join(adapter_dir, ADAPTER_CONFIG), encoding="utf-8") as f:
+        adapter_config = json.load(f)
+    with open(os.path.join(adapter_dir, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    base = adapter_config.get("base_model_name_or_path")
+    if not base or not os.path.exists(base):
+        return None, [f"{ADAPTER_CONFIG}: base_model_name_or_path {base!r} is not a directory here"]
+    saved = load_file(os.path.join(adapter_dir, ADAPTER_WEIGHTS))
+    problems = [f"{ADAPTER_WEIGHTS}: {k} lacks the prefix {PEFT_PREFIX!r}"
+                for k in saved if not k.startswith(PEFT_PREFIX)]
+    head = {k[len(PEFT_PREFIX):] for k in saved if ".lora_" not in k}
+    labels = {"id2label": {int(i): l for i, l in config["id2label"].items()},
+              "label2id": config["label2id"]}
+    if config.get("problem_type"):
+        labels["problem_type"] = config["problem_type"]
+    model, base_problems = load_reporting(auto_class, base, allow_missing=head, unexpected_ok=True,
+                                          **labels)
+    problems += [f"base {base}: {p}" for p in base_problems]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model = PeftModel.from_pretrained(model, adapter_dir)
+        except Exception as e:  # noqa: BLE001 -- e.g. KeyError for a saved module's missing tensor
+            return None, problems + [f"PeftModel.from_pretrained raised {type(e).__name__}: {e}"]
+    for w in caught:
+        print(f"[load] {w.category.__name__}: {w.message}", file=sys.stderr)
+    # Deprecation notices (transformers APIs PEFT still calls) say nothing
+    # about the adapter; any other warning PEFT gives while loading does.
+    problems += [f"PEFT warned: {w.category.__name__}: {w.message}" for w in caught
+                 if "peft" in w.filename.replace(os.sep, "/")
+                 and not issubclass(w.category, (DeprecationWarning, FutureWarning))]
+    loaded = get_peft_model_state_dict(model)
+    if missing := sorted(set(loaded) - set(saved)):
+        problems.append(f"missing adapter/head keys (PEFT has, {ADAPTER_WEIGHTS} lacks): {missing}")
+    if unexpected := sorted(set(saved) - set(loaded)):
+        problems.append(f"unexpected keys (in {ADAPTER_WEIGHTS}, not loaded by PEFT): {unexpected}")
+    if differ := sorted(k for k in set(saved) & set(loaded)
+                        if not torch.equal(saved[k], loaded[k].detach().cpu().to(saved[k].dtype))):
+        problems.append(f"tensors PEFT holds that differ from {ADAPTER_WEIGHTS}: {differ}")
     return model, problems
 
 
@@ -125,15 +225,17 @@ def main():
     import numpy as np
     import torch
     import transformers
-    from transformers import AutoTokenizer, BertForSequenceClassification
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer,
+                              BertForSequenceClassification)
 
     torch.set_num_threads(int(os.environ.get("TORCH_THREADS", "2")))
     transformers.logging.set_verbosity_error()  # we check loading_info ourselves
     transformers.logging.disable_progress_bar()
 
-    model, problems = load_reporting(BertForSequenceClassification, model_dir)
+    model, problems = load_model(BertForSequenceClassification, AutoModelForSequenceClassification,
+                                 model_dir)
     if problems:
-        fail("transformers loading reported:\n  " + "\n  ".join(problems))
+        fail("transformers/PEFT loading reported:\n  " + "\n  ".join(problems))
     model.eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
     id2label = {int(k): v for k, v in model.config.id2label.items()}
@@ -158,7 +260,9 @@ def main():
 
     print(f"model     {model_dir}")
     print(f"versions  torch {torch.__version__}, transformers {transformers.__version__}")
-    print(f"loading   ok (no missing/unexpected/mismatched keys); labels {labels}")
+    route = ("PEFT adapters: AutoModelForSequenceClassification + PeftModel.from_pretrained"
+             if is_adapter_dir(model_dir) else "BertForSequenceClassification")
+    print(f"loading   ok ({route}; no missing/unexpected/mismatched keys); labels {labels}")
     print(f"T         {temperature:.6g}   max_length {max_len}   tolerance {TOL:g}")
     print()
     hdr = f"{'#':>2}  {'text':<34} {'ntok':>4} {'ids':>4}  {'hf':<9} {'bertrt':<9} {'max|dp|':>9} {'max|dlogit|':>11}  ok"

@@ -11,13 +11,16 @@ Usage: scripts/hf_roundtrip_ner.py MODEL_DIR [TEXTS_FILE]
 For each text, `$BERTRT predict --model MODEL_DIR --words --jsonl` gives the
 whitespace-separated words with the logits bertrt reads at each word's first
 subword (BERTRT defaults to target/release/bertrt). The same words go through
-AutoTokenizer(is_split_into_words=True) and BertForTokenClassification, one
-text at a time (no padding); the logits at each word's first subword
-(`word_ids()`) are compared with bertrt's, and so are the argmax tags and
-which words were cut off by max_length. Fails (exit 1) when loading reports
-missing/unexpected/mismatched weights, when a max abs logit difference
-exceeds TOL (env HF_ROUNDTRIP_TOL, default 1e-4), or when tags or truncation
-differ. Needs bench/.venv (bench/setup-venv.sh).
+AutoTokenizer(is_split_into_words=True) and BertForTokenClassification (a
+LoRA adapter directory, `finetune --lora-rank` without --merge-lora:
+AutoModelForTokenClassification on the base + peft.PeftModel.from_pretrained,
+as in hf_roundtrip.py), one text at a time (no padding); the logits at each
+word's first subword (`word_ids()`) are compared with bertrt's, and so are the
+argmax tags and which words were cut off by max_length. Fails (exit 1) when
+loading reports missing/unexpected/mismatched weights (adapters: also PEFT
+warnings and adapter/head tensors not loaded exactly), when a max abs logit
+difference exceeds TOL (env HF_ROUNDTRIP_TOL, default 1e-4), or when tags or
+truncation differ. Needs bench/.venv (bench/setup-venv.sh).
 """
 
 import json
@@ -25,7 +28,7 @@ import os
 import subprocess
 import sys
 
-from hf_roundtrip import load_reporting
+from hf_roundtrip import is_adapter_dir, load_model
 
 DEFAULT_TEXTS = [
     "",
@@ -82,14 +85,14 @@ def main():
     import numpy as np
     import torch
     import transformers
-    from transformers import AutoTokenizer, BertForTokenClassification
+    from transformers import AutoModelForTokenClassification, AutoTokenizer, BertForTokenClassification
 
     torch.set_num_threads(int(os.environ.get("TORCH_THREADS", "2")))
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    model, problems = load_reporting(BertForTokenClassification, model_dir)
+    model, problems = load_model(BertForTokenClassification, AutoModelForTokenClassification, model_dir)
     if problems:
-        fail("transformers loading reported:\n  " + "\n  ".join(problems))
+        fail("transformers/PEFT loading reported:\n  " + "\n  ".join(problems))
     model.eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
@@ -99,7 +102,9 @@ def main():
     rt = bertrt_words(bertrt, model_dir, texts)
     print(f"model     {model_dir}")
     print(f"versions  torch {torch.__version__}, transformers {transformers.__version__}")
-    print(f"loading   ok (BertForTokenClassification, no missing/unexpected keys); labels {labels}")
+    route = ("PEFT adapters: AutoModelForTokenClassification + PeftModel.from_pretrained"
+             if is_adapter_dir(model_dir) else "BertForTokenClassification")
+    print(f"loading   ok ({route}; no missing/unexpected keys); labels {labels}")
     print(f"max_length {max_len}   tolerance {TOL:g}")
     print()
     hdr = f"{'#':>2}  {'text':<34} {'words':>5} {'cut':>4} {'max|dlogit|':>11}  ok"

@@ -117,6 +117,14 @@ pub fn merge(weight: &mut [f32], a: &[f32], b: &[f32], scale: f32, rank: usize) 
 /// lists every adapted module by its full name: PEFT matches a plain
 /// suffix such as `output.dense` against `attention.output.dense` too, so
 /// full names are the only list that says exactly which layers carry one.
+/// `modules_to_save` names modules by suffix (`pooler` is `bert.pooler`);
+/// PEFT saves and loads their tensors under the plain names
+/// (`base_model.model.bert.pooler.dense.weight`, not
+/// `...pooler.modules_to_save.default...`), as [`ADAPTER_WEIGHTS`] holds
+/// them. Settings left out take PEFT's defaults, which are what bertrt
+/// trains (no DoRA, no LoRA bias). `bench/hf-roundtrip.sh --lora` loads
+/// such a directory with `PeftModel.from_pretrained` (PEFT 0.21.2) and
+/// checks every tensor and bertrt's predictions.
 pub fn adapter_config(
     spec: &LoraSpec,
     layers: usize,
