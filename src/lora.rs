@@ -194,8 +194,43 @@ impl Adapter {
                 config["peft_type"]
             )));
         }
-        if config["use_rslora"] == true {
-            return Err(bad("use_rslora adapters (scale alpha/sqrt(r)) do not load; merge them in PEFT and load the merged model".into()));
+        // Variants whose update is not W + (alpha/r)·B·A with one r and
+        // alpha for every layer: merging them here would be silently wrong.
+        let unsupported = [
+            (
+                "use_rslora",
+                config["use_rslora"] == true,
+                "scale alpha/sqrt(r)",
+            ),
+            (
+                "use_dora",
+                config["use_dora"] == true,
+                "weight-decomposed LoRA",
+            ),
+            (
+                "bias",
+                !matches!(config["bias"].as_str(), None | Some("none")),
+                "trained biases",
+            ),
+            (
+                "rank_pattern",
+                config["rank_pattern"]
+                    .as_object()
+                    .is_some_and(|m| !m.is_empty()),
+                "per-layer ranks",
+            ),
+            (
+                "alpha_pattern",
+                config["alpha_pattern"]
+                    .as_object()
+                    .is_some_and(|m| !m.is_empty()),
+                "per-layer alphas",
+            ),
+        ];
+        if let Some((field, _, what)) = unsupported.iter().find(|(_, set, _)| *set) {
+            return Err(bad(format!(
+                "{field} ({what}) adapters do not load; merge them in PEFT (merge_and_unload) and load the merged model"
+            )));
         }
         let rank = config["r"]
             .as_u64()
@@ -297,5 +332,27 @@ mod tests {
         let mut w = vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
         merge(&mut w, &[1.0, 0.0, -1.0], &[0.5, 2.0], 2.0, 1);
         assert_eq!(w, [2.0, 2.0, 2.0, 8.0, 5.0, 2.0]);
+    }
+
+    #[test]
+    fn refuses_adapter_variants_it_cannot_merge() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = serde_json::json!({"peft_type": "LORA", "r": 8, "lora_alpha": 16});
+        for (field, value) in [
+            ("use_rslora", serde_json::json!(true)),
+            ("use_dora", serde_json::json!(true)),
+            ("bias", serde_json::json!("lora_only")),
+            ("rank_pattern", serde_json::json!({"query": 4})),
+            ("alpha_pattern", serde_json::json!({"value": 32})),
+        ] {
+            let mut config = base.clone();
+            config[field] = value;
+            std::fs::write(dir.path().join(ADAPTER_CONFIG), config.to_string()).unwrap();
+            let err = Adapter::read(dir.path()).err().expect(field).to_string();
+            assert!(
+                err.contains(field) && err.contains("merge_and_unload"),
+                "{err}"
+            );
+        }
     }
 }
