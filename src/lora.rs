@@ -348,7 +348,7 @@ mod tests {
             let mut config = base.clone();
             config[field] = value;
             std::fs::write(dir.path().join(ADAPTER_CONFIG), config.to_string()).unwrap();
-            let err = Adapter::read(dir.path()).err().expect(field).to_string();
+            let err = Adapter::read(dir.path()).expect_err(field).to_string();
             assert!(
                 err.contains(field) && err.contains("merge_and_unload"),
                 "{err}"
