@@ -388,7 +388,9 @@ fn finetune_eval_and_predict_entities_end_to_end() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let model = tiny_model(dir);
-    let train = write(dir, "train.conll", TRAIN_CONLL);
+    // Every sentence ends with a full stop of its own, as CoNLL's do.
+    let train_conll = TRAIN_CONLL.replace("\n\n", "\n. O\n\n") + ". O\n";
+    let train = write(dir, "train.conll", &train_conll);
     let out = dir.join("ner");
     let (ok, stdout, err) = bertrt(&[
         "finetune",
@@ -472,8 +474,10 @@ fn finetune_eval_and_predict_entities_end_to_end() {
     );
 
     // predict: character offsets that slice the input to the entity text
-    // ("thé" normalises to "the", and is one byte longer than 3 chars).
-    let lines = "the  big dog ran\nthé cat sat on the mat\n\n";
+    // ("thé" normalises to "the", and is one byte longer than 3 chars); a
+    // full stop is a word of its own, as in training, and not part of the
+    // entity before it.
+    let lines = "the  big dog ran\nthé cat sat on the mat\n\nthé big dog.\n";
     let input = write(dir, "raw.txt", lines);
     let (ok, stdout, err) = bertrt(&[
         "predict",
@@ -487,7 +491,7 @@ fn finetune_eval_and_predict_entities_end_to_end() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(outputs.len(), 3);
+    assert_eq!(outputs.len(), 4);
     let mut found = 0;
     for (line, output) in lines.lines().zip(&outputs) {
         for entity in output["entities"].as_array().unwrap() {
@@ -509,6 +513,43 @@ fn finetune_eval_and_predict_entities_end_to_end() {
     assert_eq!(outputs[1]["entities"][0]["start"], 4);
     assert_eq!(outputs[1]["entities"][0]["end"], 7);
     assert_eq!(outputs[2]["entities"], serde_json::json!([]));
+    assert_eq!(outputs[3]["entities"].as_array().unwrap().len(), 1);
+    assert_eq!(outputs[3]["entities"][0]["text"], "big dog");
+    assert_eq!(outputs[3]["entities"][0]["start"], 4);
+    assert_eq!(outputs[3]["entities"][0]["end"], 11);
+    // --words: the full stop is the line's last word.
+    let (ok, stdout, err) = bertrt(&[
+        "predict",
+        "--model",
+        out.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--words",
+    ]);
+    assert!(ok, "{err}");
+    let words: serde_json::Value = serde_json::from_str(stdout.lines().nth(3).unwrap()).unwrap();
+    let words: Vec<(&str, u64, u64, &str)> = words["words"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            (
+                w["text"].as_str().unwrap(),
+                w["start"].as_u64().unwrap(),
+                w["end"].as_u64().unwrap(),
+                w["tag"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        words,
+        [
+            ("thé", 0, 3, "O"),
+            ("big", 4, 7, "B-ANIMAL"),
+            ("dog", 8, 11, "I-ANIMAL"),
+            (".", 11, 12, "O")
+        ]
+    );
 }
 
 #[test]
