@@ -14,6 +14,7 @@ use bertrt::config::BertConfig;
 use bertrt::data::{align_tags, read_tagged, Alignment, TagSet, TagSpec};
 use bertrt::eval::{entities, EntityReport};
 use bertrt::model::TokenBatch;
+use bertrt::tag::TextWords;
 use bertrt::tokenize::BertTokenizer;
 use bertrt::train::classifier::{ForwardMode, SequenceClassifier, Targets};
 use bertrt::train::loss::token_cross_entropy;
@@ -133,6 +134,48 @@ fn tiny_model(dir: &Path) -> PathBuf {
         &common::safetensors_bytes(&common::tiny_tensors(1), Dtype::F32),
     );
     model
+}
+
+/// With a real BERT tokenizer (MiniLM's `tokenizer.json`: BertNormalizer
+/// and BertPreTokenizer), raw text splits into BasicTokenizer's words, with
+/// character offsets into the text, and tokenizing those words gives the
+/// tokens of the whole text.
+#[test]
+fn raw_text_words_are_the_bert_tokenizers_words() {
+    let tokenizer = BertTokenizer::from_dir(&common::minilm_dir(), 128).unwrap();
+    let text = "I live in Paris. Don't visit São-Paulo (Brazil) or 東京, 2×3€!";
+    let input = TextWords::encode(&tokenizer, text).unwrap();
+    let logits = vec![0.0; input.tokens.encoded.ids.len()];
+    let words: Vec<(String, usize, usize)> = input
+        .word_predictions(&["O".to_string()], &logits)
+        .into_iter()
+        .map(|w| {
+            let slice: String = text.chars().skip(w.start).take(w.end - w.start).collect();
+            assert_eq!(slice, w.text);
+            (w.text, w.start, w.end)
+        })
+        .collect();
+    let texts: Vec<&str> = words.iter().map(|w| w.0.as_str()).collect();
+    assert_eq!(
+        texts,
+        [
+            "I", "live", "in", "Paris", ".", "Don", "'", "t", "visit", "São", "-", "Paulo", "(",
+            "Brazil", ")", "or", "東", "京", ",", "2×3€", "!"
+        ]
+    );
+    assert_eq!(&words[3], &("Paris".to_string(), 10, 15));
+    assert_eq!(&words[16], &("東".to_string(), 51, 52));
+    for text in [text, "  tabs\tand\u{a0}nbsp; [MASK] e-mail: x@y.z  ", ""] {
+        assert_eq!(
+            TextWords::encode(&tokenizer, text)
+                .unwrap()
+                .tokens
+                .encoded
+                .tokens,
+            tokenizer.encode(text).unwrap().tokens,
+            "{text:?}"
+        );
+    }
 }
 
 #[test]
