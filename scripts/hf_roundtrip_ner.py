@@ -9,7 +9,8 @@ Usage: scripts/hf_roundtrip_ner.py MODEL_DIR [TEXTS_FILE]
               unicode, punctuation, a text longer than max_length, ...)
 
 For each text, `$BERTRT predict --model MODEL_DIR --words --jsonl` gives the
-whitespace-separated words with the logits bertrt reads at each word's first
+words (split as the model's tokenizer pre-tokenizes the text: whitespace and
+punctuation for BERT) with the logits bertrt reads at each word's first
 subword (BERTRT defaults to target/release/bertrt). The same words go through
 AutoTokenizer(is_split_into_words=True) and BertForTokenClassification (a
 LoRA adapter directory, `finetune --lora-rank` without --merge-lora:

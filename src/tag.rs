@@ -2,13 +2,31 @@
 //! artifact or any Hugging Face `BertForTokenClassification` with BIO
 //! labels).
 //!
-//! A text is split into words at whitespace (as the CoNLL and JSON Lines
-//! training data is), the words are tokenized with the tokenizer's word
-//! index per token, and each word takes the tag predicted at its first
-//! subword, the token its tag was trained on. Tags become entities as the
-//! entity metric reads them ([`crate::eval::entities`]), and an entity's
-//! character offsets are those of its first and last word in the original
-//! text.
+//! A raw text is split into words as the model's tokenizer pre-tokenizes
+//! it ([`BertTokenizer::words`]: for BERT at whitespace and around every
+//! punctuation character, so `Paris.` is `Paris` and `.`), the words are
+//! tokenized with the tokenizer's word index per token, and each word takes
+//! the tag predicted at its first subword, the token its tag was trained
+//! on. Tags become entities as the entity metric reads them
+//! ([`crate::eval::entities`]), and an entity spans the original text from
+//! its first word's start to its last word's end (so `New York` keeps its
+//! inner whitespace), in character offsets.
+//!
+//! Why the tokenizer's own split rather than rules written here: it is the
+//! code that tokenizes the text, so a word is exactly what the tokenizer
+//! (and the Hugging Face pipeline, through `word_ids`) calls one, with its
+//! offsets mapped back through normalization; BERT's CJK split lives in its
+//! normalizer (`handle_chinese_chars`), not its pre-tokenizer, and a
+//! `tokenizer.json` may turn it off or use another pre-tokenizer, all of
+//! which hand-written rules would have to copy and keep in step. It
+//! matches training where the training words were split the same way, as
+//! WNUT-16 and CoNLL-2003 split off sentence punctuation. Datasets differ on
+//! contractions, hyphens and abbreviations, though: CoNLL-2003 keeps `U.S.`
+//! and hyphenated words such as `Anglo-Dutch` whole, and other data may keep
+//! `don't` whole. Each training word is tokenized whole, so there such a
+//! word is one word tagged at its first subword, while BERT's split of raw
+//! text makes every `.`, `-` and `'` a word of its own; an entity still
+//! spans the pieces when they are tagged `B-`, `I-`, `I-`.
 
 use std::ops::Range;
 use std::path::Path;
@@ -151,7 +169,7 @@ impl<B: Backend> Tagger<B> {
             .collect())
     }
 
-    /// Each whitespace-separated word of each text with its character
+    /// Each word of each text ([`BertTokenizer::words`]) with its character
     /// offsets, tag and logits, for inspecting a model (and for comparing
     /// it with `transformers`).
     pub fn predict_words(&mut self, texts: &[&str]) -> Result<Vec<Vec<WordPrediction>>> {
@@ -216,8 +234,8 @@ impl<B: Backend> Tagger<B> {
     }
 }
 
-/// A text split into words at whitespace and tokenized with each token's
-/// word: what a tagger runs on, and what reads its logits back as words and
+/// A text split into words as its tokenizer pre-tokenizes it
+/// ([`BertTokenizer::words`]) and tokenized with each token's word: what a tagger runs on, and what reads its logits back as words and
 /// entities in the text's own offsets. Kept apart from the model so that a
 /// server can tokenize on its request threads and decode there too.
 pub struct TextWords {
@@ -233,7 +251,10 @@ impl TextWords {
 
     /// Splits and tokenizes `texts` (in parallel), in input order.
     pub fn encode_batch(tokenizer: &BertTokenizer, texts: &[&str]) -> Result<Vec<Self>> {
-        let words: Vec<Vec<Word>> = texts.iter().map(|text| whitespace_words(text)).collect();
+        let words = texts
+            .iter()
+            .map(|text| Ok(char_offsets(text, tokenizer.words(text)?)))
+            .collect::<Result<Vec<Vec<Word>>>>()?;
         let sentences: Vec<Vec<&str>> = texts
             .iter()
             .zip(&words)
@@ -338,35 +359,247 @@ fn best_tag(logits: &[f32]) -> WordTag {
     }
 }
 
-/// A whitespace-separated word: its byte and character ranges in the text.
+/// A word: its byte and character ranges in the text.
+#[derive(Clone, Debug, PartialEq)]
 struct Word {
     bytes: Range<usize>,
     chars: Range<usize>,
 }
 
-fn whitespace_words(line: &str) -> Vec<Word> {
-    let mut words = Vec::new();
-    let mut open: Option<(usize, usize)> = None;
-    let mut chars = 0;
-    for (byte, c) in line.char_indices() {
-        match (c.is_whitespace(), open) {
-            (true, Some((byte_start, char_start))) => {
-                words.push(Word {
-                    bytes: byte_start..byte,
-                    chars: char_start..chars,
-                });
-                open = None;
-            }
-            (false, None) => open = Some((byte, chars)),
-            _ => {}
-        }
-        chars += 1;
-    }
-    if let Some((byte_start, char_start)) = open {
-        words.push(Word {
-            bytes: byte_start..line.len(),
-            chars: char_start..chars,
-        });
-    }
+/// Words given as byte ranges of `text` (in order, not overlapping) with
+/// their character ranges added.
+fn char_offsets(text: &str, words: Vec<Range<usize>>) -> Vec<Word> {
+    let (mut byte, mut chars) = (0, 0);
+    let mut to_chars = |to: usize| {
+        chars += text[byte..to].chars().count();
+        byte = to;
+        chars
+    };
     words
+        .into_iter()
+        .map(|bytes| Word {
+            chars: to_chars(bytes.start)..to_chars(bytes.end),
+            bytes,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VOCAB: &[&str] = &[
+        "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "i", "live", "in", "paris", "new", "york",
+        "st", "louis", "he", "flew", "to", "then", "don", "t", "'", ".", ",", "-", "!", "and",
+        "muller", "zurich", "koln", "wohnt", "nicht", "东", "京", "。",
+    ];
+    const TAGS: [&str; 3] = ["B-LOC", "I-LOC", "O"];
+
+    fn tokenizer() -> BertTokenizer {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("vocab.txt"), VOCAB.join("\n") + "\n").unwrap();
+        BertTokenizer::from_dir(dir.path(), 64).unwrap()
+    }
+
+    fn tags() -> Vec<String> {
+        TAGS.iter().map(|t| t.to_string()).collect()
+    }
+
+    /// Logits that give each token its word's tag (from `word_tags`, one
+    /// per word) and the special tokens `O`.
+    fn logits(input: &TextWords, word_tags: &[&str]) -> Vec<f32> {
+        assert_eq!(input.words.len(), word_tags.len(), "one tag per word");
+        input
+            .tokens
+            .word_ids
+            .iter()
+            .flat_map(|word| {
+                let tag = word.map_or("O", |w| word_tags[w]);
+                TAGS.iter().map(move |t| if *t == tag { 4.0 } else { 0.0 })
+            })
+            .collect()
+    }
+
+    fn words(input: &TextWords) -> Vec<&str> {
+        input
+            .words
+            .iter()
+            .map(|w| &input.text[w.bytes.clone()])
+            .collect()
+    }
+
+    /// The entities as `(text, start, end)`, each checked to be the
+    /// characters `start..end` of the text.
+    fn entities_of(input: &TextWords, word_tags: &[&str]) -> Vec<(String, usize, usize)> {
+        input
+            .entities(&tags(), &logits(input, word_tags))
+            .into_iter()
+            .map(|e| {
+                assert_eq!(e.kind, "LOC");
+                let slice: String = input
+                    .text
+                    .chars()
+                    .skip(e.start)
+                    .take(e.end - e.start)
+                    .collect();
+                assert_eq!(slice, e.text, "{e:?}");
+                (e.text, e.start, e.end)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sentence_punctuation_is_a_word_and_not_part_of_the_entity() {
+        let tokenizer = tokenizer();
+        let input = TextWords::encode(&tokenizer, "I live in Paris.").unwrap();
+        assert_eq!(words(&input), ["I", "live", "in", "Paris", "."]);
+        assert_eq!(
+            input.tokens.encoded.tokens,
+            ["[CLS]", "i", "live", "in", "paris", ".", "[SEP]"]
+        );
+        assert_eq!(
+            entities_of(&input, &["O", "O", "O", "B-LOC", "O"]),
+            [("Paris".to_string(), 10, 15)]
+        );
+        let predictions = input.word_predictions(&tags(), &logits(&input, &["O"; 5]));
+        let spans: Vec<(&str, usize, usize)> = predictions
+            .iter()
+            .map(|w| (w.text.as_str(), w.start, w.end))
+            .collect();
+        assert_eq!(
+            spans,
+            [
+                ("I", 0, 1),
+                ("live", 2, 6),
+                ("in", 7, 9),
+                ("Paris", 10, 15),
+                (".", 15, 16)
+            ]
+        );
+    }
+
+    #[test]
+    fn entities_span_whitespace_and_punctuation_between_their_words() {
+        let tokenizer = tokenizer();
+        let text = "He flew to  New York, then St. Louis!";
+        let input = TextWords::encode(&tokenizer, text).unwrap();
+        assert_eq!(
+            words(&input),
+            ["He", "flew", "to", "New", "York", ",", "then", "St", ".", "Louis", "!"]
+        );
+        let found = entities_of(
+            &input,
+            &[
+                "O", "O", "O", "B-LOC", "I-LOC", "O", "O", "B-LOC", "I-LOC", "I-LOC", "O",
+            ],
+        );
+        assert_eq!(
+            found,
+            [
+                ("New York".to_string(), 12, 20),
+                ("St. Louis".to_string(), 27, 36)
+            ]
+        );
+        // Apostrophes and hyphens are BERT punctuation: words of their own.
+        let input = TextWords::encode(&tokenizer, "don't New-York").unwrap();
+        assert_eq!(words(&input), ["don", "'", "t", "New", "-", "York"]);
+        assert_eq!(
+            entities_of(&input, &["O", "O", "O", "B-LOC", "I-LOC", "I-LOC"]),
+            [("New-York".to_string(), 6, 14)]
+        );
+    }
+
+    #[test]
+    fn non_ascii_text_has_character_offsets_and_cjk_characters_are_words() {
+        let tokenizer = tokenizer();
+        // Accents are stripped by the normalizer but the words and offsets
+        // are the input's; the em dash is punctuation, `€` and `×` are not.
+        let text = "Müller wohnt in Zürich—nicht in Köln! €5 2×3";
+        let input = TextWords::encode(&tokenizer, text).unwrap();
+        assert_eq!(
+            words(&input),
+            [
+                "Müller", "wohnt", "in", "Zürich", "—", "nicht", "in", "Köln", "!", "€5", "2×3"
+            ]
+        );
+        assert_eq!(&input.tokens.encoded.tokens[4..5], ["zurich"]);
+        let tags = [
+            "B-LOC", "O", "O", "B-LOC", "O", "O", "O", "B-LOC", "O", "O", "O",
+        ];
+        assert_eq!(
+            entities_of(&input, &tags),
+            [
+                ("Müller".to_string(), 0, 6),
+                ("Zürich".to_string(), 16, 22),
+                ("Köln".to_string(), 32, 36)
+            ]
+        );
+        let input = TextWords::encode(&tokenizer, "我住在东京。 in 东京").unwrap();
+        assert_eq!(
+            words(&input),
+            ["我", "住", "在", "东", "京", "。", "in", "东", "京"]
+        );
+        assert_eq!(
+            entities_of(
+                &input,
+                &["O", "O", "O", "B-LOC", "I-LOC", "O", "O", "B-LOC", "I-LOC"]
+            ),
+            [("东京".to_string(), 3, 5), ("东京".to_string(), 10, 12)]
+        );
+    }
+
+    #[test]
+    fn words_are_the_tokenizers_words_of_the_raw_text() {
+        // Tokenized as words, a text gives the tokens it gives whole, so
+        // each word is one the tokenizer itself would count.
+        let tokenizer = tokenizer();
+        for text in [
+            "I live in Paris.",
+            " \tHe flew\u{a0}to New York,then St.Louis!! ",
+            "don't [MASK] Zürich—Köln 东京。",
+            "",
+            "   ",
+        ] {
+            let input = TextWords::encode(&tokenizer, text).unwrap();
+            assert_eq!(
+                input.tokens.encoded.tokens,
+                tokenizer.encode(text).unwrap().tokens,
+                "{text:?}"
+            );
+            for word in words(&input) {
+                assert!(
+                    !word.is_empty() && word.trim() == word,
+                    "{text:?}: {word:?}"
+                );
+            }
+        }
+        assert!(TextWords::encode(&tokenizer, "   ")
+            .unwrap()
+            .words
+            .is_empty());
+    }
+
+    #[test]
+    fn a_tokenizer_json_pre_tokenizer_is_followed() {
+        // The same vocabulary with a pre-tokenizer that splits at whitespace
+        // only: `Paris.` is then one word, as that tokenizer sees it.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        tokenizer().save(&path).unwrap();
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        json["pre_tokenizer"] = serde_json::json!({"type": "WhitespaceSplit"});
+        std::fs::write(&path, json.to_string()).unwrap();
+        let tokenizer = BertTokenizer::from_dir(dir.path(), 64).unwrap();
+        let input = TextWords::encode(&tokenizer, "I live in Paris. 东京").unwrap();
+        assert_eq!(words(&input), ["I", "live", "in", "Paris.", "东", "京"]);
+    }
+
+    #[test]
+    fn char_offsets_count_characters_not_bytes() {
+        let text = "é x 东京";
+        let words = char_offsets(text, vec![0..2, 3..4, 5..8, 8..11]);
+        let chars: Vec<Range<usize>> = words.iter().map(|w| w.chars.clone()).collect();
+        assert_eq!(chars, [0..1, 2..3, 4..5, 5..6]);
+    }
 }

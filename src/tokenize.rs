@@ -7,6 +7,7 @@
 //! Padding is never done by the tokenizer: batches are packed (see
 //! [`crate::model::TokenBatch`]).
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
@@ -15,7 +16,8 @@ use tokenizers::normalizers::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::bert::BertProcessing;
 use tokenizers::{
-    AddedToken, EncodeInput, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
+    AddedToken, EncodeInput, OffsetReferential, OffsetType, PreTokenizer, Tokenizer,
+    TruncationDirection, TruncationParams, TruncationStrategy,
 };
 
 use crate::error::{Error, Result};
@@ -198,6 +200,56 @@ impl BertTokenizer {
                 chars: (special == 0).then_some(offsets),
             })
             .collect())
+    }
+
+    /// The words of a raw text as this tokenizer sees them: byte ranges of
+    /// `text`, in order, not overlapping, none empty or with whitespace at
+    /// either end. A word is a piece of the tokenizer's own pre-tokenization
+    /// of the text (added tokens split out, then its normalizer, then its
+    /// pre-tokenizer), the words `Encoding::word_ids` of the raw text
+    /// count, mapped back to the original text. For BERT (the
+    /// `BertNormalizer` and `BertPreTokenizer` of a `tokenizer.json`, or
+    /// those built from `vocab.txt`) that is `BasicTokenizer`'s split:
+    /// whitespace separates words and every punctuation character (Unicode
+    /// `P*`, and the ASCII symbols `!`-`/`, `:`-`@`, `[`-`` ` ``, `{`-`~`)
+    /// is a word of its own, so `don't` is `don`, `'`, `t` and `Paris.` is
+    /// `Paris`, `.`; with `handle_chinese_chars` each CJK ideograph is a
+    /// word too (that split is the normalizer's, which pads them with
+    /// spaces, not the pre-tokenizer's); symbols outside those ranges (`€`,
+    /// `×`) stay inside their word. A tokenizer with no pre-tokenizer gets
+    /// `BertPreTokenizer`'s split. Pieces whose
+    /// original characters overlap (a normalizer that expands one character
+    /// into several, split apart) are one word.
+    pub fn words(&self, text: &str) -> Result<Vec<Range<usize>>> {
+        let mut pretokenized = self
+            .inner
+            .get_added_vocabulary()
+            .extract_and_normalize(self.inner.get_normalizer(), text);
+        match self.inner.get_pre_tokenizer() {
+            Some(pre_tokenizer) => pre_tokenizer.pre_tokenize(&mut pretokenized),
+            None => BertPreTokenizer.pre_tokenize(&mut pretokenized),
+        }
+        .map_err(|e| Error::Invalid(format!("pre-tokenization failed: {e}")))?;
+        let mut words: Vec<Range<usize>> = Vec::new();
+        for (_, (start, end), _) in
+            pretokenized.get_splits(OffsetReferential::Original, OffsetType::Byte)
+        {
+            // A piece's original span may take in the whitespace that a
+            // pre-tokenizer such as Metaspace or ByteLevel attaches to it.
+            let Some(piece) = text.get(start..end) else {
+                continue;
+            };
+            let start = start + (piece.len() - piece.trim_start().len());
+            let end = start + piece.trim().len();
+            if start == end {
+                continue;
+            }
+            match words.last_mut() {
+                Some(last) if start < last.end => last.end = last.end.max(end),
+                _ => words.push(start..end),
+            }
+        }
+        Ok(words)
     }
 
     /// Encodes sentences already split into words (each word pre-tokenized

@@ -775,12 +775,14 @@ fn tiny_tagger() -> tempfile::TempDir {
 #[test]
 fn token_classifier_serves_the_entities_bertrt_predict_prints() {
     let model = tiny_tagger();
-    // Two spaces, a multi-byte character, an empty text, and a long one.
+    // Two spaces, a multi-byte character, an empty text, a long one, and
+    // punctuation (words of their own) and CJK characters (each a word).
     let texts = [
         "the  big dog ran",
         "thé cat sat on the mat",
         "",
         "a small dog ran fast on a big mat and the cat sat",
+        "the big dog, a cat... sat on the mat! 东京: the dog's mat-cat.",
     ];
     let input = model.path().join("texts.txt");
     std::fs::write(&input, texts.join("\n") + "\n").unwrap();

@@ -14,6 +14,7 @@ use bertrt::config::BertConfig;
 use bertrt::data::{align_tags, read_tagged, Alignment, TagSet, TagSpec};
 use bertrt::eval::{entities, EntityReport};
 use bertrt::model::TokenBatch;
+use bertrt::tag::TextWords;
 use bertrt::tokenize::BertTokenizer;
 use bertrt::train::classifier::{ForwardMode, SequenceClassifier, Targets};
 use bertrt::train::loss::token_cross_entropy;
@@ -133,6 +134,48 @@ fn tiny_model(dir: &Path) -> PathBuf {
         &common::safetensors_bytes(&common::tiny_tensors(1), Dtype::F32),
     );
     model
+}
+
+/// With a real BERT tokenizer (MiniLM's `tokenizer.json`: BertNormalizer
+/// and BertPreTokenizer), raw text splits into BasicTokenizer's words, with
+/// character offsets into the text, and tokenizing those words gives the
+/// tokens of the whole text.
+#[test]
+fn raw_text_words_are_the_bert_tokenizers_words() {
+    let tokenizer = BertTokenizer::from_dir(&common::minilm_dir(), 128).unwrap();
+    let text = "I live in Paris. Don't visit São-Paulo (Brazil) or 東京, 2×3€!";
+    let input = TextWords::encode(&tokenizer, text).unwrap();
+    let logits = vec![0.0; input.tokens.encoded.ids.len()];
+    let words: Vec<(String, usize, usize)> = input
+        .word_predictions(&["O".to_string()], &logits)
+        .into_iter()
+        .map(|w| {
+            let slice: String = text.chars().skip(w.start).take(w.end - w.start).collect();
+            assert_eq!(slice, w.text);
+            (w.text, w.start, w.end)
+        })
+        .collect();
+    let texts: Vec<&str> = words.iter().map(|w| w.0.as_str()).collect();
+    assert_eq!(
+        texts,
+        [
+            "I", "live", "in", "Paris", ".", "Don", "'", "t", "visit", "São", "-", "Paulo", "(",
+            "Brazil", ")", "or", "東", "京", ",", "2×3€", "!"
+        ]
+    );
+    assert_eq!(&words[3], &("Paris".to_string(), 10, 15));
+    assert_eq!(&words[16], &("東".to_string(), 51, 52));
+    for text in [text, "  tabs\tand\u{a0}nbsp; [MASK] e-mail: x@y.z  ", ""] {
+        assert_eq!(
+            TextWords::encode(&tokenizer, text)
+                .unwrap()
+                .tokens
+                .encoded
+                .tokens,
+            tokenizer.encode(text).unwrap().tokens,
+            "{text:?}"
+        );
+    }
 }
 
 #[test]
@@ -388,7 +431,9 @@ fn finetune_eval_and_predict_entities_end_to_end() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let model = tiny_model(dir);
-    let train = write(dir, "train.conll", TRAIN_CONLL);
+    // Every sentence ends with a full stop of its own, as CoNLL's do.
+    let train_conll = TRAIN_CONLL.replace("\n\n", "\n. O\n\n") + ". O\n";
+    let train = write(dir, "train.conll", &train_conll);
     let out = dir.join("ner");
     let (ok, stdout, err) = bertrt(&[
         "finetune",
@@ -472,8 +517,10 @@ fn finetune_eval_and_predict_entities_end_to_end() {
     );
 
     // predict: character offsets that slice the input to the entity text
-    // ("thé" normalises to "the", and is one byte longer than 3 chars).
-    let lines = "the  big dog ran\nthé cat sat on the mat\n\n";
+    // ("thé" normalises to "the", and is one byte longer than 3 chars); a
+    // full stop is a word of its own, as in training, and not part of the
+    // entity before it.
+    let lines = "the  big dog ran\nthé cat sat on the mat\n\nthé big dog.\n";
     let input = write(dir, "raw.txt", lines);
     let (ok, stdout, err) = bertrt(&[
         "predict",
@@ -487,7 +534,7 @@ fn finetune_eval_and_predict_entities_end_to_end() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(outputs.len(), 3);
+    assert_eq!(outputs.len(), 4);
     let mut found = 0;
     for (line, output) in lines.lines().zip(&outputs) {
         for entity in output["entities"].as_array().unwrap() {
@@ -509,6 +556,43 @@ fn finetune_eval_and_predict_entities_end_to_end() {
     assert_eq!(outputs[1]["entities"][0]["start"], 4);
     assert_eq!(outputs[1]["entities"][0]["end"], 7);
     assert_eq!(outputs[2]["entities"], serde_json::json!([]));
+    assert_eq!(outputs[3]["entities"].as_array().unwrap().len(), 1);
+    assert_eq!(outputs[3]["entities"][0]["text"], "big dog");
+    assert_eq!(outputs[3]["entities"][0]["start"], 4);
+    assert_eq!(outputs[3]["entities"][0]["end"], 11);
+    // --words: the full stop is the line's last word.
+    let (ok, stdout, err) = bertrt(&[
+        "predict",
+        "--model",
+        out.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--words",
+    ]);
+    assert!(ok, "{err}");
+    let words: serde_json::Value = serde_json::from_str(stdout.lines().nth(3).unwrap()).unwrap();
+    let words: Vec<(&str, u64, u64, &str)> = words["words"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            (
+                w["text"].as_str().unwrap(),
+                w["start"].as_u64().unwrap(),
+                w["end"].as_u64().unwrap(),
+                w["tag"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        words,
+        [
+            ("thé", 0, 3, "O"),
+            ("big", 4, 7, "B-ANIMAL"),
+            ("dog", 8, 11, "I-ANIMAL"),
+            (".", 11, 12, "O")
+        ]
+    );
 }
 
 #[test]

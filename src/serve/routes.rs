@@ -324,9 +324,10 @@ async fn scores<'a>(
 /// `start..end` in characters of the input. They mirror the Hugging Face
 /// token-classification pipeline with `aggregation_strategy="simple"`
 /// (`entity_group` is `type`, `word` is `text`, `score` the mean over the
-/// entity), except that words are whitespace-separated and take their first
-/// subword's tag, as in training, and `text` is the input's own slice rather
-/// than decoded tokens.
+/// entity), except that each word (split as the tokenizer pre-tokenizes the
+/// text: for BERT at whitespace and punctuation) takes its first subword's
+/// tag, as in training, and `text` is the input's own slice from the first
+/// word's start to the last word's end rather than decoded tokens.
 async fn entities(
     app: &Arc<App>,
     tags: &[String],
