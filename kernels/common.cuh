@@ -29,6 +29,11 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
     return __float2bfloat16_rn(v);
 }
 
+// Template bodies shared by several extern "C" instances are __noinline__
+// (one call per thread, no stack frame): ptxas 11.8 segfaults on the sm_90
+// -lineinfo build of a file whose entries inline the same template body (as
+// in kernels/attention.cu).
+
 // The exact (erf) GELU, written with erfc, 0.5 * v * erfc(-v / sqrt 2), which
 // keeps relative accuracy in the negative tail (the CPU reference uses the
 // same form in f64).

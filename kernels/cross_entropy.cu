@@ -23,7 +23,7 @@
 #define BERTRT_CE_MAX_LOSS 87.33654475f
 
 template <typename T>
-__device__ __forceinline__ void cross_entropy_impl(
+__device__ __noinline__ void cross_entropy_impl(
     float* __restrict__ losses,
     T* __restrict__ d_logits,
     const T* __restrict__ logits,

@@ -23,7 +23,7 @@ __device__ __forceinline__ unsigned long long splitmix64_mix(unsigned long long 
 }
 
 template <typename T>
-__device__ __forceinline__ void dropout_impl(
+__device__ __noinline__ void dropout_impl(
     T* __restrict__ x,
     unsigned long long n,
     float p,

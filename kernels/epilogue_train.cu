@@ -17,7 +17,7 @@
 #include "common.cuh"
 
 template <typename T>
-__device__ __forceinline__ void bias_gelu_forward_impl(
+__device__ __noinline__ void bias_gelu_forward_impl(
     T* __restrict__ out,
     T* __restrict__ pre,
     const T* __restrict__ bias,
@@ -42,7 +42,7 @@ __device__ __forceinline__ float gelu_erf_grad(float x) {
 }
 
 template <typename T>
-__device__ __forceinline__ void bias_gelu_backward_impl(
+__device__ __noinline__ void bias_gelu_backward_impl(
     T* __restrict__ d,
     float* __restrict__ dbias_partials,
     const T* __restrict__ pre,

@@ -25,7 +25,7 @@
 #define BERTRT_LN_VPT 8
 
 template <typename T>
-__device__ __forceinline__ void layer_norm_forward_impl(
+__device__ __noinline__ void layer_norm_forward_impl(
     T* __restrict__ out,
     T* __restrict__ x,
     const T* __restrict__ residual,
@@ -67,7 +67,7 @@ __device__ __forceinline__ void layer_norm_forward_impl(
 }
 
 template <typename T>
-__device__ __forceinline__ void layer_norm_backward_impl(
+__device__ __noinline__ void layer_norm_backward_impl(
     T* __restrict__ d_x,
     float* __restrict__ dgamma_partials,
     float* __restrict__ dbeta_partials,

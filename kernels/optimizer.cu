@@ -34,7 +34,7 @@
 #define BERTRT_OPT_THREADS 256
 
 template <typename G>
-__device__ __forceinline__ void grad_sumsq_impl(
+__device__ __noinline__ void grad_sumsq_impl(
     float* __restrict__ partials,
     const G* __restrict__ grad,
     unsigned long long n,
@@ -56,7 +56,7 @@ __device__ __forceinline__ void grad_sumsq_impl(
 }
 
 template <typename G>
-__device__ __forceinline__ void unscale_impl(
+__device__ __noinline__ void unscale_impl(
     G* __restrict__ grad,
     unsigned long long n,
     float inv_scale,
@@ -102,7 +102,7 @@ extern "C" __global__ void __launch_bounds__(BERTRT_OPT_THREADS) grad_norm_finis
 }
 
 template <typename G, typename W>
-__device__ __forceinline__ void adamw_impl(
+__device__ __noinline__ void adamw_impl(
     float* __restrict__ param,
     W* __restrict__ copy,
     const G* __restrict__ grad,
