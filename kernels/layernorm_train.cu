@@ -14,8 +14,8 @@
 // as layer_norm_backward_rows in src/backend/cpu/train.rs. A block walks the
 // rows blockIdx.x, blockIdx.x + gridDim.x, ...; each thread holds the
 // BERTRT_LN_VPT columns c = threadIdx.x + i * blockDim.x of a row in
-// registers (one read of dy and x per element; cols <= VPT * blockDim.x, the
-// host checks), two block reductions give the row means, and the thread's
+// registers (one read of dy and x per element; cols <= VPT * blockDim.x =
+// 2048 at 256 threads, which the launcher must check), two block reductions give the row means, and the thread's
 // d_gamma / d_beta partials for its columns stay in registers across rows.
 // At the end each block writes its partial row to dgamma_partials /
 // dbeta_partials [gridDim.x][cols]; column_sum_f32 (kernels/reduce.cu) adds

@@ -25,8 +25,8 @@
 // the bias corrections c1 = 1 - b1^t, c2 = 1 - b2^t computed by the host in
 // f32 exactly as the CPU does. Weight decay is per tensor: the host passes
 // weight_decay = 0 for tensors exempt from decay (biases, LayerNorm), as
-// Params::adamw_step does. The master weight, m and v are fp32; the gradient
-// is G (float, __half or __nv_bfloat16); when `copy` is not null the updated
+// ParamStore::adamw_step does. The master weight, m and v are fp32; the
+// gradient is G (float, __half or __nv_bfloat16); when `copy` is not null the updated
 // weight is also written to it in W, the compute copy the forward pass
 // reads. Grid-stride loops over 256-thread blocks; memory bound.
 #include "common.cuh"
