@@ -1,13 +1,45 @@
-// Helpers shared by bertrt's kernels: warp and block reductions, and the
-// lookup of a token's sequence in a packed batch.
+// Helpers shared by bertrt's kernels: warp and block reductions, the lookup
+// of a token's sequence in a packed batch, the exact GELU, and the storage
+// conversions of the mixed-precision training kernels.
 //
-// Every kernel is fp32 in, fp32 out, fp32 arithmetic, built WITHOUT
+// The inference kernels are fp32 in, fp32 out. The training kernels are
+// templates over a storage type T (float, __half or __nv_bfloat16): every
+// load goes through to_f32(), every store through from_f32<T>() (round to
+// nearest even), and all arithmetic and accumulation is fp32. Built WITHOUT
 // --use_fast_math (see build.rs): expf, erfcf, tanhf, sqrtf and divisions are
 // the IEEE / full-accuracy versions, so results stay within a few ulps of the
 // CPU reference backend.
 #pragma once
 
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
 #define BERTRT_FULL_MASK 0xffffffffu
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+    return __float2bfloat16_rn(v);
+}
+
+// Template bodies shared by several extern "C" instances are __noinline__
+// (one call per thread, no stack frame): ptxas 11.8 segfaults on the sm_90
+// -lineinfo build of a file whose entries inline the same template body (as
+// in kernels/attention.cu).
+
+// The exact (erf) GELU, written with erfc, 0.5 * v * erfc(-v / sqrt 2), which
+// keeps relative accuracy in the negative tail (the CPU reference uses the
+// same form in f64).
+__device__ __forceinline__ float gelu_erf(float v) {
+    return 0.5f * v * erfcf(-v * 0.70710678118654752440f);
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

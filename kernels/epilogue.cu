@@ -3,14 +3,9 @@
 //
 // Algorithm: a 2-D grid, x over column blocks and y over rows (grid-striding
 // rows past 65535), so the bias index needs no division. GELU is the erf form
-// written with erfc, 0.5 * v * erfc(-v / sqrt 2), which keeps relative
-// accuracy in the negative tail (the CPU reference uses the same form in f64).
+// (gelu_erf in common.cuh).
 // Memory bound: one read and one write of y.
 #include "common.cuh"
-
-__device__ __forceinline__ float gelu_erf(float v) {
-    return 0.5f * v * erfcf(-v * 0.70710678118654752440f);
-}
 
 extern "C" __global__ void bias_act_f32(
     float* __restrict__ y,

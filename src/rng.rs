@@ -84,6 +84,27 @@ mod tests {
         assert!(same < 5);
     }
 
+    /// Pinned values: kernels/dropout.cu reproduces this hash, and
+    /// kernels/emu/check.cpp checks the same numbers, so a change here that
+    /// would make CPU and GPU dropout masks differ fails both.
+    #[test]
+    fn uniform_at_golden_values() {
+        for (seed, index, bits) in [
+            (42, 0, 9_347_955u32),
+            (42, 1, 13_985_947),
+            (42, 123, 3_132_898),
+            (42, 10_000, 7_069_606),
+            (7, 1 << 40, 14_449_501),
+            (0xdead_beef, 3, 9_242_326),
+        ] {
+            assert_eq!(
+                uniform_at(seed, index),
+                bits as f32 / (1u32 << 24) as f32,
+                "uniform_at({seed}, {index})"
+            );
+        }
+    }
+
     #[test]
     fn normal_has_unit_variance() {
         let mut rng = Rng::new(3);

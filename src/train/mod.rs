@@ -3,6 +3,7 @@
 
 pub mod classifier;
 pub mod loss;
+pub mod loss_scale;
 pub mod params;
 mod progress;
 pub mod recipe;

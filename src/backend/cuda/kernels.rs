@@ -4,6 +4,7 @@
 //! Without `cfg(bertrt_cuda_kernels)` (no nvcc at build time) nothing is
 //! embedded and [`Kernels::load`] reports [`CudaInitError::NoKernels`].
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaFunction};
@@ -32,16 +33,61 @@ mod ptx {
         };
     }
 
-    pub const SOURCES: [Source; 7] = [
+    pub const SOURCES: [Source; 13] = [
         source!("attention"),
+        source!("cross_entropy"),
+        source!("dropout"),
         source!("embedding"),
         source!("epilogue"),
+        source!("epilogue_train"),
         source!("layernorm"),
+        source!("layernorm_train"),
+        source!("optimizer"),
         source!("pointwise"),
         source!("pooling"),
+        source!("reduce"),
         source!("softmax"),
     ];
 }
+
+/// The training kernels (issue 6) as `(file, function)`: fp32 / fp16 / bf16
+/// storage instances, fp32 arithmetic. Each file's opening comment gives the
+/// algorithm and the launch geometry; `kernels/emu/check.cpp` holds every one
+/// to a double-precision reference on the CPU.
+#[cfg_attr(not(bertrt_cuda_kernels), allow(dead_code))]
+pub(super) const TRAIN_KERNELS: &[(&str, &str)] = &[
+    ("optimizer", "adamw_f32_f32"),
+    ("optimizer", "adamw_f32_f16"),
+    ("optimizer", "adamw_f32_bf16"),
+    ("optimizer", "adamw_f16_f16"),
+    ("optimizer", "adamw_bf16_bf16"),
+    ("optimizer", "grad_sumsq_f32"),
+    ("optimizer", "grad_sumsq_f16"),
+    ("optimizer", "grad_sumsq_bf16"),
+    ("optimizer", "unscale_f32"),
+    ("optimizer", "unscale_f16"),
+    ("optimizer", "unscale_bf16"),
+    ("optimizer", "grad_norm_finish"),
+    ("dropout", "dropout_f32"),
+    ("dropout", "dropout_f16"),
+    ("dropout", "dropout_bf16"),
+    ("epilogue_train", "bias_gelu_forward_f32"),
+    ("epilogue_train", "bias_gelu_forward_f16"),
+    ("epilogue_train", "bias_gelu_forward_bf16"),
+    ("epilogue_train", "bias_gelu_backward_f32"),
+    ("epilogue_train", "bias_gelu_backward_f16"),
+    ("epilogue_train", "bias_gelu_backward_bf16"),
+    ("layernorm_train", "layer_norm_forward_f32"),
+    ("layernorm_train", "layer_norm_forward_f16"),
+    ("layernorm_train", "layer_norm_forward_bf16"),
+    ("layernorm_train", "layer_norm_backward_f32"),
+    ("layernorm_train", "layer_norm_backward_f16"),
+    ("layernorm_train", "layer_norm_backward_bf16"),
+    ("cross_entropy", "cross_entropy_f32"),
+    ("cross_entropy", "cross_entropy_f16"),
+    ("cross_entropy", "cross_entropy_bf16"),
+    ("reduce", "column_sum_f32"),
+];
 
 /// Every kernel function, loaded once per backend.
 pub(super) struct Kernels {
@@ -56,6 +102,10 @@ pub(super) struct Kernels {
     pub mean_pool: CudaFunction,
     pub gather_rows: CudaFunction,
     pub tanh: CudaFunction,
+    /// Every [`TRAIN_KERNELS`] function by name, loaded with the rest so a
+    /// missing or unloadable kernel shows when the backend starts.
+    #[allow(dead_code)] // launched by the CUDA TrainBackend (issue 6), not written yet
+    pub train: HashMap<&'static str, CudaFunction>,
 }
 
 impl Kernels {
@@ -66,8 +116,6 @@ impl Kernels {
         ctx: &Arc<CudaContext>,
         compute_capability: (i32, i32),
     ) -> Result<Self, CudaInitError> {
-        use std::collections::HashMap;
-
         use cudarc::nvrtc::Ptx;
 
         let hopper = compute_capability.0 >= 9;
@@ -88,6 +136,10 @@ impl Kernels {
                 CudaInitError::Driver(format!("kernel {name} in kernels/{file}.cu: {e}"))
             })
         };
+        let train = TRAIN_KERNELS
+            .iter()
+            .map(|&(file, name)| Ok((name, function(file, name)?)))
+            .collect::<Result<HashMap<_, _>, CudaInitError>>()?;
         Ok(Kernels {
             embedding: function("embedding", "embedding_f32")?,
             layer_norm: function("layernorm", "layer_norm_f32")?,
@@ -99,11 +151,47 @@ impl Kernels {
             mean_pool: function("pooling", "mean_pool_f32")?,
             gather_rows: function("pooling", "gather_rows_f32")?,
             tanh: function("pointwise", "tanh_f32")?,
+            train,
         })
     }
 
     #[cfg(not(bertrt_cuda_kernels))]
     pub fn load(_: &Arc<CudaContext>, _: (i32, i32)) -> Result<Self, CudaInitError> {
         Err(CudaInitError::NoKernels)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every registered training kernel is an entry of its file's PTX for
+    /// both architectures (no GPU needed: this reads the embedded text).
+    #[cfg(bertrt_cuda_kernels)]
+    #[test]
+    fn train_kernels_are_in_the_ptx() {
+        for &(file, name) in TRAIN_KERNELS {
+            let source = ptx::SOURCES
+                .iter()
+                .find(|s| s.name == file)
+                .unwrap_or_else(|| panic!("kernels/{file}.cu is not in SOURCES"));
+            let entry = format!(".entry {name}(");
+            assert!(
+                source.compute_80.contains(&entry),
+                "{name} in {file} compute_80"
+            );
+            assert!(
+                source.compute_90.contains(&entry),
+                "{name} in {file} compute_90"
+            );
+        }
+    }
+
+    #[test]
+    fn train_kernel_names_are_unique() {
+        let mut names: Vec<_> = TRAIN_KERNELS.iter().map(|&(_, name)| name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), TRAIN_KERNELS.len());
     }
 }
