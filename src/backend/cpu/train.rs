@@ -195,7 +195,7 @@ impl CpuBackend {
 
     /// The GEMM of the linear layers, in the training precision.
     fn linear_gemm(&self) -> GemmFn {
-        match self.training_precision {
+        match self.precision {
             Precision::Fp32 => gemm::sgemm,
             Precision::Bf16 => gemm::gemm_bf16,
         }
@@ -549,7 +549,15 @@ impl TrainBackend for CpuBackend {
     ) {
         self.threaded(|| {
             attention::attention_saving(
-                self.isa, out, probs, qkv, offsets, heads, head_dim, dropout,
+                self.isa,
+                self.precision,
+                out,
+                probs,
+                qkv,
+                offsets,
+                heads,
+                head_dim,
+                dropout,
             )
         });
     }
@@ -568,7 +576,7 @@ impl TrainBackend for CpuBackend {
         let hidden = heads * head_dim;
         let stride = 3 * hidden;
         let scale = 1.0 / (head_dim as f32).sqrt();
-        let isa = self.isa;
+        let (isa, precision) = (self.isa, self.precision);
         let tasks = head_tasks(offsets, heads);
         let d_qkv_ptr = SharedMut(d_qkv.as_mut_ptr());
         self.threaded(|| {
@@ -594,7 +602,9 @@ impl TrainBackend for CpuBackend {
                     // SAFETY: each task owns its (rows, head columns) blocks
                     // of d_qkv, which outlives the loop.
                     unsafe {
-                        gemm::sgemm_strided_ptr(
+                        gemm::gemm_strided_ptr(
+                            precision,
+                            isa,
                             len,
                             d,
                             len,
@@ -609,7 +619,7 @@ impl TrainBackend for CpuBackend {
 
                     // d_p = dropout(d_o · vᵀ); d_s = P ⊙ (d_p − rowsum(d_p ⊙ P)) · scale
                     d_s.resize(len * len, 0.0);
-                    gemm::sgemm_strided(len, len, d, 1.0, d_o, v, 0.0, d_s, len);
+                    gemm::gemm_strided(precision, isa, len, len, d, 1.0, d_o, v, 0.0, d_s, len);
                     ops::dropout_slice(isa, d_s, dropout, t.probs_offset);
                     for (d_row, p_row) in d_s.chunks_exact_mut(len).zip(p.chunks_exact(len)) {
                         let dot: f32 = d_row.iter().zip(p_row).map(|(x, y)| x * y).sum();
@@ -620,7 +630,9 @@ impl TrainBackend for CpuBackend {
                     // d_q = d_s · k, d_k = d_sᵀ · q
                     // SAFETY: as above.
                     unsafe {
-                        gemm::sgemm_strided_ptr(
+                        gemm::gemm_strided_ptr(
+                            precision,
+                            isa,
                             len,
                             d,
                             len,
@@ -631,7 +643,9 @@ impl TrainBackend for CpuBackend {
                             d_qkv_at(0),
                             stride,
                         );
-                        gemm::sgemm_strided_ptr(
+                        gemm::gemm_strided_ptr(
+                            precision,
+                            isa,
                             len,
                             d,
                             len,

@@ -227,7 +227,44 @@ struct Case {
 fn sgemm_strided_matches_reference() {
     for isa in Isa::available() {
         check_strided(isa.name(), false, false, |t, a, b, _, c| {
-            sgemm_strided_isa(isa, t.m, t.n, t.k, t.alpha, a, b, t.beta, c, t.ldc)
+            gemm_strided(
+                Precision::Fp32,
+                isa,
+                t.m,
+                t.n,
+                t.k,
+                t.alpha,
+                a,
+                b,
+                t.beta,
+                c,
+                t.ldc,
+            )
+        });
+    }
+}
+
+/// The single-threaded strided GEMM in bf16 (attention's products) on every
+/// path a backend can be capped at: the portable bf16 kernel below AVX-512,
+/// AVX512_BF16 where the host has it.
+#[test]
+fn bf16_gemm_strided_matches_reference_on_rounded_inputs() {
+    for isa in Isa::available() {
+        let name = format!("bf16 strided, {}", isa.name());
+        check_strided(&name, false, true, |t, a, b, _, c| {
+            gemm_strided(
+                Precision::Bf16,
+                isa,
+                t.m,
+                t.n,
+                t.k,
+                t.alpha,
+                a,
+                b,
+                t.beta,
+                c,
+                t.ldc,
+            )
         });
     }
 }
