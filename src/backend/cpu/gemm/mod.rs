@@ -46,6 +46,9 @@ use crate::backend::cpu::isa::Isa;
 use crate::backend::Precision;
 
 pub use pack::PackedWeight;
+/// For tests of other ops' erf-based math (GELU's backward).
+#[cfg(test)]
+pub(crate) use reference::erfc_f64;
 pub use reference::{linear_reference, sgemm_strided_reference};
 
 /// Fused epilogue applied after bias.
