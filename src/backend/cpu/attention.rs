@@ -168,16 +168,31 @@ fn attend_block(
             &qkv[task.start * stride + 2 * hidden + h * head_dim..],
             stride,
         );
-        gemm::gemm_strided(
-            precision, isa, queries, keys, head_dim, scale, q, k, 0.0, scores, keys,
-        );
-        ops::softmax_rows(isa, scores, keys);
-        if let Some(saved) = task.probs.get_mut(h) {
-            saved.copy_from_slice(scores);
-            let first = task.probs_base + h * keys * keys + (task.row - task.start) * keys;
-            ops::dropout_slice(isa, scores, dropout, first);
-        }
-        let scores = Strided::rows(scores, keys);
+        let softmax_into = |p: &mut [f32]| {
+            gemm::gemm_strided(
+                precision, isa, queries, keys, head_dim, scale, q, k, 0.0, p, keys,
+            );
+            ops::softmax_rows(isa, p, keys);
+        };
+        // Training computes the probabilities in their saved rows, and `V`
+        // is multiplied by those, or by their dropped copy in `scores`.
+        let probs: &[f32] = match task.probs.get_mut(h) {
+            Some(saved) => {
+                softmax_into(saved);
+                if dropout.is_off() {
+                    saved
+                } else {
+                    let first = task.probs_base + h * keys * keys + (task.row - task.start) * keys;
+                    ops::dropout_into(isa, scores, saved, dropout, first);
+                    scores
+                }
+            }
+            None => {
+                softmax_into(scores);
+                scores
+            }
+        };
+        let probs = Strided::rows(probs, keys);
         gemm::gemm_strided(
             precision,
             isa,
@@ -185,7 +200,7 @@ fn attend_block(
             head_dim,
             keys,
             1.0,
-            scores,
+            probs,
             v,
             0.0,
             &mut task.out[h * head_dim..],

@@ -445,8 +445,16 @@ impl TrainBackend for CpuBackend {
     }
 
     fn gelu_forward(&self, out: &mut Vec<f32>, pre: &Vec<f32>) {
-        out.copy_from_slice(pre);
-        self.threaded(|| out.par_chunks_mut(1 << 14).for_each(gemm::gelu_inplace));
+        // Copied chunk by chunk on the threads, so GELU reads the copy
+        // from cache rather than from memory after one serial copy.
+        self.threaded(|| {
+            out.par_chunks_mut(1 << 14)
+                .zip(pre.par_chunks(1 << 14))
+                .for_each(|(out, pre)| {
+                    out.copy_from_slice(pre);
+                    gemm::gelu_inplace(out)
+                })
+        });
     }
 
     fn gelu_backward(&self, d: &mut Vec<f32>, pre: &Vec<f32>) {
@@ -597,10 +605,16 @@ impl TrainBackend for CpuBackend {
                     // SAFETY: the offsets lie inside d_qkv (tokens × 3·hidden).
                     let d_qkv_at = |part: usize| unsafe { d_qkv_ptr.ptr().add(column(part)) };
 
-                    // d_v = dropout(P)ᵀ · d_o
-                    dropped.clear();
-                    dropped.extend_from_slice(p);
-                    ops::dropout_slice(isa, dropped, dropout, t.probs_offset);
+                    // d_v = dropout(P)ᵀ · d_o, the forward's dropped
+                    // probabilities regenerated in one pass (P itself
+                    // without dropout).
+                    let dropped = if dropout.is_off() {
+                        p
+                    } else {
+                        dropped.resize(len * len, 0.0);
+                        ops::dropout_into(isa, dropped, p, dropout, t.probs_offset);
+                        dropped
+                    };
                     let dropped = Strided::transposed(dropped, len);
                     // SAFETY: each task owns its (rows, head columns) blocks
                     // of d_qkv, which outlives the loop.
