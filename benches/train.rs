@@ -31,7 +31,7 @@ fn train_step_in(c: &mut Criterion, precision: Precision) {
         BertConfig::from_file(&dir.join("config.json")).expect("run scripts/fetch-assets.sh first");
     let ckpt = Checkpoint::open(&dir.join("model.safetensors")).unwrap();
     let mut model = SequenceClassifier::new(
-        CpuBackend::new(0).with_training_precision(precision),
+        CpuBackend::new(0).with_precision(precision),
         config,
         &ckpt,
         Pooling::Pooler,

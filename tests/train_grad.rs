@@ -122,14 +122,16 @@ fn loss_logits_and_gradients_match_pytorch() {
     );
 }
 
-/// bf16 matmuls (f32 sums, f32 everything else) against PyTorch's fp32
-/// numbers: what bf16 rounding costs, bounded. Measured here: logits 2.9e-4
-/// abs, loss 4.8e-5 rel, worst gradient 9.6e-3 rel (embedding LayerNorm),
-/// global norm 7.6e-4 rel; the bounds are about five times that, so a broken
-/// kernel (wrong pairs, a lost K tail) fails them by orders of magnitude.
+/// bf16 matmuls (linear layers and attention's products; f32 sums, f32
+/// everything else) against PyTorch's fp32 numbers: what bf16 rounding
+/// costs, bounded. Measured here: logits 3.7e-4 abs, loss 8.3e-5 rel, worst
+/// gradient 1.1e-2 rel (layer 0 query weight), global norm 2.2e-4 rel, the
+/// key bias (zero in exact arithmetic) 6.3e-6 abs; the bounds are about
+/// five times that, so a broken kernel (wrong pairs, a lost K tail) fails
+/// them by orders of magnitude.
 #[test]
 fn bf16_matmuls_stay_close_to_pytorch_fp32() {
-    let backend = CpuBackend::new(0).with_training_precision(Precision::Bf16);
+    let backend = CpuBackend::new(0).with_precision(Precision::Bf16);
     let (logits, loss, model, json, fixture) = run_fixture(backend);
     let diff = max_abs_diff(&logits, &fixture.get("logits").1);
     let want_loss = json["loss"].as_f64().unwrap();
@@ -142,6 +144,15 @@ fn bf16_matmuls_stay_close_to_pytorch_fp32() {
         let got = model.params.grad_of(&model.backend, name).unwrap();
         let diff: Vec<f32> = got.iter().zip(want).map(|(a, b)| a - b).collect();
         // As above: norms floored where the exact gradient is zero.
+        if name.ends_with("attention.self.key.bias") {
+            // Zero in exact arithmetic: rows of d_s sum to zero, so d_k's
+            // column sums cancel — but not once d_s is rounded to bf16 as
+            // an operand of d_k = d_sᵀ·q (as under autocast), so what is
+            // left is that rounding: bounded in absolute terms.
+            let abs = l2(&diff);
+            assert!(abs <= 3e-5, "{name}: absolute error {abs}");
+            continue;
+        }
         let relative = l2(&diff) / l2(want).max(1e-4);
         if relative > worst.0 {
             worst = (relative, name.clone());

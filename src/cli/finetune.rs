@@ -217,7 +217,7 @@ pub fn run(args: Args) -> Result<()> {
              slower than fp32 (same numbers)"
         );
     }
-    let backend = || CpuBackend::new(recipe.threads).with_training_precision(recipe.precision);
+    let backend = || CpuBackend::new(recipe.threads).with_precision(recipe.precision);
     if let Some(seeds) = &args.seeds {
         let report = finetune_seeds(backend, &recipe, seeds, args.quiet)?;
         outln!("{}", serde_json::to_string_pretty(&report)?)?;

@@ -152,6 +152,7 @@ impl<B: Backend> BertModel<B> {
         ckpt: &Checkpoint,
         loader: &dyn LinearLoader<B>,
     ) -> Result<Self> {
+        let backend = loader.configure(backend);
         let tensors = ModelTensors::new(ckpt)?;
         let hidden = config.hidden_size;
         let param = |name: &str, shape: &[usize]| -> Result<B::Param> {

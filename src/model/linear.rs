@@ -162,6 +162,13 @@ impl<'a> ModelTensors<'a> {
 /// Makes the backend's form of each linear layer.
 pub trait LinearLoader<B: Backend> {
     fn load(&self, backend: &B, tensors: &ModelTensors, spec: &LinearSpec) -> Result<B::Linear>;
+
+    /// The backend the model will run on, set up for these linears before
+    /// any is loaded (bf16 linears also put attention's products in bf16).
+    /// As given by default.
+    fn configure(&self, backend: B) -> B {
+        backend
+    }
 }
 
 /// Every linear in f32 (an INT8 artifact's weights dequantized), for any

@@ -25,7 +25,7 @@
 //!
 //! [`Bf16Linears`] is the other reduced-precision form: every encoder
 //! linear in bf16 (no calibration needed: bf16 keeps f32's range, and its
-//! products are summed in f32).
+//! products are summed in f32), and attention's products with them.
 
 mod calibrate;
 mod write;
@@ -35,6 +35,7 @@ use std::path::Path;
 
 use crate::backend::cpu::int8::QuantizedWeight;
 use crate::backend::cpu::{CpuBackend, CpuLinear};
+use crate::backend::Precision;
 use crate::error::{Error, Result};
 use crate::model::linear::{Int8Part, ModelTensors};
 use crate::model::{F32Linears, LinearLoader, LinearSpec};
@@ -246,6 +247,12 @@ impl LinearLoader<CpuBackend> for Bf16Linears {
         }
         let (weight, bias) = tensors.f32_linear(spec)?;
         Ok(backend.prepare_linear_bf16(&weight, &bias, spec.out_features(), spec.in_features))
+    }
+
+    /// Attention's `Q·Kᵀ` and `P·V` in bf16 too, as under PyTorch's bf16
+    /// autocast (softmax stays f32).
+    fn configure(&self, backend: CpuBackend) -> CpuBackend {
+        backend.with_precision(Precision::Bf16)
     }
 }
 

@@ -7,6 +7,10 @@
 //! the output. Only one `block × seq_len` score tile per thread exists at a
 //! time, never the whole `seq × seq` matrix — except in training, where
 //! backward needs the probabilities and [`attention_saving`] stores them.
+//!
+//! The two products (`Q·Kᵀ`, `P·V`) run in the backend's [`Precision`]:
+//! in bf16 their operands are rounded to bf16 and summed in f32, as
+//! PyTorch's bf16 autocast runs `bmm`; scale, softmax and dropout stay f32.
 
 use std::cell::RefCell;
 
@@ -16,6 +20,7 @@ use super::gemm::{self, Strided};
 use super::isa::Isa;
 use super::ops;
 use crate::backend::train::Dropout;
+use crate::backend::Precision;
 
 /// Query rows per task: small enough to give both cores work at seq 64,
 /// large enough that the score tile (block × seq) makes a decent GEMM.
@@ -28,13 +33,14 @@ thread_local! {
 /// Inference attention over the fused `[tokens, 3 × hidden]` QKV rows.
 pub fn attention(
     isa: Isa,
+    precision: Precision,
     out: &mut [f32],
     qkv: &[f32],
     offsets: &[usize],
     heads: usize,
     head_dim: usize,
 ) {
-    attend(isa, out, qkv, offsets, heads, head_dim, None);
+    attend(isa, precision, out, qkv, offsets, heads, head_dim, None);
 }
 
 /// Training attention: as [`attention`], and also stores the probabilities
@@ -44,6 +50,7 @@ pub fn attention(
 #[allow(clippy::too_many_arguments)]
 pub fn attention_saving(
     isa: Isa,
+    precision: Precision,
     out: &mut [f32],
     probs: &mut [f32],
     qkv: &[f32],
@@ -54,6 +61,7 @@ pub fn attention_saving(
 ) {
     attend(
         isa,
+        precision,
         out,
         qkv,
         offsets,
@@ -76,8 +84,10 @@ struct Task<'a> {
     probs_base: usize,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn attend(
     isa: Isa,
+    precision: Precision,
     out: &mut [f32],
     qkv: &[f32],
     offsets: &[usize],
@@ -128,14 +138,16 @@ fn attend(
     }
     tasks.into_par_iter().for_each(|task| {
         SCORES.with_borrow_mut(|scores| {
-            attend_block(isa, task, qkv, heads, head_dim, dropout, scores)
+            attend_block(isa, precision, task, qkv, heads, head_dim, dropout, scores)
         });
     });
 }
 
 /// Computes one [`Task`], every head.
+#[allow(clippy::too_many_arguments)]
 fn attend_block(
     isa: Isa,
+    precision: Precision,
     mut task: Task,
     qkv: &[f32],
     heads: usize,
@@ -156,20 +168,39 @@ fn attend_block(
             &qkv[task.start * stride + 2 * hidden + h * head_dim..],
             stride,
         );
-        gemm::sgemm_strided(queries, keys, head_dim, scale, q, k, 0.0, scores, keys);
-        ops::softmax_rows(isa, scores, keys);
-        if let Some(saved) = task.probs.get_mut(h) {
-            saved.copy_from_slice(scores);
-            let first = task.probs_base + h * keys * keys + (task.row - task.start) * keys;
-            ops::dropout_slice(isa, scores, dropout, first);
-        }
-        let scores = Strided::rows(scores, keys);
-        gemm::sgemm_strided(
+        let softmax_into = |p: &mut [f32]| {
+            gemm::gemm_strided(
+                precision, isa, queries, keys, head_dim, scale, q, k, 0.0, p, keys,
+            );
+            ops::softmax_rows(isa, p, keys);
+        };
+        // Training computes the probabilities in their saved rows, and `V`
+        // is multiplied by those, or by their dropped copy in `scores`.
+        let probs: &[f32] = match task.probs.get_mut(h) {
+            Some(saved) => {
+                softmax_into(saved);
+                if dropout.is_off() {
+                    saved
+                } else {
+                    let first = task.probs_base + h * keys * keys + (task.row - task.start) * keys;
+                    ops::dropout_into(isa, scores, saved, dropout, first);
+                    scores
+                }
+            }
+            None => {
+                softmax_into(scores);
+                scores
+            }
+        };
+        let probs = Strided::rows(probs, keys);
+        gemm::gemm_strided(
+            precision,
+            isa,
             queries,
             head_dim,
             keys,
             1.0,
-            scores,
+            probs,
             v,
             0.0,
             &mut task.out[h * head_dim..],

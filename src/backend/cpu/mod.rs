@@ -20,8 +20,10 @@ use crate::checkpoint::HostTensor;
 pub struct CpuBackend {
     isa: Isa,
     pool: rayon::ThreadPool,
-    /// What training's linear layers multiply in (see [`train`]).
-    training_precision: Precision,
+    /// What matrix products multiply in: attention's always, and training's
+    /// linear layers (inference linears take theirs at load, see
+    /// [`Self::prepare_linear_bf16`]).
+    precision: Precision,
 }
 
 /// A linear layer in the precision chosen for it at load.
@@ -54,14 +56,16 @@ impl CpuBackend {
         CpuBackend {
             isa,
             pool,
-            training_precision: Precision::Fp32,
+            precision: Precision::Fp32,
         }
     }
 
-    /// Training's linear layers multiply in `precision` (bf16 runs on
-    /// AVX512_BF16 where the host has it, see [`gemm::bf16_native`]).
-    pub fn with_training_precision(mut self, precision: Precision) -> Self {
-        self.training_precision = precision;
+    /// Attention's products, and training's linear layers, multiply in
+    /// `precision` (bf16 runs on AVX512_BF16 where the host has it, see
+    /// [`gemm::bf16_native`]). Inference with bf16 linears sets it through
+    /// its loader ([`crate::quant::Bf16Linears`]), so attention matches them.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
         self
     }
 
@@ -245,8 +249,9 @@ impl Backend for CpuBackend {
         heads: usize,
         head_dim: usize,
     ) {
-        self.pool
-            .install(|| attention::attention(self.isa, out, qkv, offsets, heads, head_dim));
+        self.pool.install(|| {
+            attention::attention(self.isa, self.precision, out, qkv, offsets, heads, head_dim)
+        });
     }
 
     fn gather_rows(&self, out: &mut Vec<f32>, input: &Vec<f32>, rows: &[usize], cols: usize) {

@@ -138,9 +138,34 @@ multiversion! {
         }
         let keep_scale = 1.0 / (1.0 - dropout.p);
         for (i, v) in x.iter_mut().enumerate() {
-            let u = rng::uniform_at(dropout.seed, (first + i) as u64);
-            *v = if u < dropout.p { 0.0 } else { *v * keep_scale };
+            *v = dropped(*v, dropout, keep_scale, first + i);
         }
+    }
+}
+
+multiversion! {
+    /// `dst = dropout(src)`: [`dropout_slice`] applied to a copy of `src`,
+    /// the same mask bit for bit, in one pass instead of a copy and a
+    /// pass (attention regenerates dropped probabilities from the saved
+    /// ones this way).
+    pub fn dropout_into(dst: &mut [f32], src: &[f32], dropout: Dropout, first: usize) {
+        assert_eq!(dst.len(), src.len(), "dropout_into: lengths differ");
+        let keep_scale = 1.0 / (1.0 - dropout.p);
+        for (i, (d, &v)) in dst.iter_mut().zip(src).enumerate() {
+            *d = dropped(v, dropout, keep_scale, first + i);
+        }
+    }
+}
+
+/// Element `index` of a tensor, `v`, after `dropout` (`keep_scale` is
+/// `1 / (1 - p)`): the mask is a hash of the index.
+#[inline(always)]
+fn dropped(v: f32, dropout: Dropout, keep_scale: f32, index: usize) -> f32 {
+    let u = rng::uniform_at(dropout.seed, index as u64);
+    if u < dropout.p {
+        0.0
+    } else {
+        v * keep_scale
     }
 }
 
@@ -163,5 +188,10 @@ mod tests {
         assert!((dropped - 0.1).abs() < 0.01, "dropped {dropped}");
         let kept = input.iter().zip(&want).find(|(_, &w)| w != 0.0).unwrap();
         assert_eq!(*kept.1, kept.0 / 0.9);
+        for isa in Isa::available() {
+            let mut got = vec![f32::NAN; input.len()];
+            dropout_into(isa, &mut got, &input, dropout, 123);
+            assert_eq!(got, want, "dropout_into {}", isa.name());
+        }
     }
 }

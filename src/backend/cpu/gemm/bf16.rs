@@ -7,12 +7,18 @@
 //! `bf16(a(i, 2q))` in its low half and `bf16(a(i, 2q + 1))` in its high
 //! half (zero past K): the operand layout of `vdpbf16ps`, which multiplies
 //! pairs and adds both products into one f32 lane. Slots live in f32
-//! buffers as bit patterns (never used as floats), so the driver, its
-//! scratch and the f32 transposing packers serve both kernels.
+//! buffers as bit patterns (never used as floats), so the driver and its
+//! scratch serve both kernels.
+//!
+//! Packing converts as it lays out, in one pass over the source: a row of
+//! f32 values becomes its slots in order (`vcvtne2ps2bf16` on 32 values
+//! gives their 16 slots), so packing a row-major operand into panels is a
+//! transpose of slots, done on the converted registers before they are
+//! stored.
 
 use std::cell::RefCell;
 
-use super::{pack, portable, Kernel, Tile};
+use super::{portable, Kernel, Tile};
 use crate::backend::cpu::isa::Isa;
 
 /// `x` rounded to bf16 (to nearest, ties to even), as bits. NaN stays a
@@ -66,33 +72,41 @@ pub(super) fn kernel(isa: Isa) -> &'static Kernel {
 
 /// The two conversions every packer is made of, scalar or SIMD.
 trait Convert {
-    /// Row `r` of `src` (stride `ld`, `k` values) becomes `k.div_ceil(2)`
-    /// slots at `dst[r * k.div_ceil(2)..]`.
+    /// Row `i` of `src` (stride `ld`, `k` values) becomes `k.div_ceil(2)`
+    /// slots down column `i` of `dst`: slot `q` at `dst[q * stride + i]`.
     ///
     /// # Safety
     /// The implementation's instruction set must run on this host.
-    unsafe fn rows_to_slots(src: &[f32], ld: usize, rows: usize, k: usize, dst: &mut [f32]);
+    unsafe fn rows_to_panel(
+        src: &[f32],
+        ld: usize,
+        rows: usize,
+        k: usize,
+        dst: &mut [f32],
+        stride: usize,
+    );
 
     /// `dst[i] = pair(lo[i], hi[i])`, `hi` None meaning zeros.
     ///
     /// # Safety
-    /// As for [`Self::rows_to_slots`].
+    /// As for [`Self::rows_to_panel`].
     unsafe fn interleave(lo: &[f32], hi: Option<&[f32]>, dst: &mut [f32]);
-
-    /// The f32 packers, applied to slots.
-    const PACK_A: super::PackAFn;
-    const PACK_B: super::PackBFn;
 }
 
 struct Scalar;
 
 impl Convert for Scalar {
-    unsafe fn rows_to_slots(src: &[f32], ld: usize, rows: usize, k: usize, dst: &mut [f32]) {
-        let steps = k.div_ceil(2);
-        for r in 0..rows {
-            let row = &src[r * ld..][..k];
-            for (q, slot) in dst[r * steps..][..steps].iter_mut().enumerate() {
-                *slot = pair(row[2 * q], row.get(2 * q + 1).copied().unwrap_or(0.0));
+    unsafe fn rows_to_panel(
+        src: &[f32],
+        ld: usize,
+        rows: usize,
+        k: usize,
+        dst: &mut [f32],
+        stride: usize,
+    ) {
+        for i in 0..rows {
+            for (q, values) in src[i * ld..][..k].chunks(2).enumerate() {
+                dst[q * stride + i] = pair(values[0], values.get(1).copied().unwrap_or(0.0));
             }
         }
     }
@@ -102,17 +116,16 @@ impl Convert for Scalar {
             *slot = pair(lo[i], hi.map_or(0.0, |h| h[i]));
         }
     }
-
-    const PACK_A: super::PackAFn = pack::pack_a;
-    const PACK_B: super::PackBFn = pack::pack_b;
 }
 
 thread_local! {
-    // Slot rows before they are transposed into panels.
+    // One step's slots for a whole A block read transposed, before they are
+    // split between its panels.
     static SLOTS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Packs a row-major A block: rows to slots, then the f32 panel transpose.
+/// Packs a row-major A block: each `mr`-row panel converted and transposed
+/// in one pass.
 ///
 /// # Safety
 /// `C`'s instruction set must run on this host.
@@ -125,14 +138,11 @@ unsafe fn pack_a<C: Convert>(
     dst: &mut [f32],
 ) {
     let steps = kc.div_ceil(2);
-    SLOTS.with_borrow_mut(|slots| {
-        slots.resize(mc * steps, 0.0);
+    for (r, panel) in dst[..mc * steps].chunks_mut(mr * steps).enumerate() {
+        let rows = panel.len() / steps;
         // SAFETY: forwarded contract.
-        unsafe {
-            C::rows_to_slots(src, lda, mc, kc, slots);
-            (C::PACK_A)(slots, steps, mc, steps, mr, dst);
-        }
-    });
+        unsafe { C::rows_to_panel(&src[r * mr * lda..], lda, rows, kc, panel, rows) };
+    }
 }
 
 /// Packs an A block read transposed (`a(i, p) = src[p * lda + i]`): each
@@ -179,18 +189,6 @@ unsafe fn pack_b<C: Convert>(
     dst: &mut [f32],
 ) {
     let steps = k.div_ceil(2);
-    if transposed {
-        // `b(p, j) = src[j * ldb + p]`: pairs are adjacent in a source row.
-        SLOTS.with_borrow_mut(|slots| {
-            slots.resize(n * steps, 0.0);
-            // SAFETY: forwarded contract.
-            unsafe {
-                C::rows_to_slots(src, ldb, n, k, slots);
-                (C::PACK_B)(slots, steps, true, steps, n, nr, dst);
-            }
-        });
-        return;
-    }
     let panel_len = steps * nr;
     if panel_len == 0 {
         return;
@@ -201,12 +199,23 @@ unsafe fn pack_b<C: Convert>(
     {
         let j0 = q * nr;
         let cols = nr.min(n - j0);
-        for (step, out) in panel.chunks_exact_mut(nr).enumerate() {
-            let lo = &src[2 * step * ldb + j0..][..cols];
-            let hi = (2 * step + 1 < k).then(|| &src[(2 * step + 1) * ldb + j0..][..cols]);
+        if transposed {
+            // `b(p, j) = src[j * ldb + p]`: the panel's columns are source
+            // rows, pairs adjacent in them.
             // SAFETY: forwarded contract.
-            unsafe { C::interleave(lo, hi, &mut out[..cols]) };
-            out[cols..].fill(0.0);
+            unsafe { C::rows_to_panel(&src[j0 * ldb..], ldb, cols, k, panel, nr) };
+        } else {
+            for (step, out) in panel.chunks_exact_mut(nr).enumerate() {
+                let lo = &src[2 * step * ldb + j0..][..cols];
+                let hi = (2 * step + 1 < k).then(|| &src[(2 * step + 1) * ldb + j0..][..cols]);
+                // SAFETY: forwarded contract.
+                unsafe { C::interleave(lo, hi, &mut out[..cols]) };
+            }
+        }
+        if cols < nr {
+            for out in panel.chunks_exact_mut(nr) {
+                out[cols..].fill(0.0);
+            }
         }
     }
 }
@@ -256,7 +265,7 @@ mod native_kernel {
 
     use std::arch::x86_64::*;
 
-    use super::super::{avx2, avx512, Kernel, Tile};
+    use super::super::{avx512, Kernel, Tile};
     use super::{pack_a, pack_a_transposed, pack_b, Convert};
 
     const MR: usize = avx512::MR;
@@ -287,41 +296,105 @@ mod native_kernel {
         }
     }
 
-    impl Convert for Avx512Bf16 {
-        #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")]
-        unsafe fn rows_to_slots(src: &[f32], ld: usize, rows: usize, k: usize, dst: &mut [f32]) {
-            let steps = k.div_ceil(2);
-            assert!(
-                rows == 0 || src.len() >= (rows - 1) * ld + k,
-                "rows out of bounds"
+    /// Transposes a 16 × 16 matrix of 32-bit elements held one row per
+    /// register: pairs of rows interleaved, then quads, then 128-bit lanes
+    /// gathered across registers in two rounds.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn transpose16(v: &mut [__m512i; 16]) {
+        let mut t = [_mm512_setzero_si512(); 16];
+        for g in 0..4 {
+            let r = &v[4 * g..4 * g + 4];
+            // Within each 128-bit lane: elements 0, 1 (lo) or 2, 3 (hi) of
+            // two rows, alternating.
+            let (lo01, hi01) = (
+                _mm512_unpacklo_epi32(r[0], r[1]),
+                _mm512_unpackhi_epi32(r[0], r[1]),
             );
-            assert!(dst.len() >= rows * steps, "slots out of bounds");
-            for r in 0..rows {
-                let (s, d) = (src[r * ld..].as_ptr(), dst[r * steps..].as_mut_ptr());
+            let (lo23, hi23) = (
+                _mm512_unpacklo_epi32(r[2], r[3]),
+                _mm512_unpackhi_epi32(r[2], r[3]),
+            );
+            // Register `4g + m`, lane `L`: column `4L + m` of rows `4g..4g + 4`.
+            t[4 * g] = _mm512_unpacklo_epi64(lo01, lo23);
+            t[4 * g + 1] = _mm512_unpackhi_epi64(lo01, lo23);
+            t[4 * g + 2] = _mm512_unpacklo_epi64(hi01, hi23);
+            t[4 * g + 3] = _mm512_unpackhi_epi64(hi01, hi23);
+        }
+        for m in 0..4 {
+            // Lanes 0 and 2 (0x88) or 1 and 3 (0xdd) of each operand.
+            let even_a = _mm512_shuffle_i32x4::<0x88>(t[m], t[4 + m]);
+            let odd_a = _mm512_shuffle_i32x4::<0xdd>(t[m], t[4 + m]);
+            let even_b = _mm512_shuffle_i32x4::<0x88>(t[8 + m], t[12 + m]);
+            let odd_b = _mm512_shuffle_i32x4::<0xdd>(t[8 + m], t[12 + m]);
+            // Column `4L + m` is lane `L` of the four row groups in turn.
+            v[m] = _mm512_shuffle_i32x4::<0x88>(even_a, even_b);
+            v[4 + m] = _mm512_shuffle_i32x4::<0x88>(odd_a, odd_b);
+            v[8 + m] = _mm512_shuffle_i32x4::<0xdd>(even_a, even_b);
+            v[12 + m] = _mm512_shuffle_i32x4::<0xdd>(odd_a, odd_b);
+        }
+    }
+
+    impl Convert for Avx512Bf16 {
+        /// Sixteen rows at a time: 32 values of each become its 16 slots
+        /// in one register (`vcvtne2ps2bf16`, in order), the 16 × 16 slots
+        /// are transposed in registers, and each register then holds one
+        /// step for the 16 rows: one masked store.
+        #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")]
+        unsafe fn rows_to_panel(
+            src: &[f32],
+            ld: usize,
+            rows: usize,
+            k: usize,
+            dst: &mut [f32],
+            stride: usize,
+        ) {
+            let steps = k.div_ceil(2);
+            if rows == 0 || steps == 0 {
+                return;
+            }
+            assert!(src.len() >= (rows - 1) * ld + k, "rows out of bounds");
+            assert!(
+                dst.len() >= (steps - 1) * stride + rows,
+                "panel out of bounds"
+            );
+            let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+            for i0 in (0..rows).step_by(16) {
+                let live = (rows - i0).min(16);
                 let mut p = 0;
                 while p < k {
-                    // 32 values become 16 slots; masked lanes read as zero,
-                    // which pads an odd tail.
+                    // Masked lanes read as zero: that pads an odd tail, and
+                    // rows past `live` (all lanes masked) read nothing.
                     let lo_mask = mask16(k - p);
                     let hi_mask = mask16((k - p).saturating_sub(16));
-                    // SAFETY: the masks cover only values `p..k` of the row
-                    // (asserted in bounds); `wrapping_add` because the upper
-                    // address may lie past the end when fully masked.
-                    let pairs = unsafe {
-                        _mm512_cvtne2ps_pbh(
-                            _mm512_maskz_loadu_ps(hi_mask, s.wrapping_add(p + 16)),
-                            _mm512_maskz_loadu_ps(lo_mask, s.add(p)),
-                        )
-                    };
-                    let out_mask = mask16((k - p).div_ceil(2));
-                    // SAFETY: slots `p / 2..steps` of the row exist.
-                    unsafe {
-                        _mm512_mask_storeu_epi32(
-                            d.add(p / 2).cast(),
-                            out_mask,
-                            std::mem::transmute::<__m512bh, __m512i>(pairs),
-                        )
-                    };
+                    let mut v = [_mm512_setzero_si512(); 16];
+                    for (i, slots) in v.iter_mut().enumerate() {
+                        let (lo, hi) = if i < live { (lo_mask, hi_mask) } else { (0, 0) };
+                        // `wrapping_add`: a fully masked row's address may
+                        // lie past the end of `src`.
+                        let row = s.wrapping_add((i0 + i) * ld + p);
+                        // SAFETY: the masks cover only values `p..k` of rows
+                        // below `rows` (asserted in bounds).
+                        *slots = unsafe {
+                            std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(
+                                _mm512_maskz_loadu_ps(hi, row.wrapping_add(16)),
+                                _mm512_maskz_loadu_ps(lo, row),
+                            ))
+                        };
+                    }
+                    transpose16(&mut v);
+                    let row_mask = mask16(live);
+                    for (j, step) in v.iter().take((k - p).div_ceil(2)).enumerate() {
+                        // SAFETY: step `p / 2 + j < steps`, lanes `i0..i0 +
+                        // live` of it: inside `dst` (asserted above).
+                        unsafe {
+                            _mm512_mask_storeu_epi32(
+                                d.add((p / 2 + j) * stride + i0).cast(),
+                                row_mask,
+                                *step,
+                            )
+                        };
+                    }
                     p += 32;
                 }
             }
@@ -361,9 +434,6 @@ mod native_kernel {
                 i += 16;
             }
         }
-
-        const PACK_A: super::super::PackAFn = avx2::pack_a;
-        const PACK_B: super::super::PackBFn = avx2::pack_b;
     }
 
     /// # Safety

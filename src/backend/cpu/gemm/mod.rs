@@ -43,8 +43,12 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use crate::backend::cpu::isa::Isa;
+use crate::backend::Precision;
 
 pub use pack::PackedWeight;
+/// For tests of other ops' erf-based math (GELU's backward).
+#[cfg(test)]
+pub(crate) use reference::erfc_f64;
 pub use reference::{linear_reference, sgemm_strided_reference};
 
 /// Fused epilogue applied after bias.
@@ -612,7 +616,8 @@ fn gemm_with(
 /// Single-threaded strided sgemm (no rayon inside; call it from parallel
 /// loops): `c[i*ldc + j] = beta·c[i*ldc + j] + alpha·Σ_p a(i,p)·b(p,j)` for
 /// an `m × n` C. `beta == 0` ignores the old contents of `c`. Packs into
-/// thread-local scratch; no allocation in steady state.
+/// thread-local scratch; no allocation in steady state. Runs the widest
+/// f32 kernel this host has ([`gemm_strided`] picks precision and path).
 #[allow(clippy::too_many_arguments)] // the BLAS sgemm signature
 pub fn sgemm_strided(
     m: usize,
@@ -625,7 +630,19 @@ pub fn sgemm_strided(
     c: &mut [f32],
     ldc: usize,
 ) {
-    sgemm_strided_isa(Isa::detect(), m, n, k, alpha, a, b, beta, c, ldc)
+    gemm_strided(
+        Precision::Fp32,
+        Isa::detect(),
+        m,
+        n,
+        k,
+        alpha,
+        a,
+        b,
+        beta,
+        c,
+        ldc,
+    )
 }
 
 /// Minimum length of a strided `rows × cols` matrix with leading dimension
@@ -638,8 +655,22 @@ fn strided_len(rows: usize, cols: usize, ld: usize, name: &str) -> usize {
     (rows - 1) * ld + cols
 }
 
-#[allow(clippy::too_many_arguments)] // `sgemm_strided` plus the instruction set
-fn sgemm_strided_isa(
+/// The kernel of a backend capped at `isa` multiplying in `precision`:
+/// bf16 is [`gemm_bf16`]'s kernel (AVX512_BF16 or its portable twin).
+fn kernel_for(precision: Precision, isa: Isa) -> &'static Kernel {
+    match precision {
+        Precision::Fp32 => kernel(isa),
+        Precision::Bf16 => bf16::kernel(isa),
+    }
+}
+
+/// [`sgemm_strided`] in `precision` on a backend capped at `isa`: with
+/// [`Precision::Bf16`], A and B are rounded to bf16 as they are packed and
+/// the sums stay f32 (attention's batched matmuls under PyTorch's bf16
+/// autocast), through the same driver as f32.
+#[allow(clippy::too_many_arguments)] // the BLAS sgemm signature, plus the numerics
+pub fn gemm_strided(
+    precision: Precision,
     isa: Isa,
     m: usize,
     n: usize,
@@ -653,36 +684,33 @@ fn sgemm_strided_isa(
 ) {
     assert!(c.len() >= strided_len(m, n, ldc, "c"), "c too short");
     // SAFETY: `c` is borrowed mutably and holds the region (checked above).
-    unsafe { sgemm_strided_ptr_isa(isa, m, n, k, alpha, a, b, beta, c.as_mut_ptr(), ldc) }
+    unsafe {
+        gemm_strided_ptr(
+            precision,
+            isa,
+            m,
+            n,
+            k,
+            alpha,
+            a,
+            b,
+            beta,
+            c.as_mut_ptr(),
+            ldc,
+        )
+    }
 }
 
-/// [`sgemm_strided`] into a C given by pointer, for parallel tasks that each
+/// [`gemm_strided`] into a C given by pointer, for parallel tasks that each
 /// write their own columns of one matrix (attention heads): their regions
 /// interleave, so they cannot be split into disjoint slices.
 ///
 /// # Safety
 /// `c` must be valid for reads and writes of the `m × n` region at stride
 /// `ldc`, and no other thread may access that region meanwhile.
-#[allow(clippy::too_many_arguments)] // the BLAS sgemm signature
-pub unsafe fn sgemm_strided_ptr(
-    m: usize,
-    n: usize,
-    k: usize,
-    alpha: f32,
-    a: Strided,
-    b: Strided,
-    beta: f32,
-    c: *mut f32,
-    ldc: usize,
-) {
-    // SAFETY: forwarded contract.
-    unsafe { sgemm_strided_ptr_isa(Isa::detect(), m, n, k, alpha, a, b, beta, c, ldc) }
-}
-
-/// # Safety
-/// As for [`sgemm_strided_ptr`].
-#[allow(clippy::too_many_arguments)] // `sgemm_strided_ptr` plus the instruction set
-unsafe fn sgemm_strided_ptr_isa(
+#[allow(clippy::too_many_arguments)] // `gemm_strided` with C by pointer
+pub unsafe fn gemm_strided_ptr(
+    precision: Precision,
     isa: Isa,
     m: usize,
     n: usize,
@@ -700,7 +728,7 @@ unsafe fn sgemm_strided_ptr_isa(
         return;
     }
     assert!(ldc >= n, "c: leading dimension {ldc} < {n}");
-    let kern = kernel(isa);
+    let kern = kernel_for(precision, isa);
     let out = Out {
         c,
         ldc,

@@ -227,7 +227,44 @@ struct Case {
 fn sgemm_strided_matches_reference() {
     for isa in Isa::available() {
         check_strided(isa.name(), false, false, |t, a, b, _, c| {
-            sgemm_strided_isa(isa, t.m, t.n, t.k, t.alpha, a, b, t.beta, c, t.ldc)
+            gemm_strided(
+                Precision::Fp32,
+                isa,
+                t.m,
+                t.n,
+                t.k,
+                t.alpha,
+                a,
+                b,
+                t.beta,
+                c,
+                t.ldc,
+            )
+        });
+    }
+}
+
+/// The single-threaded strided GEMM in bf16 (attention's products) on every
+/// path a backend can be capped at: the portable bf16 kernel below AVX-512,
+/// AVX512_BF16 where the host has it.
+#[test]
+fn bf16_gemm_strided_matches_reference_on_rounded_inputs() {
+    for isa in Isa::available() {
+        let name = format!("bf16 strided, {}", isa.name());
+        check_strided(&name, false, true, |t, a, b, _, c| {
+            gemm_strided(
+                Precision::Bf16,
+                isa,
+                t.m,
+                t.n,
+                t.k,
+                t.alpha,
+                a,
+                b,
+                t.beta,
+                c,
+                t.ldc,
+            )
         });
     }
 }
@@ -302,6 +339,85 @@ fn bf16_gemm_matches_reference_on_rounded_inputs() {
                 })
             });
         }
+    }
+}
+
+/// The AVX512_BF16 packers (one pass: convert, then transpose slots in
+/// registers) against the portable ones, bit for bit, on odd shapes and
+/// strides (partial row groups and panels, odd K, K tails past 32), with
+/// rounding ties among the values.
+#[test]
+fn bf16_native_packers_match_portable_bit_for_bit() {
+    if !bf16::native(Isa::detect()) {
+        eprintln!("no AVX512_BF16 on this host: nothing to compare");
+        return;
+    }
+    let native = bf16::kernel(Isa::detect());
+    let portable = &bf16::PORTABLE;
+    let (mr, nr) = (native.mr, native.nr);
+    let values = |len: usize, seed: u64| -> Vec<f32> {
+        let mut v = random(len, seed);
+        for (i, x) in v.iter_mut().enumerate() {
+            let high = x.to_bits() & 0xffff_0000;
+            // Exact ties (to even, both ways) and values just below one.
+            match i % 5 {
+                0 => *x = f32::from_bits(high | 0x8000),
+                1 => *x = f32::from_bits(high | 0x7fff),
+                _ => {}
+            }
+        }
+        v
+    };
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    // Unwritten slots differ: NaN in one, another NaN pattern in the other.
+    let buffers = |len: usize| (vec![f32::NAN; len], vec![f32::from_bits(0x7fc0_1234); len]);
+    for (rows, k) in [
+        (1usize, 1usize),
+        (5, 3),
+        (12, 32),
+        (13, 33),
+        (16, 31),
+        (17, 64),
+        (33, 65),
+        (40, 100),
+        (144, 1024),
+    ] {
+        let steps = k.div_ceil(2);
+        let seed = (rows * 1009 + k) as u64;
+        // Row-major: A as it is, and B read transposed (a weight).
+        let ld = k + 3;
+        let src = values(rows * ld, seed);
+        let (mut want, mut got) = buffers(rows * steps);
+        // SAFETY: the native kernel runs on this host (checked above).
+        unsafe {
+            (portable.pack_a)(&src, ld, rows, k, mr, &mut want);
+            (native.pack_a)(&src, ld, rows, k, mr, &mut got);
+        }
+        assert_eq!(bits(&got), bits(&want), "pack_a {rows}x{k}");
+        let (mut want, mut got) = buffers(rows.div_ceil(nr) * steps * nr);
+        // SAFETY: as above.
+        unsafe {
+            (portable.pack_b)(&src, ld, true, k, rows, nr, &mut want);
+            (native.pack_b)(&src, ld, true, k, rows, nr, &mut got);
+        }
+        assert_eq!(bits(&got), bits(&want), "pack_b transposed {k}x{rows}");
+        // Stored K-major: A read transposed, B as it is.
+        let ld = rows + 5;
+        let src = values(k * ld, seed + 1);
+        let (mut want, mut got) = buffers(rows * steps);
+        // SAFETY: as above.
+        unsafe {
+            (portable.pack_a_transposed)(&src, ld, rows, k, mr, &mut want);
+            (native.pack_a_transposed)(&src, ld, rows, k, mr, &mut got);
+        }
+        assert_eq!(bits(&got), bits(&want), "pack_a_transposed {rows}x{k}");
+        let (mut want, mut got) = buffers(rows.div_ceil(nr) * steps * nr);
+        // SAFETY: as above.
+        unsafe {
+            (portable.pack_b)(&src, ld, false, k, rows, nr, &mut want);
+            (native.pack_b)(&src, ld, false, k, rows, nr, &mut got);
+        }
+        assert_eq!(bits(&got), bits(&want), "pack_b {k}x{rows}");
     }
 }
 
