@@ -13,47 +13,10 @@ use bertrt::config::BertConfig;
 use bertrt::model::{Pooling, TokenBatch};
 use bertrt::train::classifier::{ForwardMode, SequenceClassifier, Targets};
 use bertrt::train::loss;
-use common::Rng;
+use common::{check_gradient as check, dot, Rng};
 
 fn backend() -> CpuBackend {
     CpuBackend::new(2)
-}
-
-/// Compares `analytic` with central differences of `loss` at every element
-/// of `x` (or a sample of `max_checks` of them): relative L2 error <= 1e-2
-/// (f32 arithmetic, step 1e-2; gradient norms floored at 1e-3 per element).
-fn check(
-    name: &str,
-    x: &[f32],
-    analytic: &[f32],
-    max_checks: usize,
-    mut loss: impl FnMut(&[f32]) -> f64,
-) {
-    assert_eq!(x.len(), analytic.len(), "{name}");
-    let step = (x.len() / max_checks).max(1);
-    let eps = 1e-2f32;
-    let (mut diff2, mut norm2, mut count) = (0.0f64, 0.0f64, 0.0f64);
-    let mut probe = x.to_vec();
-    for i in (0..x.len()).step_by(step) {
-        probe[i] = x[i] + eps;
-        let up = loss(&probe);
-        probe[i] = x[i] - eps;
-        let down = loss(&probe);
-        probe[i] = x[i];
-        let numeric = (up - down) / (2.0 * eps as f64);
-        diff2 += (numeric - analytic[i] as f64).powi(2);
-        norm2 += numeric.powi(2).max((analytic[i] as f64).powi(2));
-        count += 1.0;
-    }
-    // Floor: gradients that are zero in exact arithmetic (the attention key
-    // bias: softmax is shift-invariant) are compared in absolute terms.
-    let relative = (diff2 / norm2.max(1e-6 * count)).sqrt();
-    assert!(relative <= 1e-2, "{name}: relative error {relative:e}");
-}
-
-/// `Σ out ⊙ r`: a scalar whose gradient with respect to `out` is `r`.
-fn dot(out: &[f32], r: &[f32]) -> f64 {
-    out.iter().zip(r).map(|(a, b)| *a as f64 * *b as f64).sum()
 }
 
 #[test]

@@ -17,45 +17,11 @@ use bertrt::config::BertConfig;
 use bertrt::lora::{LoraSpec, LoraTarget, ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX};
 use bertrt::model::{Pooling, TokenBatch};
 use bertrt::train::classifier::{ForwardMode, SequenceClassifier, Targets};
-use common::{max_abs_diff, Rng};
+use common::{check_gradient as check, dot, max_abs_diff, Rng};
 use safetensors::Dtype;
 
 fn backend() -> CpuBackend {
     CpuBackend::new(2)
-}
-
-/// Compares `analytic` with central differences of `loss` at (a sample of
-/// `max_checks` of) the elements of `x`: relative L2 error <= 1e-2, as in
-/// `grad_check.rs`.
-fn check(
-    name: &str,
-    x: &[f32],
-    analytic: &[f32],
-    max_checks: usize,
-    mut loss: impl FnMut(&[f32]) -> f64,
-) {
-    assert_eq!(x.len(), analytic.len(), "{name}");
-    let step = (x.len() / max_checks).max(1);
-    let eps = 1e-2f32;
-    let (mut diff2, mut norm2, mut count) = (0.0f64, 0.0f64, 0.0f64);
-    let mut probe = x.to_vec();
-    for i in (0..x.len()).step_by(step) {
-        probe[i] = x[i] + eps;
-        let up = loss(&probe);
-        probe[i] = x[i] - eps;
-        let down = loss(&probe);
-        probe[i] = x[i];
-        let numeric = (up - down) / (2.0 * eps as f64);
-        diff2 += (numeric - analytic[i] as f64).powi(2);
-        norm2 += numeric.powi(2).max((analytic[i] as f64).powi(2));
-        count += 1.0;
-    }
-    let relative = (diff2 / norm2.max(1e-6 * count)).sqrt();
-    assert!(relative <= 1e-2, "{name}: relative error {relative:e}");
-}
-
-fn dot(out: &[f32], r: &[f32]) -> f64 {
-    out.iter().zip(r).map(|(a, b)| *a as f64 * *b as f64).sum()
 }
 
 /// The adapter op on the middle third of a wider output (a key adapter on
