@@ -18,7 +18,7 @@ use bertrt::tag::TextWords;
 use bertrt::tokenize::BertTokenizer;
 use bertrt::train::classifier::{ForwardMode, SequenceClassifier, Targets};
 use bertrt::train::loss::token_cross_entropy;
-use common::Rng;
+use common::{check_gradient as check, Rng};
 use safetensors::Dtype;
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -295,33 +295,6 @@ fn reference_loss(logits: &[f32], labels: &[Option<usize>], classes: usize) -> f
         }
     }
     total / n
-}
-
-/// Central differences, relative L2 error <= 1e-2 over a sample.
-fn check(
-    name: &str,
-    x: &[f32],
-    analytic: &[f32],
-    samples: usize,
-    mut f: impl FnMut(&[f32]) -> f64,
-) {
-    let step = (x.len() / samples).max(1);
-    let eps = 1e-2f32;
-    let (mut diff2, mut norm2, mut count) = (0.0f64, 0.0f64, 0.0f64);
-    let mut probe = x.to_vec();
-    for i in (0..x.len()).step_by(step) {
-        probe[i] = x[i] + eps;
-        let up = f(&probe);
-        probe[i] = x[i] - eps;
-        let down = f(&probe);
-        probe[i] = x[i];
-        let numeric = (up - down) / (2.0 * eps as f64);
-        diff2 += (numeric - analytic[i] as f64).powi(2);
-        norm2 += numeric.powi(2).max((analytic[i] as f64).powi(2));
-        count += 1.0;
-    }
-    let relative = (diff2 / norm2.max(1e-6 * count)).sqrt();
-    assert!(relative <= 1e-2, "{name}: relative error {relative:e}");
 }
 
 #[test]
