@@ -37,6 +37,11 @@ pub enum Precision {
     /// Operands rounded to bf16, products summed in f32: PyTorch's bf16
     /// autocast for matmuls.
     Bf16,
+    /// Operands rounded to fp16, products summed in f32, with dynamic loss
+    /// scaling in training ([`crate::train::loss_scale`]): PyTorch's fp16
+    /// autocast with `GradScaler`. CUDA only (CPUs have no fast fp16 dot
+    /// product; bf16 is their half precision).
+    Fp16,
 }
 
 /// Applied to a matmul's output after the bias.

@@ -107,16 +107,24 @@ pub struct Numerics {
     pub int8: bool,
     /// What the encoder's linear layers multiply in: fp32, or bf16 operands
     /// with f32 sums (fastest on CPUs with AVX512_BF16).
-    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
-    pub dtype: Precision,
+    #[arg(long, value_enum, default_value_t = Dtype::Fp32)]
+    pub dtype: Dtype,
+}
+
+/// What inference's linear layers multiply in: the CPU's precisions (fp16
+/// is a CUDA training precision, [`Precision::Fp16`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Dtype {
+    Fp32,
+    Bf16,
 }
 
 impl Numerics {
     /// How to load `dir`'s linear layers.
     pub fn load_linears(&self, dir: &Path) -> Result<Box<dyn LinearLoader<CpuBackend>>> {
         Ok(match self.dtype {
-            Precision::Bf16 => Box::new(Bf16Linears),
-            Precision::Fp32 => Box::new(load_linears(dir, self.int8)?),
+            Dtype::Bf16 => Box::new(Bf16Linears),
+            Dtype::Fp32 => Box::new(load_linears(dir, self.int8)?),
         })
     }
 }

@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 
-use bertrt::backend::Precision;
+use super::quantize::Dtype;
 use bertrt::serve::model::LinearNumerics;
 use bertrt::serve::queue::Limits;
 use bertrt::serve::{self, Options};
@@ -64,8 +64,8 @@ pub fn run(args: Args) -> Result<()> {
         model: args.model,
         numerics: match (args.numerics.int8, args.numerics.dtype) {
             (true, _) => LinearNumerics::Int8,
-            (false, Precision::Bf16) => LinearNumerics::Bfloat16,
-            (false, Precision::Fp32) => LinearNumerics::Float32,
+            (false, Dtype::Bf16) => LinearNumerics::Bfloat16,
+            (false, Dtype::Fp32) => LinearNumerics::Float32,
         },
         host: args.host,
         port: args.port,

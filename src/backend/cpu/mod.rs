@@ -64,7 +64,14 @@ impl CpuBackend {
     /// `precision` (bf16 runs on AVX512_BF16 where the host has it, see
     /// [`gemm::bf16_native`]). Inference with bf16 linears sets it through
     /// its loader ([`crate::quant::Bf16Linears`]), so attention matches them.
+    ///
+    /// Panics on [`Precision::Fp16`], which CPUs do not run (the CLI
+    /// refuses it first, naming bf16).
     pub fn with_precision(mut self, precision: Precision) -> Self {
+        assert!(
+            precision != Precision::Fp16,
+            "the CPU backend has no fp16 path; use bf16"
+        );
         self.precision = precision;
         self
     }

@@ -201,6 +201,7 @@ impl CpuBackend {
         match self.precision {
             Precision::Fp32 => gemm::sgemm,
             Precision::Bf16 => gemm::gemm_bf16,
+            Precision::Fp16 => unreachable!("CpuBackend::with_precision refuses fp16"),
         }
     }
 }

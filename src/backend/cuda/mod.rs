@@ -30,7 +30,7 @@ use cudarc::driver::{
     LaunchConfig, PushKernelArg,
 };
 
-use crate::backend::{Activation, Backend};
+use crate::backend::{Activation, Backend, Precision};
 use crate::checkpoint::HostTensor;
 use kernels::Kernels;
 
@@ -120,6 +120,8 @@ pub struct CudaBackend {
     name: String,
     compute_capability: (i32, i32),
     offsets: Mutex<Option<OffsetsCache>>,
+    /// What training's matrix products multiply in (cuBLAS compute type).
+    precision: Precision,
 }
 
 impl CudaBackend {
@@ -178,7 +180,20 @@ impl CudaBackend {
             name,
             compute_capability,
             offsets: Mutex::new(None),
+            precision: Precision::Fp32,
         })
+    }
+
+    /// Training's matrix products multiply in `precision`: fp32 (cuBLAS's
+    /// default math, no TF32), or bf16 / fp16 operands on the tensor cores
+    /// with f32 sums; storage, attention and LayerNorm stay f32.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     pub fn device_name(&self) -> &str {

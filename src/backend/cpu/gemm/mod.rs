@@ -661,6 +661,7 @@ fn kernel_for(precision: Precision, isa: Isa) -> &'static Kernel {
     match precision {
         Precision::Fp32 => kernel(isa),
         Precision::Bf16 => bf16::kernel(isa),
+        Precision::Fp16 => unreachable!("CpuBackend::with_precision refuses fp16"),
     }
 }
 
