@@ -86,3 +86,23 @@ __device__ __forceinline__ int find_sequence(const int* __restrict__ offsets, in
     }
     return lo;
 }
+
+// Dropout's counter-based mask, src/rng.rs's uniform_at bit for bit:
+// SplitMix64's mixer as mix(mix(seed * GOLDEN) ^ (index * GOLDEN)), its top
+// 24 bits scaled by 2^-24 (exact in fp32). An element is dropped when the
+// uniform is < p. dropout_key(seed) is the first mix, hoisted out of loops.
+#define BERTRT_GOLDEN 0x9E3779B97F4A7C15ull
+
+__device__ __forceinline__ unsigned long long splitmix64_mix(unsigned long long z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+__device__ __forceinline__ unsigned long long dropout_key(unsigned long long seed) {
+    return splitmix64_mix(seed * BERTRT_GOLDEN);
+}
+
+__device__ __forceinline__ float dropout_uniform(unsigned long long key, unsigned long long index) {
+    return (float)(splitmix64_mix(key ^ (index * BERTRT_GOLDEN)) >> 40) * (1.f / 16777216.f);
+}

@@ -14,13 +14,6 @@
 #include "common.cuh"
 
 #define BERTRT_DROPOUT_THREADS 256
-#define BERTRT_GOLDEN 0x9E3779B97F4A7C15ull
-
-__device__ __forceinline__ unsigned long long splitmix64_mix(unsigned long long z) {
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
 
 template <typename T>
 __device__ __noinline__ void dropout_impl(
@@ -31,13 +24,12 @@ __device__ __noinline__ void dropout_impl(
     unsigned long long first)
 {
     if (p == 0.f) return;
-    const unsigned long long key = splitmix64_mix(seed * BERTRT_GOLDEN);
+    const unsigned long long key = dropout_key(seed);
     const float keep_scale = 1.f / (1.f - p);
     const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
     for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        const unsigned long long bits = splitmix64_mix(key ^ ((first + i) * BERTRT_GOLDEN));
-        const float u = (float)(bits >> 40) * (1.f / 16777216.f);
-        x[i] = u < p ? from_f32<T>(0.f) : from_f32<T>(to_f32(x[i]) * keep_scale);
+        x[i] = dropout_uniform(key, first + i) < p ? from_f32<T>(0.f)
+                                                   : from_f32<T>(to_f32(x[i]) * keep_scale);
     }
 }
 
