@@ -165,3 +165,33 @@ fn embedding_pooling_softmax_tanh() {
         }
     }
 }
+
+/// An empty sequence in a packed batch has no rows and no probabilities:
+/// training's attention, forward and backward, gives the same numbers with
+/// it as without it.
+#[test]
+fn training_attention_skips_empty_sequences() {
+    use bertrt::backend::train::{attention_probs_len, Dropout, TrainBackend};
+    let mut rng = Rng::new(9);
+    let (heads, head_dim) = (2, 8);
+    let hidden = heads * head_dim;
+    let with_empty = [0, 3, 3, 8];
+    let without = [0, 3, 8];
+    let qkv = rng.vec(8 * 3 * hidden, 1.0);
+    let d_out = rng.vec(8 * hidden, 1.0);
+    let dropout = Dropout { p: 0.1, seed: 3 };
+    let be = CpuBackend::new(2);
+    let run = |offsets: &[usize]| {
+        let mut out = vec![f32::NAN; 8 * hidden];
+        let mut probs = vec![f32::NAN; attention_probs_len(offsets, heads)];
+        be.attention_forward(
+            &mut out, &mut probs, &qkv, offsets, heads, head_dim, dropout,
+        );
+        let mut d_qkv = vec![f32::NAN; qkv.len()];
+        be.attention_backward(
+            &mut d_qkv, &d_out, &qkv, &probs, offsets, heads, head_dim, dropout,
+        );
+        (out, probs, d_qkv)
+    };
+    assert_eq!(run(&with_empty), run(&without));
+}

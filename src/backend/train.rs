@@ -264,6 +264,13 @@ pub trait TrainBackend: Backend {
     ) -> f32;
 
     fn sum_squares(&self, x: &Self::Tensor) -> f64;
+
+    /// Σ [`Self::sum_squares`] over `tensors` (the global gradient norm):
+    /// a backend that waits for a device to read a sum overrides it to
+    /// wait once, not once per tensor.
+    fn sum_squares_all(&self, tensors: &[&Self::Tensor]) -> f64 {
+        tensors.iter().map(|x| self.sum_squares(x)).sum()
+    }
     fn scale(&self, x: &mut Self::Tensor, factor: f32);
 
     fn adamw(

@@ -227,10 +227,8 @@ impl<B: TrainBackend> ParamStore<B> {
 
     /// Global L2 norm of all trainable gradients.
     pub fn grad_norm(&self, backend: &B) -> f64 {
-        self.trainable_grads()
-            .map(|g| backend.sum_squares(g))
-            .sum::<f64>()
-            .sqrt()
+        let grads: Vec<&B::Tensor> = self.trainable_grads().collect();
+        backend.sum_squares_all(&grads).sqrt()
     }
 
     pub fn scale_grads(&mut self, backend: &B, factor: f32) {

@@ -2,6 +2,8 @@
 //! fixture readers, and comparisons.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod gpu;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

@@ -106,6 +106,9 @@ fn attend(
     let mut probs_base = 0;
     for seq in offsets.windows(2) {
         let len = seq[1] - seq[0];
+        if len == 0 {
+            continue; // no rows, no probabilities
+        }
         let first = tasks.len();
         let mut row = seq[0];
         while row < seq[1] {

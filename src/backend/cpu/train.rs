@@ -50,7 +50,8 @@ struct HeadTask {
 fn head_tasks(offsets: &[usize], heads: usize) -> Vec<HeadTask> {
     let mut tasks = Vec::new();
     let mut probs_offset = 0;
-    for w in offsets.windows(2) {
+    // An empty sequence has no rows and no probabilities: no tasks.
+    for w in offsets.windows(2).filter(|w| w[1] > w[0]) {
         let len = w[1] - w[0];
         for head in 0..heads {
             tasks.push(HeadTask {

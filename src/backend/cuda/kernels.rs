@@ -33,8 +33,9 @@ mod ptx {
         };
     }
 
-    pub const SOURCES: [Source; 13] = [
+    pub const SOURCES: [Source; 16] = [
         source!("attention"),
+        source!("attention_train"),
         source!("cross_entropy"),
         source!("dropout"),
         source!("embedding"),
@@ -44,14 +45,16 @@ mod ptx {
         source!("layernorm_train"),
         source!("optimizer"),
         source!("pointwise"),
+        source!("pointwise_train"),
         source!("pooling"),
         source!("reduce"),
+        source!("scatter_train"),
         source!("softmax"),
     ];
 }
 
 /// The training kernels (issue 6) as `(file, function)`: fp32 / fp16 / bf16
-/// storage instances, fp32 arithmetic. Each file's opening comment gives the
+/// storage instances where a kernel has them, fp32 arithmetic. Each file's opening comment gives the
 /// algorithm and the launch geometry; `kernels/emu/check.cpp` holds every one
 /// to a double-precision reference on the CPU.
 #[cfg_attr(not(bertrt_cuda_kernels), allow(dead_code))]
@@ -87,6 +90,18 @@ pub(super) const TRAIN_KERNELS: &[(&str, &str)] = &[
     ("cross_entropy", "cross_entropy_f16"),
     ("cross_entropy", "cross_entropy_bf16"),
     ("reduce", "column_sum_f32"),
+    ("attention_train", "attention_train_forward_f32"),
+    ("attention_train", "attention_train_backward_query_f32"),
+    ("attention_train", "attention_train_backward_key_f32"),
+    ("scatter_train", "embedding_backward_f32"),
+    ("scatter_train", "scatter_rows_f32"),
+    ("scatter_train", "mean_pool_backward_f32"),
+    ("pointwise_train", "gelu_forward_f32"),
+    ("pointwise_train", "tanh_backward_f32"),
+    ("pointwise_train", "add_f32"),
+    ("pointwise_train", "scale_f32"),
+    ("pointwise_train", "round_to_bf16"),
+    ("pointwise_train", "round_to_f16"),
 ];
 
 /// Every kernel function, loaded once per backend.
@@ -104,7 +119,6 @@ pub(super) struct Kernels {
     pub tanh: CudaFunction,
     /// Every [`TRAIN_KERNELS`] function by name, loaded with the rest so a
     /// missing or unloadable kernel shows when the backend starts.
-    #[allow(dead_code)] // launched by the CUDA TrainBackend (issue 6), not written yet
     pub train: HashMap<&'static str, CudaFunction>,
 }
 

@@ -20,7 +20,9 @@
 //! a forward pass passes the same offsets to every layer's attention.
 
 mod kernels;
+mod train;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::sys::cublasOperation_t;
@@ -122,6 +124,10 @@ pub struct CudaBackend {
     offsets: Mutex<Option<OffsetsCache>>,
     /// What training's matrix products multiply in (cuBLAS compute type).
     precision: Precision,
+    /// Buffers training's ops reuse across calls.
+    train_scratch: Mutex<train::Scratch>,
+    /// Per-op (calls, seconds) when profiling ([`CudaBackend::with_profiling`]).
+    profile: Option<Mutex<HashMap<&'static str, (u64, f64)>>>,
 }
 
 impl CudaBackend {
@@ -181,6 +187,8 @@ impl CudaBackend {
             compute_capability,
             offsets: Mutex::new(None),
             precision: Precision::Fp32,
+            train_scratch: Mutex::default(),
+            profile: None,
         })
     }
 
@@ -194,6 +202,51 @@ impl CudaBackend {
 
     pub fn precision(&self) -> Precision {
         self.precision
+    }
+
+    /// Times every kernel and GEMM by name, waiting for the GPU before and
+    /// after each: a development tool for finding where a step's time
+    /// goes (the waits slow the whole run down), read with
+    /// [`CudaBackend::profile`].
+    pub fn with_profiling(mut self) -> Self {
+        self.profile = Some(Mutex::default());
+        self
+    }
+
+    /// `(op, calls, seconds)` recorded since profiling began, the most
+    /// expensive first; empty when not profiling.
+    pub fn profile(&self) -> Vec<(&'static str, u64, f64)> {
+        let Some(profile) = &self.profile else {
+            return Vec::new();
+        };
+        let profile = profile.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ops: Vec<_> = profile
+            .iter()
+            .map(|(&op, &(calls, secs))| (op, calls, secs))
+            .collect();
+        ops.sort_by(|a, b| b.2.total_cmp(&a.2));
+        ops
+    }
+
+    /// Runs `queue` (which queues GPU work), timed under `op` when
+    /// profiling.
+    fn profiled<R>(&self, op: &'static str, queue: impl FnOnce() -> R) -> R {
+        let Some(profile) = &self.profile else {
+            return queue();
+        };
+        check("stream synchronize", self.stream.synchronize());
+        let started = std::time::Instant::now();
+        let result = queue();
+        check(
+            "stream synchronize (a kernel failed?)",
+            self.stream.synchronize(),
+        );
+        let secs = started.elapsed().as_secs_f64();
+        let mut profile = profile.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = profile.entry(op).or_default();
+        entry.0 += 1;
+        entry.1 += secs;
+        result
     }
 
     pub fn device_name(&self) -> &str {
@@ -285,7 +338,50 @@ impl CudaBackend {
         f(self.address(Some(device)))
     }
 
-    fn launch(&self, what: &str, func: &CudaFunction, cfg: LaunchConfig, args: &[&dyn Arg]) {
+    /// `out[rows, n] = activation(out + bias)`, the epilogue after a GEMM.
+    fn add_bias(
+        &self,
+        out: &mut CudaTensor,
+        bias: &CudaTensor,
+        rows: usize,
+        n: usize,
+        activation: Activation,
+    ) {
+        assert!(bias.len >= n, "bias too small");
+        let act = match activation {
+            Activation::Identity => 0i32,
+            Activation::Gelu => 1,
+        };
+        let threads = row_threads(n);
+        self.launch(
+            "bias + activation",
+            &self.kernels.bias_act,
+            LaunchConfig {
+                grid_dim: (
+                    n.div_ceil(threads as usize) as u32,
+                    rows.min(65535) as u32,
+                    1,
+                ),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &[
+                &self.tensor_address(out),
+                &self.tensor_address(bias),
+                &int("rows", rows),
+                &int("out_features", n),
+                &act,
+            ],
+        );
+    }
+
+    fn launch(
+        &self,
+        what: &'static str,
+        func: &CudaFunction,
+        cfg: LaunchConfig,
+        args: &[&dyn Arg],
+    ) {
         let mut builder = self.stream.launch_builder(func);
         for arg in args {
             arg.push(&mut builder);
@@ -293,7 +389,7 @@ impl CudaBackend {
         // SAFETY: each caller passes the argument list of its kernel's
         // signature and checks, before launching, that every buffer holds
         // the elements the kernel indexes.
-        check(what, unsafe { builder.launch(cfg) });
+        self.profiled(what, || check(what, unsafe { builder.launch(cfg) }));
     }
 }
 
@@ -521,31 +617,7 @@ impl Backend for CudaBackend {
                 self.blas.gemm(cfg, weight, &input_view, &mut out_view)
             });
         }
-        let act = match activation {
-            Activation::Identity => 0i32,
-            Activation::Gelu => 1,
-        };
-        let threads = row_threads(n);
-        self.launch(
-            "bias + activation",
-            &self.kernels.bias_act,
-            LaunchConfig {
-                grid_dim: (
-                    n.div_ceil(threads as usize) as u32,
-                    rows.min(65535) as u32,
-                    1,
-                ),
-                block_dim: (threads, 1, 1),
-                shared_mem_bytes: 0,
-            },
-            &[
-                &self.tensor_address(out),
-                &self.tensor_address(&layer.bias),
-                &int("rows", rows),
-                &int("out_features", n),
-                &act,
-            ],
-        );
+        self.add_bias(out, &layer.bias, rows, n, activation);
     }
 
     fn layer_norm(
