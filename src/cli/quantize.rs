@@ -3,7 +3,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use bertrt::backend::cpu::CpuBackend;
-use bertrt::backend::Precision;
 use bertrt::data::{self, DataSpec};
 use bertrt::model::LinearLoader;
 use bertrt::quant::{self, Bf16Linears, Int8Linears, QuantizeOptions, Sample};
@@ -112,7 +111,7 @@ pub struct Numerics {
 }
 
 /// What inference's linear layers multiply in: the CPU's precisions (fp16
-/// is a CUDA training precision, [`Precision::Fp16`]).
+/// is a CUDA training precision, `bertrt::backend::Precision::Fp16`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Dtype {
     Fp32,
