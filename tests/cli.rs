@@ -102,6 +102,22 @@ fn embed_bf16_stays_close_to_pytorch_fp32() {
 }
 
 #[test]
+fn embed_on_cuda_is_fp32_and_an_unusable_device_says_why() {
+    for numerics in [["--dtype", "bf16"].as_slice(), &["--int8"]] {
+        let mut args = vec!["embed", "--model", "unused", "--device", "cuda"];
+        args.extend_from_slice(numerics);
+        let (ok, _, stderr) = bertrt(&args, "");
+        assert!(!ok && stderr.contains("CPU paths"), "{stderr}");
+    }
+    // No machine has a device 99; the device is checked before the model.
+    let (ok, _, stderr) = bertrt(&["embed", "--model", "unused", "--device", "cuda:99"], "");
+    assert!(
+        !ok && stderr.contains("cannot use --device cuda:99: "),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn embed_plain_lines_keeps_order_and_empty_lines() {
     let model = common::minilm_dir();
     let model_arg = model.to_str().unwrap();

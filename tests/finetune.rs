@@ -161,6 +161,52 @@ fn toml_config_with_command_line_override() {
 }
 
 #[test]
+fn fp16_is_refused_on_the_cpu_and_an_unusable_cuda_device_says_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, _, err) = tiny_run(tmp.path(), "out", &["--precision", "fp16"]);
+    assert!(!ok);
+    assert!(
+        err.contains("--device cuda") && err.contains("bf16"),
+        "{err}"
+    );
+    let toml = tmp.path().join("train.toml");
+    std::fs::write(&toml, "precision = \"fp16\"\n").unwrap();
+    let (ok, _, err) = tiny_run(tmp.path(), "out", &["--config", toml.to_str().unwrap()]);
+    assert!(!ok && err.contains("--device cuda"), "{err}");
+    // No machine has a device 99: built without kernels, without a driver
+    // or with GPUs, the command fails naming the device and the reason.
+    let (ok, _, err) = tiny_run(tmp.path(), "out", &["--device", "cuda:99"]);
+    assert!(!ok);
+    assert!(err.contains("cannot use --device cuda:99: "), "{err}");
+    let (ok, _, err) = tiny_run(tmp.path(), "out", &["--device", "gpu"]);
+    assert!(!ok && err.contains("cpu, cuda or cuda:N"), "{err}");
+    assert!(!tmp.path().join("out").exists());
+}
+
+/// The loss-scale fields are fp16's; fp32 records and reports are as
+/// before, and the device is not part of the recipe.
+#[test]
+fn fp32_logs_no_loss_scale() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, stdout, err) = tiny_run(tmp.path(), "out", &["--device", "cpu"]);
+    assert!(ok, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(report.get("skipped_steps").is_none(), "{report}");
+    let steps: Vec<_> = log_lines(&tmp.path().join("out"))
+        .into_iter()
+        .filter(|l| l.get("grad_norm").is_some())
+        .collect();
+    assert_eq!(steps.len(), 6);
+    for step in &steps {
+        assert!(step["grad_norm"].as_f64().unwrap().is_finite(), "{step}");
+        assert!(step.get("loss_scale").is_none() && step.get("skipped").is_none());
+    }
+    let meta = read_json(&tmp.path().join("out/bertrt.json"));
+    assert_eq!(meta["recipe"]["precision"], "fp32");
+    assert!(meta["recipe"].get("device").is_none());
+}
+
+#[test]
 fn refuses_to_replace_a_directory_that_is_not_a_model() {
     let tmp = tempfile::tempdir().unwrap();
     std::fs::create_dir(tmp.path().join("precious")).unwrap();

@@ -1,14 +1,18 @@
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use serde::Serialize;
 
 use bertrt::backend::cpu::isa::Isa;
 use bertrt::backend::cpu::{gemm, CpuBackend};
+use bertrt::backend::cuda::CudaBackend;
+use bertrt::backend::train::TrainBackend;
 use bertrt::backend::Precision;
 use bertrt::lora::LoraTarget;
 use bertrt::model::Pooling;
 use bertrt::train::{finetune, finetune_seeds, Metric, Task, TrainRecipe};
+
+use super::device::{start_cuda, Device};
 
 /// Every setting may also come from `--config train.toml` (same names, with
 /// underscores); flags given here override the file. Defaults: see
@@ -130,12 +134,19 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip)]
     no_threshold_tuning: bool,
-    /// CPU threads (0: one per core).
+    /// Where to train: cpu, cuda (device 0) or cuda:N. Not part of the
+    /// recipe: the same recipe trains on either.
+    #[arg(long, default_value_t = Device::Cpu)]
+    #[serde(skip)]
+    device: Device,
+    /// CPU threads (0: one per core; --device cpu only).
     #[arg(long)]
     threads: Option<usize>,
-    /// What the linear layers multiply in: fp32, or bf16 operands with
-    /// f32 sums (master weights and optimizer state stay fp32; fastest on
-    /// CPUs with AVX512_BF16) [default: fp32].
+    /// What the linear layers multiply in (master weights and optimizer
+    /// state stay fp32): fp32; bf16, bf16 operands with f32 sums (fastest
+    /// on CPUs with AVX512_BF16); or fp16 (--device cuda only), fp16
+    /// operands with f32 sums and dynamic loss scaling, the scale and
+    /// skipped steps logged in metrics.jsonl [default: fp32].
     #[arg(long, value_enum)]
     precision: Option<Precision>,
     /// Keep the embeddings fixed.
@@ -211,26 +222,62 @@ pub fn run(args: Args) -> Result<()> {
         overrides["tune_thresholds"] = false.into();
     }
     let recipe = TrainRecipe::resolve(args.config.as_deref(), overrides)?;
-    if recipe.precision == Precision::Bf16 && !gemm::bf16_native(Isa::detect()) {
-        eprintln!(
-            "note: this CPU lacks AVX512_BF16; bf16 matmuls run on the portable kernel, \
-             slower than fp32 (same numbers)"
-        );
+    match args.device {
+        Device::Cpu => {
+            if recipe.precision == Precision::Fp16 {
+                bail!(
+                    "--precision fp16 needs --device cuda; on the CPU, half precision is bf16 \
+                     (--precision bf16)"
+                );
+            }
+            if recipe.precision == Precision::Bf16 && !gemm::bf16_native(Isa::detect()) {
+                eprintln!(
+                    "note: this CPU lacks AVX512_BF16; bf16 matmuls run on the portable kernel, \
+                     slower than fp32 (same numbers)"
+                );
+            }
+            let backend = || CpuBackend::new(recipe.threads).with_precision(recipe.precision);
+            train(backend, &recipe, &args)
+        }
+        Device::Cuda(ordinal) => {
+            // Started here so that a missing device is reported before any
+            // data is read; later seeds start their own.
+            let mut started = Some(start_cuda(ordinal)?);
+            let backend = || {
+                started
+                    .take()
+                    .unwrap_or_else(|| {
+                        CudaBackend::new(ordinal).expect("the device started for the first seed")
+                    })
+                    .with_precision(recipe.precision)
+            };
+            train(backend, &recipe, &args)
+        }
     }
-    let backend = || CpuBackend::new(recipe.threads).with_precision(recipe.precision);
+}
+
+/// Fine-tunes once, or once per `--seeds` seed, and prints the report.
+fn train<B: TrainBackend>(
+    mut backend: impl FnMut() -> B,
+    recipe: &TrainRecipe,
+    args: &Args,
+) -> Result<()> {
     if let Some(seeds) = &args.seeds {
-        let report = finetune_seeds(backend, &recipe, seeds, args.quiet)?;
+        let report = finetune_seeds(backend, recipe, seeds, args.quiet)?;
         outln!("{}", serde_json::to_string_pretty(&report)?)?;
         return Ok(());
     }
-    let summary = finetune(backend(), &recipe, args.quiet)?;
-    let report = serde_json::json!({
+    let summary = finetune(backend(), recipe, args.quiet)?;
+    let mut report = serde_json::json!({
         "out": summary.out,
         "steps": summary.steps,
         "samples_per_s": summary.samples_per_second,
         "stopped_early": summary.stopped_early,
         "best": summary.best,
     });
+    if let Some(skipped) = summary.skipped_steps {
+        report["skipped_steps"] = skipped.into();
+    }
     outln!("{}", serde_json::to_string_pretty(&report)?)?;
     Ok(())
 }

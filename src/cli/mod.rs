@@ -14,6 +14,7 @@ macro_rules! outln {
     }};
 }
 
+mod device;
 mod embed;
 mod eval;
 mod finetune;

@@ -3,7 +3,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use bertrt::backend::cpu::CpuBackend;
-
 use bertrt::data::{self, DataSpec};
 use bertrt::model::LinearLoader;
 use bertrt::quant::{self, Bf16Linears, Int8Linears, QuantizeOptions, Sample};

@@ -10,6 +10,7 @@ use crate::artifact::{
     self, Artifact, ArtifactMeta, Calibration, DataFile, Preprocessing, ProblemType, Thresholds,
 };
 use crate::backend::train::{AdamW, TrainBackend};
+use crate::backend::Precision;
 use crate::classify::argmax;
 use crate::config::BertConfig;
 use crate::data::{self, Alignment, DataSpec, Dataset, LabelSet, TagSet, TagSpec};
@@ -25,6 +26,7 @@ use crate::rng;
 use crate::tokenize::{BertTokenizer, Encoded};
 use crate::train::classifier::{ForwardMode, Group, SequenceClassifier, Targets};
 use crate::train::loss;
+use crate::train::loss_scale::{LossScaleConfig, LossScaler, StepOutcome};
 use crate::train::progress::Progress;
 use crate::train::recipe::{linear_schedule, Metric, Task, TrainRecipe, UnfreezePhase, Unfrozen};
 
@@ -36,6 +38,9 @@ pub struct TrainSummary {
     pub best: serde_json::Value,
     pub samples_per_second: f64,
     pub stopped_early: bool,
+    /// fp16: optimizer steps skipped for inf/NaN gradients (None for
+    /// fp32 and bf16, which never skip).
+    pub skipped_steps: Option<u64>,
 }
 
 /// The gold answers of a split.
@@ -552,9 +557,85 @@ struct Trainer<'a, B: TrainBackend> {
     best_score: f64,
     best: serde_json::Value,
     evals_without_improvement: usize,
-    /// Optimizer steps so far, over all phases.
+    /// Optimizer steps so far, over all phases (skipped ones included).
     step: usize,
     samples_seen: usize,
+    /// fp16's dynamic loss scale; disabled (scale 1) otherwise. One for the
+    /// whole run, as a `GradScaler` outlives optimizer restarts.
+    loss_scaler: LossScaler,
+}
+
+/// What to do with one step's gradients.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum GradStep {
+    /// Multiply the gradients by `grad_factor` (the loss scale undone and
+    /// the clipping in one pass; 1: leave them) and apply AdamW.
+    /// `grad_norm` is the true (unscaled, unclipped) norm.
+    Apply { grad_norm: f64, grad_factor: f32 },
+    /// fp16 overflow: no update this step; the loss scale backs off from
+    /// `scale` to `new_scale`.
+    Skip { scale: f32, new_scale: f32 },
+    /// A non-finite loss or gradient that no loss scale explains (fp32 and
+    /// bf16, or fp16 already at its minimum scale): training cannot go on.
+    Stop,
+}
+
+/// Decides a step from its loss and the norm of its gradients as backward
+/// left them (times the loss scale), and updates `scaler`. As with
+/// PyTorch's `GradScaler`, only the gradients decide whether an fp16 step
+/// is skipped.
+fn grad_step(
+    scaler: &mut LossScaler,
+    loss: f32,
+    scaled_grad_norm: f64,
+    max_grad_norm: f32,
+) -> GradStep {
+    let found_inf = !scaled_grad_norm.is_finite();
+    if !scaler.enabled() && (found_inf || !loss.is_finite()) {
+        return GradStep::Stop;
+    }
+    // The scale this step ran at: `update` may grow it for the next one.
+    let inv_scale = scaler.inv_scale() as f64;
+    match scaler.update(found_inf) {
+        StepOutcome::Skipped { at_floor: true, .. } => GradStep::Stop,
+        StepOutcome::Skipped {
+            scale, new_scale, ..
+        } => GradStep::Skip { scale, new_scale },
+        StepOutcome::Applied { .. } => {
+            let grad_norm = scaled_grad_norm * inv_scale;
+            let clip = if grad_norm > max_grad_norm as f64 {
+                max_grad_norm as f64 / grad_norm
+            } else {
+                1.0
+            };
+            GradStep::Apply {
+                grad_norm,
+                grad_factor: (inv_scale * clip) as f32,
+            }
+        }
+    }
+}
+
+/// Why training into `out` stopped at `step` (0-based) of `epoch` on a
+/// non-finite loss or gradient; `loss_scaled`: fp16 that overflowed at the
+/// minimum loss scale.
+fn non_finite_error(out: &Path, loss_scaled: bool, loss: f32, step: usize, epoch: usize) -> Error {
+    let what = if loss.is_finite() || loss_scaled {
+        "gradient"
+    } else {
+        "loss"
+    };
+    let (at_floor, bf16_hint) = if loss_scaled {
+        (", even at the minimum loss scale", ", or --precision bf16")
+    } else {
+        ("", "")
+    };
+    Error::Invalid(format!(
+        "non-finite {what} at step {} (epoch {}){at_floor}; training stopped. The last good checkpoint in {} is intact. Try a lower --lr or --max-grad-norm{bf16_hint}.",
+        step + 1,
+        epoch + 1,
+        out.display(),
+    ))
 }
 
 impl<B: TrainBackend> Trainer<'_, B> {
@@ -574,6 +655,9 @@ impl<B: TrainBackend> Trainer<'_, B> {
         };
         let mut last_score = None;
         let mut phase_step = 0;
+        // AdamW's bias correction counts the updates it made, as PyTorch's
+        // optimizer state does: fp16's skipped steps are not among them.
+        let mut updates = 0;
         for epoch in first_epoch..first_epoch + epochs {
             let batches = data::epoch_batches(
                 &self.train.lengths(),
@@ -591,6 +675,7 @@ impl<B: TrainBackend> Trainer<'_, B> {
                 let group_weight: usize = golds.iter().map(BatchGold::loss_terms).sum();
                 let model = &mut self.model;
                 model.params.zero_grads(&model.backend);
+                let loss_scale = self.loss_scaler.scale();
                 let mut loss = 0.0f32;
                 for (micro, (indices, gold)) in group.iter().zip(&golds).enumerate() {
                     let batch = self.train.tokens(indices);
@@ -605,47 +690,75 @@ impl<B: TrainBackend> Trainer<'_, B> {
                     // Each micro-batch's loss is a mean over its terms: weighted
                     // by their count, the sum is the mean over the whole group.
                     let share = gold.loss_terms() as f32 / group_weight.max(1) as f32;
-                    loss += share * model.backward(&batch, gold.targets(class_loss), share);
+                    loss += share
+                        * model.backward(&batch, gold.targets(class_loss), share * loss_scale);
                 }
-                let grad_norm = model.params.grad_norm(&model.backend);
-                if !loss.is_finite() || !grad_norm.is_finite() {
-                    return Err(Error::Invalid(format!(
-                        "non-finite {} at step {} (epoch {}); training stopped. The last good checkpoint in {} is intact. Try a lower --lr or --max-grad-norm.",
-                        if loss.is_finite() { "gradient" } else { "loss" },
-                        step + 1,
-                        epoch + 1,
-                        recipe.out.display()
-                    )));
-                }
-                if grad_norm > recipe.max_grad_norm as f64 {
-                    model.params.scale_grads(
-                        &model.backend,
-                        (recipe.max_grad_norm as f64 / grad_norm) as f32,
-                    );
-                }
+                let scaled_grad_norm = model.params.grad_norm(&model.backend);
+                // The schedule follows the step count, skipped fp16 steps
+                // included, as a PyTorch loop calling scheduler.step() every
+                // step does (the Hugging Face Trainer holds it instead): the
+                // decay still ends at 0 on the last step.
                 let lr = linear_schedule(recipe.lr, phase_step, warmup, phase_steps);
-                model.params.adamw_step(
-                    &model.backend,
-                    AdamW {
-                        lr,
-                        beta1: recipe.adam_beta1,
-                        beta2: recipe.adam_beta2,
-                        eps: recipe.adam_eps,
-                        weight_decay: recipe.weight_decay,
-                        step: phase_step as u32 + 1,
-                    },
-                );
+                let grad_norm = match grad_step(
+                    &mut self.loss_scaler,
+                    loss,
+                    scaled_grad_norm,
+                    recipe.max_grad_norm,
+                ) {
+                    GradStep::Stop => {
+                        return Err(non_finite_error(
+                            &recipe.out,
+                            self.loss_scaler.enabled(),
+                            loss,
+                            step,
+                            epoch,
+                        ));
+                    }
+                    GradStep::Skip { scale, new_scale } => {
+                        self.progress.message(&format!(
+                            "step {}: inf/NaN gradients at loss scale {scale}; update skipped, loss scale now {new_scale}",
+                            step + 1
+                        ));
+                        None
+                    }
+                    GradStep::Apply {
+                        grad_norm,
+                        grad_factor,
+                    } => {
+                        if grad_factor != 1.0 {
+                            model.params.scale_grads(&model.backend, grad_factor);
+                        }
+                        updates += 1;
+                        model.params.adamw_step(
+                            &model.backend,
+                            AdamW {
+                                lr,
+                                beta1: recipe.adam_beta1,
+                                beta2: recipe.adam_beta2,
+                                eps: recipe.adam_eps,
+                                weight_decay: recipe.weight_decay,
+                                step: updates,
+                            },
+                        );
+                        Some(grad_norm)
+                    }
+                };
                 self.samples_seen += group_examples;
                 let samples_per_s = group_examples as f64 / step_started.elapsed().as_secs_f64();
                 let steps_per_epoch = self.steps_per_epoch;
-                self.log.write(serde_json::json!({
+                let mut record = serde_json::json!({
                     "step": step + 1,
                     "epoch": epoch as f64 + (step % steps_per_epoch + 1) as f64 / steps_per_epoch as f64,
                     "loss": loss,
                     "lr": lr,
                     "grad_norm": grad_norm,
                     "samples_per_s": samples_per_s,
-                }))?;
+                });
+                if self.loss_scaler.enabled() {
+                    record["loss_scale"] = loss_scale.into();
+                    record["skipped"] = grad_norm.is_none().into();
+                }
+                self.log.write(record)?;
                 self.progress.step(step, epoch + 1, loss, lr, samples_per_s);
                 self.step += 1;
                 phase_step += 1;
@@ -1171,6 +1284,11 @@ pub fn finetune<B: TrainBackend>(
         evals_without_improvement: 0,
         step: 0,
         samples_seen: 0,
+        loss_scaler: if recipe.precision == Precision::Fp16 {
+            LossScaler::new(LossScaleConfig::default())
+        } else {
+            LossScaler::disabled()
+        },
     };
     let started = Instant::now();
     let stopped_early = match schedule {
@@ -1184,6 +1302,7 @@ pub fn finetune<B: TrainBackend>(
         best,
         step,
         samples_seen,
+        loss_scaler,
         ..
     } = trainer;
     if !best.is_null() {
@@ -1198,6 +1317,9 @@ pub fn finetune<B: TrainBackend>(
         best,
         samples_per_second: samples_seen as f64 / started.elapsed().as_secs_f64(),
         stopped_early,
+        skipped_steps: loss_scaler
+            .enabled()
+            .then(|| loss_scaler.state().skipped_steps),
     })
 }
 
@@ -1238,8 +1360,17 @@ pub fn finetune_seeds<B: TrainBackend>(
     Ok(serde_json::json!({
         "seeds": seeds,
         "dev": stats,
-        "runs": runs.iter().map(|r| serde_json::json!({"out": r.out, "best": r.best, "steps": r.steps})).collect::<Vec<_>>(),
+        "runs": runs.iter().map(run_json).collect::<Vec<_>>(),
     }))
+}
+
+/// One seed's line in [`finetune_seeds`]'s report.
+fn run_json(run: &TrainSummary) -> serde_json::Value {
+    let mut json = serde_json::json!({"out": run.out, "best": run.best, "steps": run.steps});
+    if let Some(skipped) = run.skipped_steps {
+        json["skipped_steps"] = skipped.into();
+    }
+    json
 }
 
 /// Mean and sample standard deviation (0 for a single value).
@@ -1431,4 +1562,191 @@ fn decision_thresholds(
 /// Column `index` of row-major `values` with rows of `width`.
 fn column<T: Copy>(values: &[T], index: usize, width: usize) -> Vec<T> {
     values.iter().skip(index).step_by(width).copied().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fp16_scaler() -> LossScaler {
+        LossScaler::new(LossScaleConfig::default())
+    }
+
+    #[test]
+    fn without_scaling_clips_as_before_and_stops_on_non_finite() {
+        let mut scaler = LossScaler::disabled();
+        assert_eq!(
+            grad_step(&mut scaler, 0.7, 0.5, 1.0),
+            GradStep::Apply {
+                grad_norm: 0.5,
+                grad_factor: 1.0
+            }
+        );
+        assert_eq!(
+            grad_step(&mut scaler, 0.7, 4.0, 1.0),
+            GradStep::Apply {
+                grad_norm: 4.0,
+                grad_factor: 0.25
+            }
+        );
+        for (loss, norm) in [
+            (0.7, f64::INFINITY),
+            (0.7, f64::NAN),
+            (f32::NAN, 0.5),
+            (f32::INFINITY, 0.5),
+        ] {
+            assert_eq!(grad_step(&mut scaler, loss, norm, 1.0), GradStep::Stop);
+        }
+        assert_eq!(scaler.scale(), 1.0);
+    }
+
+    #[test]
+    fn fp16_unscales_and_clips_in_one_factor() {
+        let mut scaler = fp16_scaler();
+        let scale = 65536.0;
+        assert_eq!(
+            grad_step(&mut scaler, 0.7, 0.5 * scale, 1.0),
+            GradStep::Apply {
+                grad_norm: 0.5,
+                grad_factor: 1.0 / 65536.0
+            }
+        );
+        assert_eq!(
+            grad_step(&mut scaler, 0.7, 4.0 * scale, 1.0),
+            GradStep::Apply {
+                grad_norm: 4.0,
+                grad_factor: 0.25 / 65536.0
+            }
+        );
+    }
+
+    #[test]
+    fn fp16_overflow_skips_and_halves_the_scale() {
+        let mut scaler = fp16_scaler();
+        assert_eq!(
+            grad_step(&mut scaler, 0.7, f64::INFINITY, 1.0),
+            GradStep::Skip {
+                scale: 65536.0,
+                new_scale: 32768.0
+            }
+        );
+        assert_eq!(
+            grad_step(&mut scaler, 0.7, f64::NAN, 1.0),
+            GradStep::Skip {
+                scale: 32768.0,
+                new_scale: 16384.0
+            }
+        );
+        // The next good step unscales by the scale it ran at.
+        assert_eq!(
+            grad_step(&mut scaler, 0.7, 0.5 * 16384.0, 1.0),
+            GradStep::Apply {
+                grad_norm: 0.5,
+                grad_factor: 1.0 / 16384.0
+            }
+        );
+        assert_eq!(scaler.state().skipped_steps, 2);
+    }
+
+    /// GradScaler semantics: the loss (computed in f32) does not decide.
+    #[test]
+    fn fp16_non_finite_loss_with_finite_gradients_applies() {
+        let mut scaler = fp16_scaler();
+        assert!(matches!(
+            grad_step(&mut scaler, f32::NAN, 0.5 * 65536.0, 1.0),
+            GradStep::Apply { .. }
+        ));
+        assert_eq!(scaler.scale(), 65536.0);
+    }
+
+    #[test]
+    fn fp16_scale_doubles_after_2000_finite_steps() {
+        let mut scaler = fp16_scaler();
+        for _ in 0..2000 {
+            // Every one of them, the 2000th included, unscales by 2^16.
+            assert_eq!(
+                grad_step(&mut scaler, 0.7, 0.5 * 65536.0, 1.0),
+                GradStep::Apply {
+                    grad_norm: 0.5,
+                    grad_factor: 1.0 / 65536.0
+                }
+            );
+        }
+        assert_eq!(scaler.scale(), 131072.0);
+        assert_eq!(
+            grad_step(&mut scaler, 0.7, 0.5 * 131072.0, 1.0),
+            GradStep::Apply {
+                grad_norm: 0.5,
+                grad_factor: 1.0 / 131072.0
+            }
+        );
+    }
+
+    #[test]
+    fn fp16_stops_when_gradients_overflow_at_the_minimum_scale() {
+        let mut scaler = fp16_scaler();
+        // 16 halvings take 2^16 to the floor of 1; the 17th overflow has no
+        // scale left to shed.
+        for _ in 0..16 {
+            assert!(matches!(
+                grad_step(&mut scaler, 0.7, f64::INFINITY, 1.0),
+                GradStep::Skip { .. }
+            ));
+        }
+        assert_eq!(scaler.scale(), 1.0);
+        assert_eq!(
+            grad_step(&mut scaler, 0.7, f64::INFINITY, 1.0),
+            GradStep::Stop
+        );
+    }
+
+    #[test]
+    fn non_finite_errors_name_the_cause_and_a_remedy() {
+        let out = Path::new("runs/model");
+        let fp32 = non_finite_error(out, false, f32::NAN, 4, 0).to_string();
+        assert!(fp32.contains("non-finite loss at step 5 (epoch 1); training stopped"));
+        assert!(fp32.contains("runs/model is intact") && !fp32.contains("bf16"));
+        assert!(non_finite_error(out, false, 0.7, 4, 0)
+            .to_string()
+            .contains("non-finite gradient at step 5"));
+        let fp16 = non_finite_error(out, true, f32::NAN, 4, 0).to_string();
+        assert!(fp16
+            .contains("non-finite gradient at step 5 (epoch 1), even at the minimum loss scale"));
+        assert!(fp16.contains("--precision bf16"));
+    }
+
+    /// Injected overflows: the gradients overflow fp16 whenever the scaled
+    /// largest gradient passes 65504. Every applied step sees the true norm
+    /// exactly (the scale is a power of two), and only overflowing steps
+    /// are skipped.
+    #[test]
+    fn fp16_under_injected_overflow_applies_exact_unscaled_norms() {
+        let (true_norm, max_grad) = (0.75f64, 3.0f64);
+        let mut scaler = fp16_scaler();
+        let mut skipped = 0;
+        for _ in 0..6000 {
+            let scale = scaler.scale() as f64;
+            let scaled_norm = if max_grad * scale > 65504.0 {
+                f64::INFINITY
+            } else {
+                true_norm * scale
+            };
+            match grad_step(&mut scaler, 0.7, scaled_norm, 1.0) {
+                GradStep::Apply {
+                    grad_norm,
+                    grad_factor,
+                } => {
+                    assert_eq!(grad_norm, true_norm);
+                    assert_eq!(grad_factor as f64, 1.0 / scale);
+                }
+                GradStep::Skip { .. } => skipped += 1,
+                GradStep::Stop => panic!("stopped at scale {scale}"),
+            }
+        }
+        // 3 * 2^14 fits, 3 * 2^15 does not: two skips bring 2^16 down to
+        // 2^14; each probe of 2^15 (after 2000 good steps) is skipped again.
+        assert_eq!(scaler.state().skipped_steps, skipped);
+        assert_eq!(skipped, 2 + 2);
+        assert!(scaler.scale() <= 16384.0);
+    }
 }
