@@ -26,9 +26,11 @@ use super::{check, int, row_threads, CudaBackend, CudaTensor};
 use crate::backend::train::{attention_probs_len, AdamW, Dropout, Lora, ParamGrads, TrainBackend};
 use crate::backend::{Activation, Backend, Precision};
 
-/// Must match BERTRT_ATTN_TRAIN_MAX_DIM / _MAX_LEN in kernels/attention_train.cu.
+/// Must match BERTRT_ATTN_TRAIN_MAX_DIM / _MAX_LEN / _ROWS in
+/// kernels/attention_train.cu.
 const ATTENTION_MAX_HEAD_DIM: usize = 128;
 const ATTENTION_MAX_LEN: usize = 512;
+const ATTENTION_ROWS_PER_BLOCK: usize = 8;
 /// Blocks of the per-block partial sums of LayerNorm's backward.
 const LAYER_NORM_PARTS: usize = 256;
 /// At most this many partial sums per tensor in `sum_squares_all`.
@@ -1206,14 +1208,18 @@ impl TrainBackend for CudaBackend {
     }
 }
 
-/// One block per (query or key row, head, sequence).
+/// One block per (tile of query or key rows, head, sequence).
 fn attention_grid(max_len: usize, heads: usize, batch: usize) -> LaunchConfig {
     assert!(
         heads <= 65535 && batch <= 65535,
         "attention: more than 65535 heads or sequences"
     );
     LaunchConfig {
-        grid_dim: (max_len as u32, heads as u32, batch as u32),
+        grid_dim: (
+            max_len.div_ceil(ATTENTION_ROWS_PER_BLOCK) as u32,
+            heads as u32,
+            batch as u32,
+        ),
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     }
