@@ -15,6 +15,13 @@
 // values shared with a Rust test), AdamW's fp32 path bit for bit against
 // adamw_slice's operation order, skipped steps leave state untouched.
 //
+// The fp32 training attention, scatter and pointwise kernels are held to
+// double-precision loops of their header formulas, at 1e-5 (1e-6 for the
+// probabilities) of each output's largest magnitude; the attention cases
+// also run with the blocks in reverse order (emu::reverse_blocks) and with
+// poisoned memory past the batch, so a block that writes outside its own
+// rows fails.
+//
 //   kernels/emu/run.sh     (g++ with AddressSanitizer: out-of-bounds reads
 //                           and writes of the kernels fail the run)
 #include <algorithm>
@@ -29,6 +36,7 @@
 #include "cuda_emu.h"
 
 #include "../attention.cu"
+#include "../attention_train.cu"
 #include "../cross_entropy.cu"
 #include "../dropout.cu"
 #include "../embedding.cu"
@@ -38,8 +46,10 @@
 #include "../layernorm_train.cu"
 #include "../optimizer.cu"
 #include "../pointwise.cu"
+#include "../pointwise_train.cu"
 #include "../pooling.cu"
 #include "../reduce.cu"
+#include "../scatter_train.cu"
 #include "../softmax.cu"
 
 using Vec = std::vector<float>;
@@ -779,6 +789,356 @@ static void test_cross_entropy() {
     cross_entropy_case<__nv_bfloat16>(cross_entropy_bf16);
 }
 
+// ---- Training attention, scatters and pointwise ops (issue 6, fp32) ----
+
+// Passes when every |got - want| <= rel * max |want| (the output's scale):
+// fp32 sums of products are accurate to a few ulps of their terms, not of a
+// result that cancels.
+static void check_scaled(const std::string& what, const Vec& got, const VecD& want, double rel) {
+    double scale = 0;
+    for (double w : want) scale = std::max(scale, std::fabs(w));
+    check_rel(what, got, want, rel * std::max(scale, 1e-30), 0);
+}
+
+// True when v is still the poison bit pattern (a NaN no kernel computes).
+static const std::uint32_t POISON = 0x7fbadbadu;
+static bool untouched(const float* v, size_t n) {
+    for (size_t i = 0; i < n; ++i)
+        if (emu::f32_bits(v[i]) != POISON) return false;
+    return true;
+}
+static Vec poisoned(size_t n) { return Vec(n, emu::bits_f32(POISON)); }
+
+static VecD to_double(const Vec& v) { return VecD(v.begin(), v.end()); }
+
+// Training attention's layout (attention_train.cu, src/backend/cpu/attention.rs):
+// probs_base[s] = sum over earlier sequences of heads * len^2.
+static std::vector<unsigned long long> attention_probs_base(const std::vector<int>& offsets, int heads,
+                                                            size_t& total) {
+    std::vector<unsigned long long> base;
+    total = 0;
+    for (size_t s = 0; s + 1 < offsets.size(); ++s) {
+        base.push_back(total);
+        const size_t len = offsets[s + 1] - offsets[s];
+        total += heads * len * len;
+    }
+    return base;
+}
+
+// Dropout's factor for element `index` of probs: 0 when dropped, else the
+// fp32 keep scale 1 / (1 - p) (ops::dropped in src/backend/cpu/ops.rs).
+static double attention_mask(float p, std::uint64_t seed, size_t index) {
+    if (p == 0.f) return 1.0;
+    return uniform_at(seed, index) < p ? 0.0 : (double)(1.f / (1.f - p));
+}
+
+struct AttentionShape {
+    std::vector<int> offsets;
+    int heads, head_dim;
+    float scale, p;
+    std::uint64_t seed;
+    int tokens() const { return offsets.back(); }
+    int hidden() const { return heads * head_dim; }
+};
+
+// Forward in double: probs (before dropout) in probs' layout, and
+// out_i = sum_j P_ij D_ij v_j.
+static void attention_forward_ref(const AttentionShape& a, const VecD& qkv, VecD& out, VecD& probs) {
+    const int hidden = a.hidden(), d = a.head_dim;
+    const size_t stride = 3 * (size_t)hidden;
+    size_t total;
+    const auto base = attention_probs_base(a.offsets, a.heads, total);
+    out.assign((size_t)a.tokens() * hidden, 0);
+    probs.assign(total, 0);
+    for (size_t s = 0; s + 1 < a.offsets.size(); ++s) {
+        const int start = a.offsets[s], len = a.offsets[s + 1] - start;
+        for (int h = 0; h < a.heads; ++h)
+            for (int i = 0; i < len; ++i) {
+                const size_t row = base[s] + ((size_t)h * len + i) * len;
+                double m = -INFINITY, sum = 0;
+                for (int j = 0; j < len; ++j) {
+                    double dot = 0;
+                    for (int c = 0; c < d; ++c)
+                        dot += qkv[(start + i) * stride + h * d + c] * qkv[(start + j) * stride + hidden + h * d + c];
+                    probs[row + j] = dot * a.scale;
+                    m = std::max(m, probs[row + j]);
+                }
+                for (int j = 0; j < len; ++j) sum += (probs[row + j] = std::exp(probs[row + j] - m));
+                for (int j = 0; j < len; ++j) probs[row + j] /= sum;
+                for (int c = 0; c < d; ++c) {
+                    double acc = 0;
+                    for (int j = 0; j < len; ++j)
+                        acc += probs[row + j] * attention_mask(a.p, a.seed, row + j) *
+                               qkv[(start + j) * stride + 2 * hidden + h * d + c];
+                    out[(size_t)(start + i) * hidden + h * d + c] = acc;
+                }
+            }
+    }
+}
+
+// Backward in double from the probabilities P given (the header's formulas):
+// dP_ij = (dO_i . v_j) D_ij, dS_ij = P_ij (dP_ij - sum_k P_ik dP_ik) scale,
+// dq_i = sum_j dS_ij k_j, dk_j = sum_i dS_ij q_i, dv_j = sum_i P_ij D_ij dO_i.
+static void attention_backward_ref(const AttentionShape& a, const VecD& qkv, const VecD& probs, const VecD& d_out,
+                                   VecD& d_qkv, VecD& d_scores) {
+    const int hidden = a.hidden(), d = a.head_dim;
+    const size_t stride = 3 * (size_t)hidden;
+    size_t total;
+    const auto base = attention_probs_base(a.offsets, a.heads, total);
+    d_qkv.assign((size_t)a.tokens() * stride, 0);
+    d_scores.assign(total, 0);
+    auto at = [&](int token, int part, int h, int c) { return (size_t)token * stride + part * hidden + h * d + c; };
+    for (size_t s = 0; s + 1 < a.offsets.size(); ++s) {
+        const int start = a.offsets[s], len = a.offsets[s + 1] - start;
+        for (int h = 0; h < a.heads; ++h)
+            for (int i = 0; i < len; ++i) {
+                const size_t row = base[s] + ((size_t)h * len + i) * len;
+                VecD d_p(len);
+                double dot = 0;
+                for (int j = 0; j < len; ++j) {
+                    double g = 0;
+                    for (int c = 0; c < d; ++c)
+                        g += d_out[(size_t)(start + i) * hidden + h * d + c] * qkv[at(start + j, 2, h, c)];
+                    d_p[j] = g * attention_mask(a.p, a.seed, row + j);
+                    dot += probs[row + j] * d_p[j];
+                }
+                for (int j = 0; j < len; ++j) {
+                    const double d_s = probs[row + j] * (d_p[j] - dot) * a.scale;
+                    d_scores[row + j] = d_s;
+                    const double kept = probs[row + j] * attention_mask(a.p, a.seed, row + j);
+                    for (int c = 0; c < d; ++c) {
+                        d_qkv[at(start + i, 0, h, c)] += d_s * qkv[at(start + j, 1, h, c)];
+                        d_qkv[at(start + j, 1, h, c)] += d_s * qkv[at(start + i, 0, h, c)];
+                        d_qkv[at(start + j, 2, h, c)] += kept * d_out[(size_t)(start + i) * hidden + h * d + c];
+                    }
+                }
+            }
+    }
+}
+
+// The backward reference against central differences of the forward one on
+// a tiny case (dropout on): L = sum(out * dO) is smooth in qkv because the
+// mask depends on element indices only.
+static void test_attention_reference_gradient() {
+    const AttentionShape a{{0, 3, 4, 8}, 2, 3, (float)(1 / std::sqrt(3.0)), 0.3f, 5};
+    const VecD qkv = to_double(random_vec((size_t)a.tokens() * 3 * a.hidden(), 1));
+    const VecD d_out = to_double(random_vec((size_t)a.tokens() * a.hidden(), 1));
+    VecD out, probs, d_qkv, d_scores;
+    attention_forward_ref(a, qkv, out, probs);
+    attention_backward_ref(a, qkv, probs, d_out, d_qkv, d_scores);
+    auto loss = [&](const VecD& x) {
+        VecD o, pr;
+        attention_forward_ref(a, x, o, pr);
+        double l = 0;
+        for (size_t k = 0; k < o.size(); ++k) l += o[k] * d_out[k];
+        return l;
+    };
+    double worst = 0;
+    const double h = 1e-5;
+    for (size_t k = 0; k < qkv.size(); ++k) {
+        VecD x = qkv;
+        x[k] = qkv[k] + h;
+        const double up = loss(x);
+        x[k] = qkv[k] - h;
+        worst = std::max(worst, std::fabs((up - loss(x)) / (2 * h) - d_qkv[k]));
+    }
+    std::printf("%s attention backward reference vs central differences (dropout 0.3): max abs diff %.3g\n",
+                worst < 1e-7 ? "ok  " : "FAIL", worst);
+    if (!(worst < 1e-7)) ++failures;
+}
+
+static void attention_train_case(const AttentionShape& a) {
+    const int batch = (int)a.offsets.size() - 1, tokens = a.tokens(), hidden = a.hidden();
+    int max_len = 0;
+    for (int s = 0; s < batch; ++s) max_len = std::max(max_len, a.offsets[s + 1] - a.offsets[s]);
+    size_t total;
+    const auto base = attention_probs_base(a.offsets, a.heads, total);
+    char label[96];
+    std::snprintf(label, sizeof label, "attention_train %dx%d max_len %d p %g%s", a.heads, a.head_dim, max_len,
+                  a.p, emu::reverse_blocks ? " (blocks reversed)" : "");
+    const std::string what = label;
+    const size_t stride = 3 * (size_t)hidden;
+    const Vec qkv = random_vec((size_t)tokens * stride, 1.5f);
+    // Poisoned tails past the batch (max_len rows, max_len^2 probabilities):
+    // the last sequence's blocks with i >= len would write there.
+    const size_t tail_rows = max_len, tail_probs = (size_t)max_len * max_len * a.heads;
+    Vec out = poisoned((tokens + tail_rows) * hidden), probs = poisoned(total + tail_probs);
+    const dim3 grid{(unsigned)max_len, (unsigned)a.heads, (unsigned)batch};
+    emu::launch(attention_train_forward_f32, grid, {BERTRT_ATTN_TRAIN_THREADS}, out.data(), probs.data(), qkv.data(),
+                a.offsets.data(), (const unsigned long long*)base.data(), a.heads, a.head_dim, a.scale, a.p,
+                (unsigned long long)a.seed);
+    VecD want_out, want_probs;
+    attention_forward_ref(a, to_double(qkv), want_out, want_probs);
+    check_scaled(what + " probs", Vec(probs.begin(), probs.begin() + total), want_probs, 1e-6);
+    check_scaled(what + " out", Vec(out.begin(), out.begin() + (size_t)tokens * hidden), want_out, 1e-5);
+    expect(what + " forward writes nothing past the batch",
+           untouched(out.data() + (size_t)tokens * hidden, tail_rows * hidden) &&
+               untouched(probs.data() + total, tail_probs));
+
+    // Backward from the kernel's own probabilities (checked above), so the
+    // reference sees the values the kernels read.
+    const Vec d_out = random_vec((size_t)tokens * hidden, 1);
+    Vec d_qkv = poisoned((tokens + tail_rows) * stride), d_scores = poisoned(total + tail_probs);
+    emu::launch(attention_train_backward_query_f32, grid, {BERTRT_ATTN_TRAIN_THREADS}, d_qkv.data(), d_scores.data(),
+                d_out.data(), qkv.data(), (const float*)probs.data(), a.offsets.data(),
+                (const unsigned long long*)base.data(), a.heads, a.head_dim, a.scale, a.p, (unsigned long long)a.seed);
+    emu::launch(attention_train_backward_key_f32, grid, {BERTRT_ATTN_TRAIN_THREADS}, d_qkv.data(),
+                (const float*)d_scores.data(), d_out.data(), qkv.data(), (const float*)probs.data(), a.offsets.data(),
+                (const unsigned long long*)base.data(), a.heads, a.head_dim, a.p, (unsigned long long)a.seed);
+    VecD want_d_qkv, want_d_scores;
+    attention_backward_ref(a, to_double(qkv), VecD(probs.begin(), probs.begin() + total), to_double(d_out),
+                           want_d_qkv, want_d_scores);
+    check_scaled(what + " d_scores", Vec(d_scores.begin(), d_scores.begin() + total), want_d_scores, 1e-5);
+    // d_q, d_k, d_v separately: each has its own scale.
+    for (int part = 0; part < 3; ++part) {
+        Vec got;
+        VecD want;
+        for (int t = 0; t < tokens; ++t)
+            for (int c = 0; c < hidden; ++c) {
+                got.push_back(d_qkv[t * stride + part * hidden + c]);
+                want.push_back(want_d_qkv[t * stride + part * hidden + c]);
+            }
+        check_scaled(what + " d_" + "qkv"[part], got, want, 1e-5);
+    }
+    expect(what + " backward writes nothing past the batch",
+           untouched(d_qkv.data() + (size_t)tokens * stride, tail_rows * stride) &&
+               untouched(d_scores.data() + total, tail_probs));
+}
+
+static void test_attention_train() {
+    test_attention_reference_gradient();
+    // Lengths with a 1 and a 0, the longest not last (its spare blocks then
+    // aim at the next sequence's rows, which only the reversed block order
+    // exposes: each batch and each p run both ways). head_dim 32 / 64 / 24 /
+    // 40: 4 / 2 / 5 / 3 groups in weighted_row_sum, the last two with idle
+    // threads. Small, because each emulated block costs milliseconds.
+    const std::vector<int> b0 = {0, 5, 6, 6, 15, 20}, b1 = {0, 0, 9, 10, 14};
+    struct Case {
+        std::vector<int> offsets;
+        int heads, head_dim;
+        float p;
+        bool reversed;
+    };
+    const std::vector<Case> cases = {{b0, 2, 32, 0.f, false}, {b1, 2, 32, 0.1f, true}, {b1, 2, 64, 0.f, true},
+                                     {b0, 2, 64, 0.1f, false}, {b0, 3, 24, 0.1f, true}, {b1, 3, 40, 0.f, false},
+                                     // Longer than the block's 128 threads
+                                     // (each thread takes several keys or
+                                     // queries); head_dim 128: one group.
+                                     {{0, 130, 132}, 1, 128, 0.1f, true}};
+    std::uint64_t seed = 1234;
+    for (const Case& c : cases) {
+        emu::reverse_blocks = c.reversed;
+        attention_train_case({c.offsets, c.heads, c.head_dim, 1.f / std::sqrt((float)c.head_dim), c.p, seed++});
+    }
+    emu::reverse_blocks = false;
+}
+
+// The emulator's atomicAdd is a real read-modify-write: every thread of a
+// block adds to one address at once (a plain += would lose updates).
+__global__ void atomic_add_all(float* sum, int times) {
+    for (int k = 0; k < times; ++k) atomicAdd(sum, 1.f);
+}
+
+static void test_scatter_train() {
+    float sum = 0;
+    emu::launch(atomic_add_all, {2}, {256}, &sum, 100);
+    expect("emulator atomicAdd: 2 x 256 threads x 100 adds to one float = 51200", sum == 51200.f);
+
+    // Lengths 1 7 0 13 9: a length-1 and an empty sequence.
+    const std::vector<int> offsets = {0, 1, 8, 8, 21, 30};
+    const int batch = (int)offsets.size() - 1, tokens = offsets.back();
+    for (int hidden : {19, 300}) {  // 300: more columns than the 256 threads
+        const std::string h = " hidden " + std::to_string(hidden);
+        // A 5-word vocabulary, so rows repeat across tokens (and within a
+        // sequence); the tables start from nonzero gradients, which the
+        // kernel adds to.
+        const int vocab = 5, types = 2;
+        std::vector<unsigned> ids(tokens), type_ids(tokens), positions(tokens);
+        for (int s = 0; s < batch; ++s)
+            for (int t = offsets[s]; t < offsets[s + 1]; ++t)
+                ids[t] = (t * 3) % vocab, type_ids[t] = t % 3 == 0, positions[t] = t - offsets[s];
+        const Vec d_out = random_vec((size_t)tokens * hidden, 1);
+        Vec d_word = random_vec(vocab * hidden, 1), d_pos = random_vec(13 * hidden, 1),
+            d_type = random_vec(types * hidden, 1);
+        VecD want_word = to_double(d_word), want_pos = to_double(d_pos), want_type = to_double(d_type);
+        for (int t = 0; t < tokens; ++t)
+            for (int c = 0; c < hidden; ++c) {
+                want_word[ids[t] * hidden + c] += d_out[(size_t)t * hidden + c];
+                want_pos[positions[t] * hidden + c] += d_out[(size_t)t * hidden + c];
+                want_type[type_ids[t] * hidden + c] += d_out[(size_t)t * hidden + c];
+            }
+        emu::launch(embedding_backward_f32, {(unsigned)tokens}, {row_threads(hidden)}, d_word.data(), d_pos.data(),
+                    d_type.data(), d_out.data(), (const unsigned*)ids.data(), (const unsigned*)type_ids.data(),
+                    (const unsigned*)positions.data(), hidden);
+        // Up to ~15 fp32 adds into a row: 1e-6 of the sums' scale.
+        check_scaled("embedding_backward" + h + " d_word (+=, repeated rows)", d_word, want_word, 1e-6);
+        check_scaled("embedding_backward" + h + " d_position (+=)", d_pos, want_pos, 1e-6);
+        check_scaled("embedding_backward" + h + " d_token_type (+=)", d_type, want_type, 1e-6);
+
+        // scatter_rows: the [CLS] rows (the empty sequence points at the
+        // next start, as the pooler's rows do not: keep them distinct).
+        const std::vector<unsigned long long> rows = {0, 1, 8, 21, 29};
+        const Vec d_rows = random_vec(rows.size() * hidden, 1);
+        Vec d_input((size_t)tokens * hidden, 0.f);
+        VecD want_input((size_t)tokens * hidden, 0);
+        for (size_t r = 0; r < rows.size(); ++r)
+            for (int c = 0; c < hidden; ++c) want_input[rows[r] * hidden + c] = d_rows[r * hidden + c];
+        emu::launch(scatter_rows_f32, {(unsigned)rows.size()}, {row_threads(hidden)}, d_input.data(), d_rows.data(),
+                    rows.data(), hidden);
+        check("scatter_rows" + h, d_input, want_input, 0);
+
+        // mean_pool_backward: every token of s gets d_out[s] / len(s); the
+        // empty sequence writes nothing (and NaN-poisoned input shows any
+        // token left out).
+        const Vec d_pool = random_vec((size_t)batch * hidden, 1);
+        Vec d_tokens = poisoned((size_t)tokens * hidden);
+        VecD want_tokens((size_t)tokens * hidden);
+        for (int s = 0; s < batch; ++s)
+            for (int t = offsets[s]; t < offsets[s + 1]; ++t)
+                for (int c = 0; c < hidden; ++c)
+                    want_tokens[(size_t)t * hidden + c] =
+                        (double)d_pool[(size_t)s * hidden + c] / (offsets[s + 1] - offsets[s]);
+        emu::launch(mean_pool_backward_f32, {(unsigned)(hidden + 127) / 128, (unsigned)batch}, {128}, d_tokens.data(),
+                    d_pool.data(), offsets.data(), hidden);
+        check_rel("mean_pool_backward" + h, d_tokens, want_tokens, 0, 1e-7);  // one fp32 division
+    }
+}
+
+static void test_pointwise_train() {
+    const unsigned long long n = 1001;  // odd, more than the 2 x 256 threads: grid-stride
+    const Vec pre = random_vec(n, 5);
+    Vec out = poisoned(n + 1);
+    VecD want(n);
+    for (size_t i = 0; i < n; ++i) want[i] = gelu(pre[i]);
+    emu::launch(gelu_forward_f32, {2}, {256}, out.data(), pre.data(), n);
+    check_rel("gelu_forward 1001", Vec(out.begin(), out.begin() + n), want, 1e-7, 2e-6);
+    expect("gelu_forward writes only n", untouched(out.data() + n, 1));
+
+    Vec y = random_vec(n, 1), d = random_vec(n, 1);
+    for (auto& v : y) v = std::tanh(3 * v);  // near +-1 too
+    for (size_t i = 0; i < n; ++i) want[i] = d[i] * (1 - (double)y[i] * y[i]);
+    emu::launch(tanh_backward_f32, {2}, {256}, d.data(), (const float*)y.data(), n);
+    check_rel("tanh_backward 1001", d, want, 1e-7, 1e-6);
+
+    // add and scale are single IEEE operations: bit-exact.
+    const Vec a = random_vec(n, 3), b = random_vec(n, 3);
+    Vec sum = poisoned(n), x = a;
+    emu::launch(add_f32, {2}, {256}, sum.data(), a.data(), b.data(), n);
+    emu::launch(add_f32, {2}, {256}, x.data(), (const float*)x.data(), b.data(), n);  // x += b
+    bool exact = true, exact_alias = true;
+    for (size_t i = 0; i < n; ++i) {
+        exact = exact && sum[i] == a[i] + b[i];
+        exact_alias = exact_alias && x[i] == a[i] + b[i];
+    }
+    expect("add_f32 out = a + b, bit-exact", exact);
+    expect("add_f32 out == a (x += b), bit-exact", exact_alias);
+
+    Vec s = a;
+    emu::launch(scale_f32, {2}, {256}, s.data(), n, 0.37f);
+    exact = true;
+    for (size_t i = 0; i < n; ++i) exact = exact && s[i] == a[i] * 0.37f;
+    expect("scale_f32 x *= factor, bit-exact", exact);
+}
 
 int main() {
     test_conversions();
@@ -794,6 +1154,9 @@ int main() {
     test_bias_gelu();
     test_layer_norm_train();
     test_cross_entropy();
+    test_attention_train();
+    test_scatter_train();
+    test_pointwise_train();
     std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "all kernels ok", failures);
     return failures ? 1 : 0;
 }

@@ -18,6 +18,7 @@
 // the compiler's _Float16 over every half and a sweep of floats.
 #pragma once
 
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstddef>
@@ -64,10 +65,14 @@ inline float __shfl_xor_sync(unsigned, float v, int offset) {
 }
 
 inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
 using std::isfinite;
 
 // Atomics: the emulated threads of a block are real threads.
 inline int atomicExch(int* p, int v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
+// Returns the old value, as CUDA's. A real read-modify-write (not a plain +=)
+// because two threads of a block may add to the same address.
+inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 
 struct __half {
     std::uint16_t bits;
@@ -134,6 +139,13 @@ inline float __bfloat162float(__nv_bfloat16 b) { return emu::bits_f32((std::uint
 #define __shared__ static
 
 namespace emu {
+// When set, launch runs the blocks last to first. A GPU runs blocks in any
+// order, so a kernel whose result depends on the order is wrong; in
+// particular a stray write into a region that another block owns is
+// overwritten (hidden) when the owner runs later, and shows when it runs
+// earlier. Checks run a kernel both ways where that matters.
+inline bool reverse_blocks = false;
+
 // Runs kernel(args...) over grid x block, as a CUDA launch would.
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 threads, Args... args) {
@@ -143,18 +155,20 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 threads, Args... args) {
     // grid (thread creation dominates the run time under AddressSanitizer);
     // a barrier after each block keeps the blocks one after another.
     Block b(threads.x);
+    const unsigned long long blocks = (unsigned long long)grid.x * grid.y * grid.z;
+    const bool reverse = reverse_blocks;
     std::vector<std::thread> pool;
     for (unsigned t = 0; t < threads.x; ++t)
         pool.emplace_back([&, t] {
             emu::block = &b;
             threadIdx = {t, 0, 0};
-            for (unsigned bz = 0; bz < grid.z; ++bz)
-                for (unsigned by = 0; by < grid.y; ++by)
-                    for (unsigned bx = 0; bx < grid.x; ++bx) {
-                        blockIdx = {bx, by, bz};
-                        kernel(args...);
-                        b.bar.arrive_and_wait();
-                    }
+            for (unsigned long long n = 0; n < blocks; ++n) {
+                const unsigned long long k = reverse ? blocks - 1 - n : n;  // x fastest, then y, then z
+                blockIdx = {(unsigned)(k % grid.x), (unsigned)(k / grid.x % grid.y),
+                            (unsigned)(k / grid.x / grid.y)};
+                kernel(args...);
+                b.bar.arrive_and_wait();
+            }
         });
     for (auto& th : pool) th.join();
 }
