@@ -960,10 +960,10 @@ static void attention_train_case(const AttentionShape& a) {
     const size_t stride = 3 * (size_t)hidden;
     const Vec qkv = random_vec((size_t)tokens * stride, 1.5f);
     // Poisoned tails past the batch (max_len rows, max_len^2 probabilities):
-    // the last sequence's blocks with i >= len would write there.
+    // the last sequence's spare row tiles (past len) would write there.
     const size_t tail_rows = max_len, tail_probs = (size_t)max_len * max_len * a.heads;
     Vec out = poisoned((tokens + tail_rows) * hidden), probs = poisoned(total + tail_probs);
-    const dim3 grid{(unsigned)max_len, (unsigned)a.heads, (unsigned)batch};
+    const dim3 grid{(unsigned)((max_len + BERTRT_ATTN_TRAIN_ROWS - 1) / BERTRT_ATTN_TRAIN_ROWS), (unsigned)a.heads, (unsigned)batch};
     emu::launch(attention_train_forward_f32, grid, {BERTRT_ATTN_TRAIN_THREADS}, out.data(), probs.data(), qkv.data(),
                 a.offsets.data(), (const unsigned long long*)base.data(), a.heads, a.head_dim, a.scale, a.p,
                 (unsigned long long)a.seed);
