@@ -38,9 +38,9 @@ pub enum Precision {
     /// autocast for matmuls.
     Bf16,
     /// Operands rounded to fp16, products summed in f32, with dynamic loss
-    /// scaling in training ([`crate::train::loss_scale`]): PyTorch's fp16
-    /// autocast with `GradScaler`. CUDA only (CPUs have no fast fp16 dot
-    /// product; bf16 is their half precision).
+    /// scaling in training: PyTorch's fp16 autocast with `GradScaler`.
+    /// CUDA only (CPUs have no fast fp16 dot product; bf16 is their half
+    /// precision).
     Fp16,
 }
 
