@@ -832,205 +832,90 @@ static double attention_mask(float p, std::uint64_t seed, size_t index) {
     return uniform_at(seed, index) < p ? 0.0 : (double)(1.f / (1.f - p));
 }
 
-struct AttentionShape {
-    std::vector<int> offsets;
-    int heads, head_dim;
-    float scale, p;
-    std::uint64_t seed;
-    int tokens() const { return offsets.back(); }
-    int hidden() const { return heads * head_dim; }
-};
-
-// Forward in double: probs (before dropout) in probs' layout, and
-// out_i = sum_j P_ij D_ij v_j.
-static void attention_forward_ref(const AttentionShape& a, const VecD& qkv, VecD& out, VecD& probs) {
-    const int hidden = a.hidden(), d = a.head_dim;
-    const size_t stride = 3 * (size_t)hidden;
-    size_t total;
-    const auto base = attention_probs_base(a.offsets, a.heads, total);
-    out.assign((size_t)a.tokens() * hidden, 0);
-    probs.assign(total, 0);
-    for (size_t s = 0; s + 1 < a.offsets.size(); ++s) {
-        const int start = a.offsets[s], len = a.offsets[s + 1] - start;
-        for (int h = 0; h < a.heads; ++h)
-            for (int i = 0; i < len; ++i) {
-                const size_t row = base[s] + ((size_t)h * len + i) * len;
-                double m = -INFINITY, sum = 0;
-                for (int j = 0; j < len; ++j) {
-                    double dot = 0;
-                    for (int c = 0; c < d; ++c)
-                        dot += qkv[(start + i) * stride + h * d + c] * qkv[(start + j) * stride + hidden + h * d + c];
-                    probs[row + j] = dot * a.scale;
-                    m = std::max(m, probs[row + j]);
-                }
-                for (int j = 0; j < len; ++j) sum += (probs[row + j] = std::exp(probs[row + j] - m));
-                for (int j = 0; j < len; ++j) probs[row + j] /= sum;
-                for (int c = 0; c < d; ++c) {
-                    double acc = 0;
-                    for (int j = 0; j < len; ++j)
-                        acc += probs[row + j] * attention_mask(a.p, a.seed, row + j) *
-                               qkv[(start + j) * stride + 2 * hidden + h * d + c];
-                    out[(size_t)(start + i) * hidden + h * d + c] = acc;
-                }
-            }
-    }
-}
-
-// Backward in double from the probabilities P given (the header's formulas):
-// dP_ij = (dO_i . v_j) D_ij, dS_ij = P_ij (dP_ij - sum_k P_ik dP_ik) scale,
-// dq_i = sum_j dS_ij k_j, dk_j = sum_i dS_ij q_i, dv_j = sum_i P_ij D_ij dO_i.
-static void attention_backward_ref(const AttentionShape& a, const VecD& qkv, const VecD& probs, const VecD& d_out,
-                                   VecD& d_qkv, VecD& d_scores) {
-    const int hidden = a.hidden(), d = a.head_dim;
-    const size_t stride = 3 * (size_t)hidden;
-    size_t total;
-    const auto base = attention_probs_base(a.offsets, a.heads, total);
-    d_qkv.assign((size_t)a.tokens() * stride, 0);
-    d_scores.assign(total, 0);
-    auto at = [&](int token, int part, int h, int c) { return (size_t)token * stride + part * hidden + h * d + c; };
-    for (size_t s = 0; s + 1 < a.offsets.size(); ++s) {
-        const int start = a.offsets[s], len = a.offsets[s + 1] - start;
-        for (int h = 0; h < a.heads; ++h)
-            for (int i = 0; i < len; ++i) {
-                const size_t row = base[s] + ((size_t)h * len + i) * len;
-                VecD d_p(len);
-                double dot = 0;
-                for (int j = 0; j < len; ++j) {
-                    double g = 0;
-                    for (int c = 0; c < d; ++c)
-                        g += d_out[(size_t)(start + i) * hidden + h * d + c] * qkv[at(start + j, 2, h, c)];
-                    d_p[j] = g * attention_mask(a.p, a.seed, row + j);
-                    dot += probs[row + j] * d_p[j];
-                }
-                for (int j = 0; j < len; ++j) {
-                    const double d_s = probs[row + j] * (d_p[j] - dot) * a.scale;
-                    d_scores[row + j] = d_s;
-                    const double kept = probs[row + j] * attention_mask(a.p, a.seed, row + j);
-                    for (int c = 0; c < d; ++c) {
-                        d_qkv[at(start + i, 0, h, c)] += d_s * qkv[at(start + j, 1, h, c)];
-                        d_qkv[at(start + j, 1, h, c)] += d_s * qkv[at(start + i, 0, h, c)];
-                        d_qkv[at(start + j, 2, h, c)] += kept * d_out[(size_t)(start + i) * hidden + h * d + c];
-                    }
-                }
-            }
-    }
-}
-
-// The backward reference against central differences of the forward one on
-// a tiny case (dropout on): L = sum(out * dO) is smooth in qkv because the
-// mask depends on element indices only.
-static void test_attention_reference_gradient() {
-    const AttentionShape a{{0, 3, 4, 8}, 2, 3, (float)(1 / std::sqrt(3.0)), 0.3f, 5};
-    const VecD qkv = to_double(random_vec((size_t)a.tokens() * 3 * a.hidden(), 1));
-    const VecD d_out = to_double(random_vec((size_t)a.tokens() * a.hidden(), 1));
-    VecD out, probs, d_qkv, d_scores;
-    attention_forward_ref(a, qkv, out, probs);
-    attention_backward_ref(a, qkv, probs, d_out, d_qkv, d_scores);
-    auto loss = [&](const VecD& x) {
-        VecD o, pr;
-        attention_forward_ref(a, x, o, pr);
-        double l = 0;
-        for (size_t k = 0; k < o.size(); ++k) l += o[k] * d_out[k];
-        return l;
-    };
-    double worst = 0;
-    const double h = 1e-5;
-    for (size_t k = 0; k < qkv.size(); ++k) {
-        VecD x = qkv;
-        x[k] = qkv[k] + h;
-        const double up = loss(x);
-        x[k] = qkv[k] - h;
-        worst = std::max(worst, std::fabs((up - loss(x)) / (2 * h) - d_qkv[k]));
-    }
-    std::printf("%s attention backward reference vs central differences (dropout 0.3): max abs diff %.3g\n",
-                worst < 1e-7 ? "ok  " : "FAIL", worst);
-    if (!(worst < 1e-7)) ++failures;
-}
-
-static void attention_train_case(const AttentionShape& a) {
-    const int batch = (int)a.offsets.size() - 1, tokens = a.tokens(), hidden = a.hidden();
+// The row kernels of training attention (the products around them are
+// cuBLAS GEMMs) against double references on random rows in probs' layout:
+// forward, softmax of the scores and dropout(P); backward, from a random
+// gradient G of dropout(P) and the probabilities P,
+// dS_j = P_j (D_j G_j - sum_k P_k D_k G_k) * scale. Memory past the batch is
+// poisoned and must stay so (a warp whose row is past its sequence writes
+// nothing).
+static void attention_rows_case(const std::vector<int>& offsets, int heads, float p, std::uint64_t seed,
+                                bool reversed) {
+    size_t total = 0;
+    const auto base = attention_probs_base(offsets, heads, total);
+    const int batch = (int)offsets.size() - 1;
     int max_len = 0;
-    for (int s = 0; s < batch; ++s) max_len = std::max(max_len, a.offsets[s + 1] - a.offsets[s]);
-    size_t total;
-    const auto base = attention_probs_base(a.offsets, a.heads, total);
+    for (int s = 0; s < batch; ++s) max_len = std::max(max_len, offsets[s + 1] - offsets[s]);
+    emu::reverse_blocks = reversed;
     char label[96];
-    std::snprintf(label, sizeof label, "attention_train %dx%d max_len %d p %g%s", a.heads, a.head_dim, max_len,
-                  a.p, emu::reverse_blocks ? " (blocks reversed)" : "");
+    std::snprintf(label, sizeof label, "attention rows heads %d max_len %d p %g%s", heads, max_len, p,
+                  reversed ? " (blocks reversed)" : "");
     const std::string what = label;
-    const size_t stride = 3 * (size_t)hidden;
-    const Vec qkv = random_vec((size_t)tokens * stride, 1.5f);
-    // Poisoned tails past the batch (max_len rows, max_len^2 probabilities):
-    // the last sequence's spare row tiles (past len) would write there.
-    const size_t tail_rows = max_len, tail_probs = (size_t)max_len * max_len * a.heads;
-    Vec out = poisoned((tokens + tail_rows) * hidden), probs = poisoned(total + tail_probs);
-    const dim3 grid{(unsigned)((max_len + BERTRT_ATTN_TRAIN_ROWS - 1) / BERTRT_ATTN_TRAIN_ROWS), (unsigned)a.heads, (unsigned)batch};
-    emu::launch(attention_train_forward_f32, grid, {BERTRT_ATTN_TRAIN_THREADS}, out.data(), probs.data(), qkv.data(),
-                a.offsets.data(), (const unsigned long long*)base.data(), a.heads, a.head_dim, a.scale, a.p,
-                (unsigned long long)a.seed);
-    VecD want_out, want_probs;
-    attention_forward_ref(a, to_double(qkv), want_out, want_probs);
-    check_scaled(what + " probs", Vec(probs.begin(), probs.begin() + total), want_probs, 1e-6);
-    check_scaled(what + " out", Vec(out.begin(), out.begin() + (size_t)tokens * hidden), want_out, 1e-5);
-    expect(what + " forward writes nothing past the batch",
-           untouched(out.data() + (size_t)tokens * hidden, tail_rows * hidden) &&
-               untouched(probs.data() + total, tail_probs));
+    const dim3 grid{(unsigned)((max_len + BERTRT_ATTN_SOFTMAX_ROWS - 1) / BERTRT_ATTN_SOFTMAX_ROWS),
+                    (unsigned)heads, (unsigned)batch};
+    const dim3 threads{32 * BERTRT_ATTN_SOFTMAX_ROWS};
+    const size_t tail = 64;
 
-    // Backward from the kernel's own probabilities (checked above), so the
-    // reference sees the values the kernels read.
-    const Vec d_out = random_vec((size_t)tokens * hidden, 1);
-    Vec d_qkv = poisoned((tokens + tail_rows) * stride), d_scores = poisoned(total + tail_probs);
-    emu::launch(attention_train_backward_query_f32, grid, {BERTRT_ATTN_TRAIN_THREADS}, d_qkv.data(), d_scores.data(),
-                d_out.data(), qkv.data(), (const float*)probs.data(), a.offsets.data(),
-                (const unsigned long long*)base.data(), a.heads, a.head_dim, a.scale, a.p, (unsigned long long)a.seed);
-    emu::launch(attention_train_backward_key_f32, grid, {BERTRT_ATTN_TRAIN_THREADS}, d_qkv.data(),
-                (const float*)d_scores.data(), d_out.data(), qkv.data(), (const float*)probs.data(), a.offsets.data(),
-                (const unsigned long long*)base.data(), a.heads, a.head_dim, a.p, (unsigned long long)a.seed);
-    VecD want_d_qkv, want_d_scores;
-    attention_backward_ref(a, to_double(qkv), VecD(probs.begin(), probs.begin() + total), to_double(d_out),
-                           want_d_qkv, want_d_scores);
-    check_scaled(what + " d_scores", Vec(d_scores.begin(), d_scores.begin() + total), want_d_scores, 1e-5);
-    // d_q, d_k, d_v separately: each has its own scale.
-    for (int part = 0; part < 3; ++part) {
-        Vec got;
-        VecD want;
-        for (int t = 0; t < tokens; ++t)
-            for (int c = 0; c < hidden; ++c) {
-                got.push_back(d_qkv[t * stride + part * hidden + c]);
-                want.push_back(want_d_qkv[t * stride + part * hidden + c]);
+    Vec probs = random_vec(total, 4.f), dropped = poisoned(total + tail);
+    VecD want_probs(total), want_dropped(total);
+    for (int s = 0; s < batch; ++s) {
+        const int len = offsets[s + 1] - offsets[s];
+        for (int r = 0; r < heads * len; ++r) {
+            const size_t row = base[s] + (size_t)r * len;
+            double m = -INFINITY, sum = 0;
+            for (int j = 0; j < len; ++j) m = std::max(m, (double)probs[row + j]);
+            for (int j = 0; j < len; ++j) sum += std::exp(probs[row + j] - m);
+            for (int j = 0; j < len; ++j) {
+                want_probs[row + j] = std::exp(probs[row + j] - m) / sum;
+                want_dropped[row + j] = want_probs[row + j] * attention_mask(p, seed, row + j);
             }
-        check_scaled(what + " d_" + "qkv"[part], got, want, 1e-5);
+        }
     }
-    expect(what + " backward writes nothing past the batch",
-           untouched(d_qkv.data() + (size_t)tokens * stride, tail_rows * stride) &&
-               untouched(d_scores.data() + total, tail_probs));
+    const Vec poison_tail = poisoned(tail);
+    probs.insert(probs.end(), poison_tail.begin(), poison_tail.end());
+    emu::launch(attention_softmax_train_f32, grid, threads, probs.data(), p > 0 ? dropped.data() : nullptr,
+                offsets.data(), (const unsigned long long*)base.data(), p, (unsigned long long)seed);
+    check_scaled(what + " softmax", Vec(probs.begin(), probs.begin() + total), want_probs, 1e-6);
+    expect(what + " softmax writes nothing past the batch", untouched(probs.data() + total, tail));
+    if (p > 0) {
+        check_scaled(what + " dropout(P)", Vec(dropped.begin(), dropped.begin() + total), want_dropped, 1e-6);
+        expect(what + " dropout(P) writes nothing past the batch", untouched(dropped.data() + total, tail));
+    } else {
+        expect(what + " no dropout(P) without dropout", untouched(dropped.data(), total + tail));
+    }
+
+    const float scale = 0.125f;
+    const Vec p_rows(probs.begin(), probs.begin() + total);
+    Vec d = random_vec(total, 1.f);
+    VecD want_d(total);
+    for (int s = 0; s < batch; ++s) {
+        const int len = offsets[s + 1] - offsets[s];
+        for (int r = 0; r < heads * len; ++r) {
+            const size_t row = base[s] + (size_t)r * len;
+            double dot = 0;
+            for (int j = 0; j < len; ++j) dot += p_rows[row + j] * d[row + j] * attention_mask(p, seed, row + j);
+            for (int j = 0; j < len; ++j)
+                want_d[row + j] = p_rows[row + j] * (d[row + j] * attention_mask(p, seed, row + j) - dot) * scale;
+        }
+    }
+    d.insert(d.end(), poison_tail.begin(), poison_tail.end());
+    emu::launch(attention_softmax_backward_f32, grid, threads, d.data(), p_rows.data(), offsets.data(),
+                (const unsigned long long*)base.data(), scale, p, (unsigned long long)seed);
+    check_scaled(what + " softmax backward", Vec(d.begin(), d.begin() + total), want_d, 1e-5);
+    expect(what + " softmax backward writes nothing past the batch", untouched(d.data() + total, tail));
+    emu::reverse_blocks = false;
 }
 
 static void test_attention_train() {
-    test_attention_reference_gradient();
-    // Lengths with a 1 and a 0, the longest not last (its spare blocks then
+    // Lengths with a 1 and a 0, the longest not last (its spare warps then
     // aim at the next sequence's rows, which only the reversed block order
-    // exposes: each batch and each p run both ways). head_dim 32 / 64 / 24 /
-    // 40: 4 / 2 / 5 / 3 groups in weighted_row_sum, the last two with idle
-    // threads. Small, because each emulated block costs milliseconds.
-    const std::vector<int> b0 = {0, 5, 6, 6, 15, 20}, b1 = {0, 0, 9, 10, 14};
-    struct Case {
-        std::vector<int> offsets;
-        int heads, head_dim;
-        float p;
-        bool reversed;
-    };
-    const std::vector<Case> cases = {{b0, 2, 32, 0.f, false}, {b1, 2, 32, 0.1f, true}, {b1, 2, 64, 0.f, true},
-                                     {b0, 2, 64, 0.1f, false}, {b0, 3, 24, 0.1f, true}, {b1, 3, 40, 0.f, false},
-                                     // Longer than the block's 128 threads
-                                     // (each thread takes several keys or
-                                     // queries); head_dim 128: one group.
-                                     {{0, 130, 132}, 1, 128, 0.1f, true}};
-    std::uint64_t seed = 1234;
-    for (const Case& c : cases) {
-        emu::reverse_blocks = c.reversed;
-        attention_train_case({c.offsets, c.heads, c.head_dim, 1.f / std::sqrt((float)c.head_dim), c.p, seed++});
-    }
-    emu::reverse_blocks = false;
+    // exposes), and one longer than a warp's 32 lanes.
+    const std::vector<int> b0 = {0, 5, 6, 6, 15, 20}, b1 = {0, 0, 9, 10, 14}, b2 = {0, 130, 132};
+    attention_rows_case(b0, 2, 0.f, 1234, false);
+    attention_rows_case(b0, 2, 0.1f, 1235, true);
+    attention_rows_case(b1, 3, 0.1f, 1236, false);
+    attention_rows_case(b1, 3, 0.f, 1237, true);
+    attention_rows_case(b2, 1, 0.1f, 1238, true);
 }
 
 // The emulator's atomicAdd is a real read-modify-write: every thread of a

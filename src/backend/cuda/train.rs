@@ -5,8 +5,11 @@
 //! buffers, multiplying in the backend's [`Precision`]: fp32 (cuBLAS's
 //! default math, no TF32), or bf16 / fp16 operands on the tensor cores with
 //! f32 sums (`CUBLAS_COMPUTE_32F_FAST_16BF` / `_16F`), which is what
-//! PyTorch's autocast does to matmuls. Everything else is our kernels in
-//! fp32: `attention_train.cu` (probabilities kept for backward, as the CPU),
+//! PyTorch's autocast does to matmuls. Attention's six products are fp32
+//! cuBLAS `GemmBatchedEx` calls over (sequence, head) blocks, one per
+//! distinct sequence length, with the probabilities kept for backward as on
+//! the CPU. Everything else is our kernels in fp32: `attention_train.cu`
+//! (the softmax rows between those products),
 //! `layernorm_train.cu`, `epilogue_train.cu`, `scatter_train.cu`,
 //! `pointwise_train.cu`, `dropout.cu`, `cross_entropy.cu` and
 //! `optimizer.cu`. Dropout masks are the CPU's bit for bit (same counter
@@ -26,11 +29,9 @@ use super::{check, int, row_threads, CudaBackend, CudaTensor};
 use crate::backend::train::{attention_probs_len, AdamW, Dropout, Lora, ParamGrads, TrainBackend};
 use crate::backend::{Activation, Backend, Precision};
 
-/// Must match BERTRT_ATTN_TRAIN_MAX_DIM / _MAX_LEN / _ROWS in
-/// kernels/attention_train.cu.
-const ATTENTION_MAX_HEAD_DIM: usize = 128;
-const ATTENTION_MAX_LEN: usize = 512;
-const ATTENTION_ROWS_PER_BLOCK: usize = 8;
+/// Rows (one warp each) per block of the attention row kernels: must match
+/// BERTRT_ATTN_SOFTMAX_ROWS in kernels/attention_train.cu.
+const ATTENTION_SOFTMAX_ROWS: usize = 4;
 /// Blocks of the per-block partial sums of LayerNorm's backward.
 const LAYER_NORM_PARTS: usize = 256;
 /// At most this many partial sums per tensor in `sum_squares_all`.
@@ -43,7 +44,9 @@ pub(super) struct Scratch {
     ones: Option<CudaSlice<f32>>,
     /// Per-block partial sums (LayerNorm's gamma and beta, squared norms).
     partials: Option<CudaSlice<f32>>,
-    /// Attention backward's `dS`, the probabilities' layout.
+    /// Attention's `dropout(P)` and backward's `dS`, the probabilities'
+    /// layout.
+    dropped: Option<CudaSlice<f32>>,
     d_scores: Option<CudaSlice<f32>>,
     /// The inf/NaN flag of `grad_sumsq_f32`.
     found_inf: Option<CudaSlice<i32>>,
@@ -244,6 +247,81 @@ impl CudaBackend {
         });
     }
 
+    /// Row-major `c_i[m, n] = alpha · a_i[m, k] · b_i[k, n]` for every i
+    /// (c overwritten), fp32, one cuBLAS `GemmBatchedEx`: operands are
+    /// (leading dimension, transposed, device addresses), c (ldc, addresses).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_batched(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: (usize, bool, &[u64]),
+        b: (usize, bool, &[u64]),
+        c: (usize, &[u64]),
+    ) {
+        let count = c.1.len();
+        assert!(
+            a.2.len() == count && b.2.len() == count,
+            "gemm_batched: pointer counts"
+        );
+        if count == 0 || m == 0 || n == 0 {
+            return;
+        }
+        assert!(k > 0, "gemm_batched with k = 0");
+        let op = |transposed: bool| {
+            if transposed {
+                cublasOperation_t::CUBLAS_OP_T
+            } else {
+                cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let (a_ptrs, b_ptrs, c_ptrs) = (
+            self.copy_to_device(a.2),
+            self.copy_to_device(b.2),
+            self.copy_to_device(c.1),
+        );
+        let beta = 0.0f32;
+        check("bind context", self.ctx.bind_to_thread());
+        // Column-major as in gemm_typed: B first, the roles of m and n swapped.
+        let status = self.profiled("gemm_batched", || {
+            // SAFETY: each pointer addresses a matrix of the stated shape and
+            // leading dimension inside a live buffer (the caller's
+            // AttentionLayout); the pointer arrays live until the stream
+            // frees them in order, after this call.
+            unsafe {
+                cudarc::cublas::sys::cublasGemmBatchedEx(
+                    *self.blas.handle(),
+                    op(b.1),
+                    op(a.1),
+                    int("gemm n", n),
+                    int("gemm m", m),
+                    int("gemm k", k),
+                    (&alpha as *const f32).cast(),
+                    self.address(Some(&b_ptrs)) as *const *const _,
+                    cudaDataType::CUDA_R_32F,
+                    int("gemm ld", b.0),
+                    self.address(Some(&a_ptrs)) as *const *const _,
+                    cudaDataType::CUDA_R_32F,
+                    int("gemm ld", a.0),
+                    (&beta as *const f32).cast(),
+                    self.address(Some(&c_ptrs)) as *const *mut _,
+                    cudaDataType::CUDA_R_32F,
+                    int("gemm ldc", c.0),
+                    int("batch", count),
+                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+        });
+        assert_eq!(
+            status,
+            cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS,
+            "CUDA backend: cuBLAS GemmBatchedEx failed"
+        );
+    }
+
     /// `d_bias[n] += Σ over rows of d_out[rows, n]`, as `d_outᵀ · ones`.
     fn add_column_sums(&self, d_bias: &mut CudaTensor, d_out: &CudaTensor, rows: usize, n: usize) {
         let mut scratch = self.train_scratch.lock().unwrap_or_else(|e| e.into_inner());
@@ -271,21 +349,6 @@ impl CudaBackend {
             self.tensor_address(d_bias),
             1,
         );
-    }
-
-    /// Offsets-derived launch data of the attention kernels: the batch, the
-    /// longest sequence, and each sequence's first index in the
-    /// probabilities (uploaded).
-    fn probs_layout(&self, offsets: &[usize], heads: usize) -> (usize, usize, CudaSlice<u64>) {
-        let batch = offsets.len() - 1;
-        let mut base = Vec::with_capacity(batch);
-        let mut at = 0u64;
-        for w in offsets.windows(2) {
-            base.push(at);
-            at += (heads * (w[1] - w[0]).pow(2)) as u64;
-        }
-        let max_len = offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
-        (batch, max_len, self.copy_to_device(&base))
     }
 }
 
@@ -743,7 +806,6 @@ impl TrainBackend for CudaBackend {
             return;
         };
         let hidden = heads * head_dim;
-        self.check_attention(offsets, head_dim);
         assert!(
             qkv.len >= tokens * 3 * hidden,
             "attention_forward: qkv too small"
@@ -752,33 +814,74 @@ impl TrainBackend for CudaBackend {
             out.len >= tokens * hidden,
             "attention_forward: output too small"
         );
+        let probs_len = attention_probs_len(offsets, heads);
         assert!(
-            probs.len >= attention_probs_len(offsets, heads),
+            probs.len >= probs_len,
             "attention_forward: probabilities too small"
         );
-        let (batch, max_len, probs_base) = self.probs_layout(offsets, heads);
-        if max_len == 0 || heads == 0 {
+        let layout = AttentionLayout::new(self, offsets, heads, head_dim);
+        if layout.max_len == 0 || heads == 0 || head_dim == 0 {
             return;
         }
-        self.with_offsets(offsets, |offsets| {
-            self.launch(
-                "attention_train_forward",
-                self.train_kernel("attention_train_forward_f32"),
-                attention_grid(max_len, heads, batch),
-                &[
-                    &self.tensor_address(out),
-                    &self.tensor_address(probs),
-                    &self.tensor_address(qkv),
-                    &offsets,
-                    &self.address(Some(&probs_base)),
-                    &int("heads", heads),
-                    &int("head_dim", head_dim),
-                    &(1.0 / (head_dim as f32).sqrt()),
-                    &dropout.p,
-                    &dropout.seed,
-                ],
-            )
-        });
+        let (qkv_at, probs_at) = (self.tensor_address(qkv), self.tensor_address(probs));
+        let stride = 3 * hidden;
+        // Scores: probs = scale · Q Kᵀ, per (sequence, head).
+        layout.products(
+            self,
+            |len, block| {
+                (
+                    [len, len, head_dim],
+                    [
+                        (qkv_at, block.q, stride, false),
+                        (qkv_at, block.k, stride, true),
+                        (probs_at, block.probs, len, false),
+                    ],
+                )
+            },
+            1.0 / (head_dim as f32).sqrt(),
+        );
+        let mut scratch = self.train_scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let dropped_at = if dropout.is_off() {
+            probs_at
+        } else {
+            grow(self, &mut scratch.dropped, probs_len);
+            self.address(scratch.dropped.as_ref())
+        };
+        layout.rows(
+            self,
+            "attention_softmax_train",
+            |offsets, probs_base, grid| {
+                self.launch(
+                    "attention_softmax_train",
+                    self.train_kernel("attention_softmax_train_f32"),
+                    grid,
+                    &[
+                        &probs_at,
+                        &if dropout.is_off() { 0 } else { dropped_at },
+                        &offsets,
+                        &probs_base,
+                        &dropout.p,
+                        &dropout.seed,
+                    ],
+                )
+            },
+        );
+        // out = dropout(P) · V.
+        let out_at = self.tensor_address(out);
+        layout.products(
+            self,
+            |len, block| {
+                (
+                    [len, head_dim, len],
+                    [
+                        (dropped_at, block.probs, len, false),
+                        (qkv_at, block.v, stride, false),
+                        (out_at, block.out, hidden, false),
+                    ],
+                )
+            },
+            1.0,
+        );
     }
 
     fn attention_backward(
@@ -796,7 +899,6 @@ impl TrainBackend for CudaBackend {
             return;
         };
         let hidden = heads * head_dim;
-        self.check_attention(offsets, head_dim);
         assert!(
             qkv.len >= tokens * 3 * hidden && d_qkv.len >= tokens * 3 * hidden,
             "attention_backward: qkv too small"
@@ -810,54 +912,124 @@ impl TrainBackend for CudaBackend {
             probs.len >= probs_len,
             "attention_backward: probabilities too small"
         );
-        let (batch, max_len, probs_base) = self.probs_layout(offsets, heads);
-        if max_len == 0 || heads == 0 {
+        let layout = AttentionLayout::new(self, offsets, heads, head_dim);
+        if layout.max_len == 0 || heads == 0 || head_dim == 0 {
             return;
         }
+        let stride = 3 * hidden;
+        let (qkv_at, probs_at) = (self.tensor_address(qkv), self.tensor_address(probs));
+        let (d_qkv_at, d_out_at) = (self.tensor_address(d_qkv), self.tensor_address(d_out));
         let mut scratch = self.train_scratch.lock().unwrap_or_else(|e| e.into_inner());
         grow(self, &mut scratch.d_scores, probs_len);
-        let d_scores = self.address(scratch.d_scores.as_ref());
-        let grid = attention_grid(max_len, heads, batch);
-        let scale = 1.0 / (head_dim as f32).sqrt();
-        self.with_offsets(offsets, |offsets| {
+        let d_scores_at = self.address(scratch.d_scores.as_ref());
+        // dropout(P), regenerated from P and the seed.
+        let dropped_at = if dropout.is_off() {
+            probs_at
+        } else {
+            grow(self, &mut scratch.dropped, probs_len);
+            let dropped = scratch.dropped.as_mut().expect("grown above");
+            let from = probs.buf.as_ref().expect("non-empty probabilities");
+            check(
+                "device copy",
+                self.stream.memcpy_dtod(
+                    &from.slice(0..probs_len),
+                    &mut dropped.slice_mut(0..probs_len),
+                ),
+            );
+            let address = self.address(Some(&*dropped));
             self.launch(
-                "attention_train_backward_query",
-                self.train_kernel("attention_train_backward_query_f32"),
-                grid,
+                "dropout",
+                self.train_kernel("dropout_f32"),
+                elementwise(probs_len),
                 &[
-                    &self.tensor_address(d_qkv),
-                    &d_scores,
-                    &self.tensor_address(d_out),
-                    &self.tensor_address(qkv),
-                    &self.tensor_address(probs),
-                    &offsets,
-                    &self.address(Some(&probs_base)),
-                    &int("heads", heads),
-                    &int("head_dim", head_dim),
-                    &scale,
+                    &address,
+                    &(probs_len as u64),
                     &dropout.p,
                     &dropout.seed,
+                    &0u64,
                 ],
             );
-            self.launch(
-                "attention_train_backward_key",
-                self.train_kernel("attention_train_backward_key_f32"),
-                grid,
-                &[
-                    &self.tensor_address(d_qkv),
-                    &d_scores,
-                    &self.tensor_address(d_out),
-                    &self.tensor_address(qkv),
-                    &self.tensor_address(probs),
-                    &offsets,
-                    &self.address(Some(&probs_base)),
-                    &int("heads", heads),
-                    &int("head_dim", head_dim),
-                    &dropout.p,
-                    &dropout.seed,
-                ],
-            );
-        });
+            address
+        };
+        // d_v = dropout(P)ᵀ · d_out.
+        layout.products(
+            self,
+            |len, block| {
+                (
+                    [len, head_dim, len],
+                    [
+                        (dropped_at, block.probs, len, true),
+                        (d_out_at, block.out, hidden, false),
+                        (d_qkv_at, block.v, stride, false),
+                    ],
+                )
+            },
+            1.0,
+        );
+        // The gradient of dropout(P): d_out · Vᵀ, then dS in place.
+        layout.products(
+            self,
+            |len, block| {
+                (
+                    [len, len, head_dim],
+                    [
+                        (d_out_at, block.out, hidden, false),
+                        (qkv_at, block.v, stride, true),
+                        (d_scores_at, block.probs, len, false),
+                    ],
+                )
+            },
+            1.0,
+        );
+        layout.rows(
+            self,
+            "attention_softmax_backward",
+            |offsets, probs_base, grid| {
+                self.launch(
+                    "attention_softmax_backward",
+                    self.train_kernel("attention_softmax_backward_f32"),
+                    grid,
+                    &[
+                        &d_scores_at,
+                        &probs_at,
+                        &offsets,
+                        &probs_base,
+                        &(1.0 / (head_dim as f32).sqrt()),
+                        &dropout.p,
+                        &dropout.seed,
+                    ],
+                )
+            },
+        );
+        // d_q = dS · K, d_k = dSᵀ · Q.
+        layout.products(
+            self,
+            |len, block| {
+                (
+                    [len, head_dim, len],
+                    [
+                        (d_scores_at, block.probs, len, false),
+                        (qkv_at, block.k, stride, false),
+                        (d_qkv_at, block.q, stride, false),
+                    ],
+                )
+            },
+            1.0,
+        );
+        layout.products(
+            self,
+            |len, block| {
+                (
+                    [len, head_dim, len],
+                    [
+                        (d_scores_at, block.probs, len, true),
+                        (qkv_at, block.q, stride, false),
+                        (d_qkv_at, block.k, stride, false),
+                    ],
+                )
+            },
+            1.0,
+        );
     }
 
     fn dropout(&self, x: &mut CudaTensor, dropout: Dropout) {
@@ -1208,33 +1380,121 @@ impl TrainBackend for CudaBackend {
     }
 }
 
-/// One block per (tile of query or key rows, head, sequence).
-fn attention_grid(max_len: usize, heads: usize, batch: usize) -> LaunchConfig {
-    assert!(
-        heads <= 65535 && batch <= 65535,
-        "attention: more than 65535 heads or sequences"
-    );
-    LaunchConfig {
-        grid_dim: (
-            max_len.div_ceil(ATTENTION_ROWS_PER_BLOCK) as u32,
-            heads as u32,
-            batch as u32,
-        ),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
-    }
+/// Where one (sequence, head) block's operands start, in elements: its
+/// query, key and value columns in qkv (and the same columns of d_qkv), its
+/// output columns, and its `len × len` block of probabilities.
+#[derive(Clone, Copy)]
+struct HeadBlock {
+    q: usize,
+    k: usize,
+    v: usize,
+    out: usize,
+    probs: usize,
 }
 
-impl CudaBackend {
-    fn check_attention(&self, offsets: &[usize], head_dim: usize) {
-        let max_len = offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+/// A packed batch's attention blocks grouped by sequence length, so that
+/// each product is one batched GEMM per distinct length (one in all for a
+/// batch of equal lengths), plus the offsets for the row kernels.
+struct AttentionLayout<'a> {
+    offsets: &'a [usize],
+    heads: usize,
+    max_len: usize,
+    /// (length, its blocks), lengths > 0.
+    groups: Vec<(usize, Vec<HeadBlock>)>,
+    probs_base: CudaSlice<u64>,
+}
+
+impl<'a> AttentionLayout<'a> {
+    fn new(backend: &CudaBackend, offsets: &'a [usize], heads: usize, head_dim: usize) -> Self {
+        let hidden = heads * head_dim;
+        let mut groups: Vec<(usize, Vec<HeadBlock>)> = Vec::new();
+        let mut base = Vec::with_capacity(offsets.len());
+        let mut at = 0;
+        for w in offsets.windows(2) {
+            let (start, len) = (w[0], w[1] - w[0]);
+            base.push(at as u64);
+            if len > 0 {
+                let index = match groups.iter().position(|(l, _)| *l == len) {
+                    Some(index) => index,
+                    None => {
+                        groups.push((len, Vec::new()));
+                        groups.len() - 1
+                    }
+                };
+                for h in 0..heads {
+                    let q = start * 3 * hidden + h * head_dim;
+                    groups[index].1.push(HeadBlock {
+                        q,
+                        k: q + hidden,
+                        v: q + 2 * hidden,
+                        out: start * hidden + h * head_dim,
+                        probs: at + h * len * len,
+                    });
+                }
+            }
+            at += heads * len * len;
+        }
+        let max_len = groups.iter().map(|(len, _)| *len).max().unwrap_or(0);
+        AttentionLayout {
+            offsets,
+            heads,
+            max_len,
+            groups,
+            probs_base: backend.copy_to_device(&base),
+        }
+    }
+
+    /// One batched product per length group: `operands(len, block)` gives
+    /// `[m, n, k]` and, for A, B and C, (buffer address, element offset,
+    /// leading dimension, transposed); `C = alpha · A · B` (C overwritten).
+    #[allow(clippy::type_complexity)]
+    fn products(
+        &self,
+        backend: &CudaBackend,
+        operands: impl Fn(usize, &HeadBlock) -> ([usize; 3], [(u64, usize, usize, bool); 3]),
+        alpha: f32,
+    ) {
+        for (len, blocks) in &self.groups {
+            let (shape, [a, b, c]) = operands(*len, &blocks[0]);
+            let pointers = |pick: usize| -> Vec<u64> {
+                blocks
+                    .iter()
+                    .map(|block| {
+                        let (address, offset, _, _) = operands(*len, block).1[pick];
+                        address + 4 * offset as u64
+                    })
+                    .collect()
+            };
+            let [m, n, k] = shape;
+            backend.gemm_batched(
+                m,
+                n,
+                k,
+                alpha,
+                (a.2, a.3, &pointers(0)),
+                (b.2, b.3, &pointers(1)),
+                (c.2, &pointers(2)),
+            );
+        }
+    }
+
+    /// Launches a row kernel over every (row, head, sequence).
+    fn rows(&self, backend: &CudaBackend, what: &str, launch: impl FnOnce(u64, u64, LaunchConfig)) {
+        let batch = self.offsets.len() - 1;
         assert!(
-            head_dim <= ATTENTION_MAX_HEAD_DIM,
-            "CUDA training attention: head_dim {head_dim} > {ATTENTION_MAX_HEAD_DIM}"
+            self.heads <= 65535 && batch <= 65535,
+            "{what}: more than 65535 heads or sequences"
         );
-        assert!(
-            max_len <= ATTENTION_MAX_LEN,
-            "CUDA training attention: a sequence of {max_len} tokens > {ATTENTION_MAX_LEN}"
-        );
+        let grid = LaunchConfig {
+            grid_dim: (
+                self.max_len.div_ceil(ATTENTION_SOFTMAX_ROWS) as u32,
+                self.heads as u32,
+                batch as u32,
+            ),
+            block_dim: (32 * ATTENTION_SOFTMAX_ROWS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let probs_base = backend.address(Some(&self.probs_base));
+        backend.with_offsets(self.offsets, |offsets| launch(offsets, probs_base, grid));
     }
 }
