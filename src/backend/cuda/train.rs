@@ -3,9 +3,11 @@
 //!
 //! Matrix products (linear layers, LoRA) are cuBLAS `GemmEx` on fp32
 //! buffers, multiplying in the backend's [`Precision`]: fp32 (cuBLAS's
-//! default math, no TF32), or bf16 / fp16 operands on the tensor cores with
-//! f32 sums (`CUBLAS_COMPUTE_32F_FAST_16BF` / `_16F`), which is what
-//! PyTorch's autocast does to matmuls. Attention's six products are fp32
+//! default math, no TF32), or bf16 / fp16 operands (rounded on the device
+//! into scratch copies) on the tensor cores with f32 sums, which is what
+//! PyTorch's autocast does to matmuls. (cuBLAS's `COMPUTE_32F_FAST_16BF`
+//! on f32 operands gave the same numbers as `_FAST_16F` on an H200, so it
+//! is not relied on to round to bf16.) Attention's six products are fp32
 //! cuBLAS `GemmBatchedEx` calls over (sequence, head) blocks, one per
 //! distinct sequence length, with the probabilities kept for backward as on
 //! the CPU. Everything else is our kernels in fp32: `attention_train.cu`
