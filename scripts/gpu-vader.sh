@@ -33,7 +33,7 @@ pack=gpu-pack/carry
 if [[ "${1:-}" == "--pack" ]]; then
     model=assets/models/all-MiniLM-L6-v2
     [[ -f target/release/bertrt ]] || { echo "build first: cargo build --release" >&2; exit 1; }
-    grep -qa attention_train_forward_f32 target/release/bertrt \
+    grep -qa attention_softmax_train_f32 target/release/bertrt \
         || { echo "target/release/bertrt has no CUDA kernels (built without nvcc?)" >&2; exit 1; }
     rm -rf "$pack" && mkdir -p "$pack/minilm" "$pack/data"
     strip -o "$pack/bertrt" target/release/bertrt && xz -T2 -6 "$pack/bertrt"
