@@ -153,7 +153,7 @@ impl Format {
 }
 
 /// Reads a labeled data file; the format follows the extension (see
-/// [`Format`]). Empty files, files without a single usable example and files
+/// `Format`). Empty files, files without a single usable example and files
 /// that are not UTF-8 are errors.
 pub fn read_dataset(path: &Path, spec: &DataSpec) -> Result<Dataset> {
     let format = Format::of(path)?;

@@ -1,11 +1,11 @@
 //! `bertrt serve`: an HTTP server with dynamic batching.
 //!
-//! Request path: the handler ([`routes`]) parses and validates the body,
+//! Request path: the handler (`routes`) parses and validates the body,
 //! reserves a place in the bounded [`queue`] (429 when full), tokenizes
 //! (inline when short, else on the blocking pool), and queues the tokens; a
-//! [`worker`] thread per model replica pulls batches formed under the token
+//! `worker` thread per model replica pulls batches formed under the token
 //! and request budgets, runs the model and replies. Every stage is measured
-//! in [`metrics`].
+//! in `metrics`.
 //!
 //! Lifecycle: the model is loaded (errors surface before binding), the
 //! server binds and prints `listening on ADDR`, each worker runs a warm-up

@@ -2,7 +2,7 @@
 //!
 //! GEMM-shaped work goes through [`gemm`] (threaded over row or column
 //! blocks here); the rest are plain loops, vectorised where the compiler can
-//! ([`multiversion!`]) and threaded over rows or (sequence, head) pairs.
+//! (`multiversion!`) and threaded over rows or (sequence, head) pairs.
 
 use std::cell::RefCell;
 use std::ops::Range;

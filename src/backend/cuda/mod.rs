@@ -2,7 +2,7 @@
 //!
 //! Element-wise, normalisation, attention and pooling ops are our kernels
 //! (`kernels/*.cu`, compiled to PTX by `build.rs` and embedded, see
-//! [`kernels`]); dense layers are cuBLAS `sgemm` followed by a bias (+GELU)
+//! `kernels`); dense layers are cuBLAS `sgemm` followed by a bias (+GELU)
 //! epilogue kernel. Everything is fp32 (cuBLAS in its default, non-TF32 math
 //! mode), so results stay within float rounding of the CPU reference.
 //!

@@ -4,7 +4,7 @@
 //! BLIS-style structure, kept in separate pieces so later kernels (bf16,
 //! int8) can reuse the driver:
 //!
-//! * [`pack`]: panel layouts. Weights are packed once ([`PackedWeight`]);
+//! * `pack`: panel layouts. Weights are packed once ([`PackedWeight`]);
 //!   A blocks are packed per call into thread-local scratch.
 //! * micro-kernels (`avx512`, `avx2`, `portable`): one `rows × cols` tile of
 //!   C over one K block, accumulating in registers, with the epilogue
