@@ -1017,3 +1017,57 @@ fn a_phase_that_hurts_dev_is_rolled_back_exactly() {
         ["classifier.bias", "classifier.weight"]
     );
 }
+
+/// Checkpointing changes what memory holds, not what is computed: the same
+/// model bit for bit, with and without gradual unfreezing.
+#[test]
+fn grad_checkpointing_trains_the_same_model_and_is_recorded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, _, err) = tiny_run(tmp.path(), "plain", &["--seed", "7"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = tiny_run(
+        tmp.path(),
+        "checkpointed",
+        &["--seed", "7", "--grad-checkpointing"],
+    );
+    assert!(ok, "{err}");
+    let weights = |d: &str| std::fs::read(tmp.path().join(d).join("model.safetensors")).unwrap();
+    assert_eq!(weights("plain"), weights("checkpointed"));
+    let recipe = |d: &str| read_json(&tmp.path().join(d).join("bertrt.json"))["recipe"].clone();
+    assert_eq!(recipe("plain")["grad_checkpointing"], false);
+    assert_eq!(recipe("checkpointed")["grad_checkpointing"], true);
+
+    // Gradual unfreezing moves the lowest trained layer between phases.
+    let unfreeze = ["--unfreeze-schedule", "head:1,top1:1,all:1", "--lr", "1e-3"];
+    let (ok, _, err) = tiny_run(tmp.path(), "plain-unfrozen", &unfreeze);
+    assert!(ok, "{err}");
+    let checkpointed = [&unfreeze[..], &["--grad-checkpointing"]].concat();
+    let (ok, _, err) = tiny_run(tmp.path(), "checkpointed-unfrozen", &checkpointed);
+    assert!(ok, "{err}");
+    assert_eq!(weights("plain-unfrozen"), weights("checkpointed-unfrozen"));
+
+    // Not quiet: the run says what checkpointing keeps.
+    let dir = tmp.path();
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    let (ok, _, err) = bertrt(&[
+        "finetune",
+        "--model",
+        &path("tiny"),
+        "--train",
+        &path("train.jsonl"),
+        "--valid",
+        &path("valid.jsonl"),
+        "--out",
+        &path("logged"),
+        "--epochs",
+        "1",
+        "--max-length",
+        "16",
+        "--grad-checkpointing",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("checkpointing: keeping each layer's input and one layer's activations"),
+        "{err}"
+    );
+}

@@ -1231,6 +1231,7 @@ pub fn finetune<B: TrainBackend>(
         model.add_lora(spec, recipe.seed);
     }
     apply_strategies(&mut model, recipe)?;
+    model.set_grad_checkpointing(recipe.grad_checkpointing);
     let class_weights = match (&recipe.class_weights, &label_set, &train.gold) {
         (Some(spec), Some(set), Gold::Classes(labels)) => Some(class_weights(spec, set, labels)?),
         _ => None,
@@ -1258,6 +1259,21 @@ pub fn finetune<B: TrainBackend>(
         model.params.parameter_count(),
         model.backend.describe(),
     ));
+    if recipe.grad_checkpointing {
+        let mib = |checkpointing| {
+            let floats =
+                model.layer_activation_floats(recipe.batch_size, recipe.max_length, checkpointing);
+            floats as f64 * 4.0 / (1 << 20) as f64
+        };
+        progress.message(&format!(
+            "checkpointing: keeping each layer's input and one layer's activations, \
+             {:.1} MiB instead of {:.1} MiB for {} sequences of {} tokens",
+            mib(true),
+            mib(false),
+            recipe.batch_size,
+            recipe.max_length,
+        ));
+    }
 
     let data_records = BTreeMap::from([
         ("train".to_string(), train.record.clone()),
