@@ -455,3 +455,52 @@ fn classifier_label_agreement_and_artifact() {
         "{stderr}"
     );
 }
+
+/// A tiny token classifier (random weights): quantize judges it on tag
+/// agreement, not on the encoder's cosine alone.
+#[test]
+fn token_classifier_tag_agreement() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tiny-tagger");
+    let mut config = common::tiny_config();
+    config["architectures"] = serde_json::json!(["BertForTokenClassification"]);
+    config["id2label"] = serde_json::json!({"0": "O", "1": "B-ANIMAL", "2": "I-ANIMAL"});
+    config["label2id"] = serde_json::json!({"O": 0, "B-ANIMAL": 1, "I-ANIMAL": 2});
+    let mut tensors = common::tiny_tensors(5);
+    let mut rng = common::Rng::new(12);
+    tensors.push(("classifier.weight".into(), vec![3, 16], rng.vec(48, 0.5)));
+    tensors.push(("classifier.bias".into(), vec![3], rng.vec(3, 0.1)));
+    common::write_tiny_model(
+        &dir,
+        &config,
+        &common::safetensors_bytes(&tensors, Dtype::F32),
+    );
+    let word = |i: usize| common::TINY_VOCAB[5 + i % 12];
+    let texts: Vec<String> = (0..30)
+        .map(|i| format!("the cat sat {} {}", word(i), word(i * 7)))
+        .collect();
+    let options = QuantizeOptions {
+        min_cosine: 0.0,
+        ..QuantizeOptions::default()
+    };
+    let sample = Sample::from_texts("tiny", texts);
+    let quantization = quant::quantize(&dir, &sample, &options).unwrap();
+    let agreement = quantization
+        .label_agreement
+        .expect("a token classifier is judged on its tags");
+    assert!((0.0..=1.0).contains(&agreement));
+
+    // Below the bar (here: any disagreement at all) it is refused.
+    let strict = QuantizeOptions {
+        min_cosine: 0.0,
+        min_label_agreement: 1.0,
+        max_f32_layers: Some(0),
+        ..QuantizeOptions::default()
+    };
+    let strict = quant::quantize(&dir, &sample, &strict).unwrap();
+    assert_eq!(
+        strict.passes(),
+        strict.label_agreement == Some(1.0),
+        "the tag agreement decides"
+    );
+}

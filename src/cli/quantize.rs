@@ -37,7 +37,8 @@ pub struct Args {
     /// Worst mean-pooled cosine to the f32 model the INT8 model must reach.
     #[arg(long, default_value_t = quant::MIN_COSINE)]
     min_cosine: f64,
-    /// Classifiers: fraction of sample texts that must keep their f32 label.
+    /// Classifiers: fraction of sample texts that must keep their f32 label
+    /// (token classifiers: of tokens that must keep their f32 tag).
     #[arg(long, default_value_t = quant::MIN_LABEL_AGREEMENT)]
     min_agreement: f64,
 }

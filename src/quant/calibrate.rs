@@ -16,6 +16,7 @@ use crate::model::{
     BertModel, F32Linears, LinearKind, LinearLoader, LinearSpec, ModelFiles, Pooling, TokenBatch,
     Workspace,
 };
+use crate::tag::{self, Tagger};
 
 use super::{Int8Linears, Int8Plan, QuantizeOptions, Sample};
 
@@ -157,7 +158,8 @@ pub fn is_int8_artifact(dir: &Path) -> Result<bool> {
 
 /// Calibrates the f32 model in `dir` on `sample`, picks the INT8 layers and
 /// measures the result. Classifiers (`config.json` architectures
-/// `*ForSequenceClassification`) are also judged on label agreement.
+/// `*ForSequenceClassification`) are also judged on label agreement, and
+/// token classifiers on tag agreement, token by token.
 pub fn quantize(dir: &Path, sample: &Sample, options: &QuantizeOptions) -> Result<Quantization> {
     options.check()?;
     let files = ModelFiles::locate(dir)?;
@@ -182,13 +184,20 @@ pub fn quantize(dir: &Path, sample: &Sample, options: &QuantizeOptions) -> Resul
         )));
     }
     let config = BertConfig::from_file(&files.config)?;
-    let classifier = config
+    let head = if config
         .architectures
         .iter()
-        .any(|a| a.ends_with("ForSequenceClassification"));
+        .any(|a| a.ends_with("ForSequenceClassification"))
+    {
+        Head::Sequence
+    } else if ckpt.contains("classifier.weight") && tag::is_token_classifier(dir)? {
+        Head::Token
+    } else {
+        Head::None
+    };
     let texts: Vec<&str> = sample.texts.iter().map(String::as_str).collect();
 
-    let mut reference = Subject::load(dir, classifier, &F32Linears)?;
+    let mut reference = Subject::load(dir, head, &F32Linears)?;
     let batches = texts
         .chunks(BATCH)
         .map(|chunk| reference.encode(chunk))
@@ -259,7 +268,7 @@ pub fn quantize(dir: &Path, sample: &Sample, options: &QuantizeOptions) -> Resul
             .iter()
             .map(|&i| (specs[i].name.clone(), chosen[i].smoothing.clone()))
             .collect();
-        let mut int8 = Subject::load(dir, classifier, &Int8Linears::with_plan(plan.clone()))?;
+        let mut int8 = Subject::load(dir, head, &Int8Linears::with_plan(plan.clone()))?;
         let closeness = compare(&mut int8, &batches, &expected, config.hidden_size)?;
         let (worst_text, worst_cosine) = closeness
             .cosines
@@ -303,7 +312,8 @@ pub fn quantize(dir: &Path, sample: &Sample, options: &QuantizeOptions) -> Resul
 struct Closeness {
     /// Mean-pooled cosine, per text.
     cosines: Vec<f64>,
-    /// Classifiers: the fraction of texts given the same label.
+    /// Classifiers: the fraction of texts given the same label (token
+    /// classifiers: of tokens given the same tag).
     label_agreement: Option<f64>,
 }
 
@@ -337,30 +347,54 @@ fn compare(
 }
 
 /// Mean-pooled encoder output `[sequences, hidden]`, and for classifiers
-/// (not regressors) the predicted labels.
+/// (not regressors) the predicted labels: one per text, or for token
+/// classifiers one per token.
 type Outputs = (Vec<f32>, Option<Vec<usize>>);
 
-/// The model being measured: an embedder (mean pooling) or a classifier
-/// (mean pooling of its encoder, and its labels).
+/// The head of the model being quantized, which decides what is compared.
+#[derive(Clone, Copy)]
+enum Head {
+    None,
+    Sequence,
+    Token,
+}
+
+/// The model being measured: an embedder (mean pooling), or a sequence or
+/// token classifier (mean pooling of its encoder, and its labels or tags).
 enum Subject {
     Encoder(Box<Embedder<CpuBackend>>),
     Classifier(Box<Classifier<CpuBackend>>),
+    Tagger(Box<Tagger<CpuBackend>>),
+}
+
+/// The index of each row's largest value.
+fn argmax_rows(values: &[f32], classes: usize) -> Vec<usize> {
+    values
+        .chunks_exact(classes)
+        .map(|row| {
+            (0..classes)
+                .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+                .unwrap_or(0)
+        })
+        .collect()
 }
 
 impl Subject {
-    fn load(dir: &Path, classifier: bool, linears: &dyn LinearLoader<CpuBackend>) -> Result<Self> {
+    fn load(dir: &Path, head: Head, linears: &dyn LinearLoader<CpuBackend>) -> Result<Self> {
         let backend = CpuBackend::new(0);
-        Ok(if classifier {
-            Subject::Classifier(Box::new(Classifier::load_with(backend, dir, linears)?))
-        } else {
-            Subject::Encoder(Box::new(Embedder::load_with(
+        Ok(match head {
+            Head::Sequence => {
+                Subject::Classifier(Box::new(Classifier::load_with(backend, dir, linears)?))
+            }
+            Head::Token => Subject::Tagger(Box::new(Tagger::load_with(backend, dir, linears)?)),
+            Head::None => Subject::Encoder(Box::new(Embedder::load_with(
                 backend,
                 dir,
                 None,
                 Some(Pooling::Mean),
                 false,
                 linears,
-            )?))
+            )?)),
         })
     }
 
@@ -368,12 +402,14 @@ impl Subject {
         match self {
             Subject::Encoder(e) => &e.model,
             Subject::Classifier(c) => &c.model,
+            Subject::Tagger(t) => &t.model,
         }
     }
 
     fn encode(&self, texts: &[&str]) -> Result<TokenBatch> {
         let encoded = match self {
             Subject::Encoder(e) => e.tokenizer.encode_batch(texts)?,
+            Subject::Tagger(t) => t.tokenizer.encode_batch(texts)?,
             Subject::Classifier(c) => c.encode(
                 &texts
                     .iter()
@@ -396,17 +432,13 @@ impl Subject {
                 if c.regression {
                     return Ok((pooled, None));
                 }
-                let classes = c.labels.len();
-                let labels = c
-                    .logits(batch)?
-                    .chunks_exact(classes)
-                    .map(|row| {
-                        (0..classes)
-                            .max_by(|&a, &b| row[a].total_cmp(&row[b]))
-                            .unwrap_or(0)
-                    })
-                    .collect();
+                let labels = argmax_rows(&c.logits(batch)?, c.labels.len());
                 Ok((pooled, Some(labels)))
+            }
+            Subject::Tagger(t) => {
+                let pooled = t.pooled(batch, Pooling::Mean)?;
+                let tags = argmax_rows(&t.token_logits(batch)?, t.tags.len());
+                Ok((pooled, Some(tags)))
             }
         }
     }

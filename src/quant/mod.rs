@@ -15,7 +15,8 @@
 //! 3. measures each linear's relative output error on f32 inputs for each α
 //!    (0: plain W8A8) and keeps the α whose worst sample text suffers least;
 //!    then measures the whole model against f32 (mean-pooled cosine; label
-//!    agreement for classifiers);
+//!    agreement for classifiers, tag agreement per token for token
+//!    classifiers);
 //! 4. while the model misses the bar, moves the linear with the largest
 //!    error back to f32 (at most `max_f32_layers` of them).
 //!
