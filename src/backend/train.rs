@@ -59,6 +59,20 @@ pub fn attention_probs_len(offsets: &[usize], heads: usize) -> usize {
         .sum()
 }
 
+/// Mean squared error of `predictions` against `targets`, writing its
+/// gradient to `d_predictions`: [`TrainBackend::mse`] on host memory (one
+/// value per sequence, so every backend computes it here).
+pub fn mse_on_host(d_predictions: &mut [f32], predictions: &[f32], targets: &[f32]) -> f32 {
+    let n = targets.len() as f32;
+    let mut loss = 0.0f64;
+    for ((d, &p), &t) in d_predictions.iter_mut().zip(predictions).zip(targets) {
+        let error = p - t;
+        loss += (error as f64).powi(2);
+        *d = 2.0 * error / n;
+    }
+    (loss / n as f64) as f32
+}
+
 pub trait TrainBackend: Backend {
     fn upload(&self, data: &[f32]) -> Self::Tensor;
     fn zero(&self, tensor: &mut Self::Tensor);

@@ -13,7 +13,7 @@ use super::gemm::{self, Strided};
 use super::isa::Isa;
 use super::simd::{self, multiversion};
 use super::{attention, ops, reference, CpuBackend};
-use crate::backend::train::{AdamW, Dropout, Lora, ParamGrads, TrainBackend};
+use crate::backend::train::{mse_on_host, AdamW, Dropout, Lora, ParamGrads, TrainBackend};
 use crate::backend::Precision;
 
 /// Rows per task for threaded row-wise loops.
@@ -772,14 +772,7 @@ impl TrainBackend for CpuBackend {
     }
 
     fn mse(&self, d_predictions: &mut Vec<f32>, predictions: &Vec<f32>, targets: &[f32]) -> f32 {
-        let n = targets.len() as f32;
-        let mut loss = 0.0f64;
-        for ((d, &p), &t) in d_predictions.iter_mut().zip(predictions).zip(targets) {
-            let error = p - t;
-            loss += (error as f64).powi(2);
-            *d = 2.0 * error / n;
-        }
-        (loss / n as f64) as f32
+        mse_on_host(d_predictions, predictions, targets)
     }
 
     fn sum_squares(&self, x: &Vec<f32>) -> f64 {

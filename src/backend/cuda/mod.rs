@@ -431,11 +431,21 @@ fn row_threads(cols: usize) -> u32 {
     (cols.div_ceil(32) * 32).clamp(32, 256) as u32
 }
 
-fn blocks(n: usize) -> LaunchConfig {
+/// Grid-stride launches over `n` elements: 256 threads, at most 4096 blocks.
+fn elementwise(n: usize) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (int("grid size", n) as u32, 1, 1),
+        grid_dim: (n.div_ceil(256).clamp(1, 4096) as u32, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
+    }
+}
+
+/// cuBLAS's operation for an operand read as stored or transposed.
+fn cublas_op(transposed: bool) -> cublasOperation_t {
+    if transposed {
+        cublasOperation_t::CUBLAS_OP_T
+    } else {
+        cublasOperation_t::CUBLAS_OP_N
     }
 }
 
@@ -589,8 +599,8 @@ impl Backend for CudaBackend {
         // Row-major out[rows, n] = input[rows, k] · W[n, k]ᵀ is, read
         // column-major, outᶜ[n, rows] = Wᶜ[k, n]ᵀ · inputᶜ[k, rows].
         let cfg = GemmConfig {
-            transa: cublasOperation_t::CUBLAS_OP_T,
-            transb: cublasOperation_t::CUBLAS_OP_N,
+            transa: cublas_op(true),
+            transb: cublas_op(false),
             m: int("out_features", n),
             n: int("rows", rows),
             k: int("in_features", k),
@@ -778,7 +788,7 @@ impl Backend for CudaBackend {
         self.launch(
             "tanh",
             &self.kernels.tanh,
-            blocks(x.len.div_ceil(256).min(4096)),
+            elementwise(x.len),
             &[&self.tensor_address(x), &(x.len as u64)],
         );
     }

@@ -24,11 +24,13 @@
 use std::ops::Range;
 
 use cudarc::cublas::result::gemm_ex;
-use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
 use cudarc::driver::{CudaSlice, LaunchConfig};
 
-use super::{check, int, row_threads, CudaBackend, CudaTensor};
-use crate::backend::train::{attention_probs_len, AdamW, Dropout, Lora, ParamGrads, TrainBackend};
+use super::{check, cublas_op, elementwise, int, row_threads, CudaBackend, CudaTensor};
+use crate::backend::train::{
+    attention_probs_len, mse_on_host, AdamW, Dropout, Lora, ParamGrads, TrainBackend,
+};
 use crate::backend::{Activation, Backend, Precision};
 
 /// Rows (one warp each) per block of the attention row kernels: must match
@@ -85,15 +87,6 @@ impl Operand {
             transposed: true,
             ..self
         }
-    }
-}
-
-/// Grid-stride launches over `n` elements: 256 threads, at most 4096 blocks.
-fn elementwise(n: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (n.div_ceil(256).clamp(1, 4096) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
     }
 }
 
@@ -210,13 +203,6 @@ impl CudaBackend {
         // cuBLAS is column-major: row-major C = A·B is column-major
         // Cᵀ = Bᵀ·Aᵀ, and a row-major operand read column-major is its
         // transpose, so B goes first, transposed exactly when it is not.
-        let op = |o: Operand| {
-            if o.transposed {
-                cublasOperation_t::CUBLAS_OP_T
-            } else {
-                cublasOperation_t::CUBLAS_OP_N
-            }
-        };
         check("bind context", self.ctx.bind_to_thread());
         self.profiled("gemm", || {
             // SAFETY: callers pass buffers holding the m·k, k·n and m·n
@@ -226,8 +212,8 @@ impl CudaBackend {
             check("cuBLAS GemmEx", unsafe {
                 gemm_ex(
                     *self.blas.handle(),
-                    op(b),
-                    op(a),
+                    cublas_op(b.transposed),
+                    cublas_op(a.transposed),
                     int("gemm n", n),
                     int("gemm m", m),
                     int("gemm k", k),
@@ -272,13 +258,6 @@ impl CudaBackend {
             return;
         }
         assert!(k > 0, "gemm_batched with k = 0");
-        let op = |transposed: bool| {
-            if transposed {
-                cublasOperation_t::CUBLAS_OP_T
-            } else {
-                cublasOperation_t::CUBLAS_OP_N
-            }
-        };
         let (a_ptrs, b_ptrs, c_ptrs) = (
             self.copy_to_device(a.2),
             self.copy_to_device(b.2),
@@ -295,8 +274,8 @@ impl CudaBackend {
             unsafe {
                 cudarc::cublas::sys::cublasGemmBatchedEx(
                     *self.blas.handle(),
-                    op(b.1),
-                    op(a.1),
+                    cublas_op(b.1),
+                    cublas_op(a.1),
                     int("gemm n", n),
                     int("gemm m", m),
                     int("gemm k", k),
@@ -321,6 +300,17 @@ impl CudaBackend {
             status,
             cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS,
             "CUDA backend: cuBLAS GemmBatchedEx failed"
+        );
+    }
+
+    /// Dropout in place on the `n` floats at `address`, element `i` masked
+    /// by its index `i` (a whole tensor, as the CPU's ops::dropout_slice).
+    fn dropout_at(&self, address: u64, n: usize, dropout: Dropout) {
+        self.launch(
+            "dropout",
+            self.train_kernel("dropout_f32"),
+            elementwise(n),
+            &[&address, &(n as u64), &dropout.p, &dropout.seed, &0u64],
         );
     }
 
@@ -1038,18 +1028,7 @@ impl TrainBackend for CudaBackend {
         if dropout.is_off() || x.len == 0 {
             return;
         }
-        self.launch(
-            "dropout",
-            self.train_kernel("dropout_f32"),
-            elementwise(x.len),
-            &[
-                &self.tensor_address(x),
-                &(x.len as u64),
-                &dropout.p,
-                &dropout.seed,
-                &0u64,
-            ],
-        );
+        self.dropout_at(self.tensor_address(x), x.len, dropout);
     }
 
     fn embedding_backward(
@@ -1247,18 +1226,11 @@ impl TrainBackend for CudaBackend {
         predictions: &CudaTensor,
         targets: &[f32],
     ) -> f32 {
-        // One value per sequence: computed on the host, as the CPU does.
         let predictions = self.to_host(predictions);
-        let n = targets.len() as f32;
-        let mut loss = 0.0f64;
         let mut gradient = vec![0.0f32; d_predictions.len];
-        for ((d, &p), &t) in gradient.iter_mut().zip(&predictions).zip(targets) {
-            let error = p - t;
-            loss += (error as f64).powi(2);
-            *d = 2.0 * error / n;
-        }
+        let loss = mse_on_host(&mut gradient, &predictions, targets);
         self.upload_into(d_predictions, &gradient);
-        (loss / n as f64) as f32
+        loss
     }
 
     fn sum_squares(&self, x: &CudaTensor) -> f64 {
@@ -1458,24 +1430,22 @@ impl<'a> AttentionLayout<'a> {
     ) {
         for (len, blocks) in &self.groups {
             let (shape, [a, b, c]) = operands(*len, &blocks[0]);
-            let pointers = |pick: usize| -> Vec<u64> {
-                blocks
-                    .iter()
-                    .map(|block| {
-                        let (address, offset, _, _) = operands(*len, block).1[pick];
-                        address + 4 * offset as u64
-                    })
-                    .collect()
-            };
+            let mut pointers: [Vec<u64>; 3] = Default::default();
+            for block in blocks {
+                let (_, matrices) = operands(*len, block);
+                for (list, (address, offset, _, _)) in pointers.iter_mut().zip(matrices) {
+                    list.push(address + 4 * offset as u64);
+                }
+            }
             let [m, n, k] = shape;
             backend.gemm_batched(
                 m,
                 n,
                 k,
                 alpha,
-                (a.2, a.3, &pointers(0)),
-                (b.2, b.3, &pointers(1)),
-                (c.2, &pointers(2)),
+                (a.2, a.3, &pointers[0]),
+                (b.2, b.3, &pointers[1]),
+                (c.2, &pointers[2]),
             );
         }
     }
