@@ -81,7 +81,9 @@ pub fn max(x: &[f32]) -> f32 {
     let tail = chunks.remainder();
     for chunk in chunks {
         for (a, v) in acc.iter_mut().zip(chunk) {
-            *a = a.max(*v);
+            // Not `f32::max`: its NaN rule costs a compare and blend per
+            // vector; scores are never NaN.
+            *a = if *v > *a { *v } else { *a };
         }
     }
     tail.iter()
@@ -104,7 +106,8 @@ pub fn exp(x: f32) -> f32 {
     // Adding and subtracting 1.5·2^23 rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let rounded = x * LOG2E + ROUND;
+    let n = rounded - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.0 / 720.0;
     let p = p * r + 1.0 / 120.0;
@@ -113,7 +116,12 @@ pub fn exp(x: f32) -> f32 {
     let p = p * r + 0.5;
     let p = p * r + 1.0;
     let p = p * r + 1.0;
-    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    // `rounded`'s low mantissa bits hold n (two's complement), and
+    // ROUND's low 23 bits are zero, so shifting `bits + 127` left by 23
+    // leaves `(n + 127) << 23`: 2^n without a float-to-int conversion,
+    // whose saturating `as` kept LLVM from vectorising this function.
+    let two_to_n = f32::from_bits(rounded.to_bits().wrapping_add(127) << 23);
+    p * two_to_n
 }
 
 #[cfg(test)]
