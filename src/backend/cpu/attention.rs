@@ -1,12 +1,13 @@
 //! Fused multi-head self-attention on the CPU.
 //!
-//! Work is split into (sequence, block of query rows) tasks run in parallel;
-//! each task loops over the heads and, per head, computes its block of scores
-//! `Q·Kᵀ/√d` against the keys of its own sequence only (the padding mask),
-//! applies softmax and multiplies by `V`, writing straight into its rows of
-//! the output. Only one `block × seq_len` score tile per thread exists at a
-//! time, never the whole `seq × seq` matrix — except in training, where
-//! backward needs the probabilities and [`attention_saving`] stores them.
+//! Work is split into (sequence, head) tasks run in parallel. Each task
+//! packs its head's `Kᵀ` and `V` once, then walks its query rows in blocks:
+//! per block it computes the scores `Q·Kᵀ/√d` against the keys of its own
+//! sequence only (the padding mask), applies softmax and multiplies by `V`,
+//! writing straight into its head's columns of the output. Only one
+//! `block × seq_len` score tile per thread exists at a time, never the
+//! whole `seq × seq` matrix — except in training, where backward needs the
+//! probabilities and [`attention_saving`] stores them.
 //!
 //! The two products (`Q·Kᵀ`, `P·V`) run in the backend's [`Precision`]:
 //! in bf16 their operands are rounded to bf16 and summed in f32, as
@@ -22,12 +23,20 @@ use super::ops;
 use crate::backend::train::Dropout;
 use crate::backend::Precision;
 
-/// Query rows per task: small enough to give both cores work at seq 64,
-/// large enough that the score tile (block × seq) makes a decent GEMM.
-const QUERY_BLOCK: usize = 32;
+/// Query rows per block: a multiple of the AVX-512 and AVX2 tile heights
+/// (12, 6), and a `block × seq` score tile that stays in L2 up to seq 1024.
+const QUERY_BLOCK: usize = 48;
+
+/// A task's scratch: its score tile and its head's packed `Kᵀ` and `V`.
+#[derive(Default)]
+struct Scratch {
+    scores: Vec<f32>,
+    keys: gemm::PackedB,
+    values: gemm::PackedB,
+}
 
 thread_local! {
-    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
 /// Inference attention over the fused `[tokens, 3 × hidden]` QKV rows.
@@ -71,18 +80,32 @@ pub fn attention_saving(
     );
 }
 
-/// One task: output rows `row..` of the sequence `start..end`, and, when
-/// training, the same rows of each head's probability block.
+/// One task: head `head` of the sequence `start..end`.
 struct Task<'a> {
     start: usize,
     end: usize,
-    row: usize,
-    out: &'a mut [f32],
-    /// Per head, this task's rows of the head's `len × len` block.
-    probs: Vec<&'a mut [f32]>,
-    /// Index in the whole probabilities buffer of this sequence's block.
+    head: usize,
+    /// When training, the head's `len × len` probabilities block, whose
+    /// first element is element `probs_base` of the whole buffer.
+    probs: Option<&'a mut [f32]>,
     probs_base: usize,
 }
+
+/// The output matrix, shared by the tasks: each writes its own head's
+/// columns of its own sequence's rows, which interleave with other tasks'.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+
+impl SharedOut {
+    /// By method, so closures capture the `Sync` wrapper, not the raw field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+// SAFETY: tasks write disjoint (rows, head columns) blocks; see `attend`.
+unsafe impl Send for SharedOut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedOut {}
 
 #[allow(clippy::too_many_arguments)]
 fn attend(
@@ -96,59 +119,57 @@ fn attend(
     saving: Option<(&mut [f32], Dropout)>,
 ) {
     let hidden = heads * head_dim;
+    let tokens = offsets.last().copied().unwrap_or(0);
+    assert!(out.len() >= tokens * hidden, "attention output too short");
+    assert!(qkv.len() >= tokens * 3 * hidden, "attention QKV too short");
     let (mut rest_probs, dropout) = match saving {
         Some((probs, dropout)) => (Some(probs), dropout),
         None => (None, Dropout::OFF),
     };
-    // Tasks in row order, so `out` can be split into disjoint row ranges.
     let mut tasks = Vec::new();
-    let mut rest = out;
     let mut probs_base = 0;
     for seq in offsets.windows(2) {
         let len = seq[1] - seq[0];
         if len == 0 {
             continue; // no rows, no probabilities
         }
-        let first = tasks.len();
-        let mut row = seq[0];
-        while row < seq[1] {
-            let rows = QUERY_BLOCK.min(seq[1] - row);
-            let (block, tail) = std::mem::take(&mut rest).split_at_mut(rows * hidden);
+        for head in 0..heads {
+            let probs = rest_probs.take().map(|probs| {
+                let (block, tail) = probs.split_at_mut(len * len);
+                rest_probs = Some(tail);
+                block
+            });
             tasks.push(Task {
                 start: seq[0],
                 end: seq[1],
-                row,
-                out: block,
-                probs: Vec::new(),
+                head,
+                probs,
                 probs_base,
             });
-            rest = tail;
-            row += rows;
+            probs_base += len * len;
         }
-        if let Some(probs) = rest_probs.take() {
-            let (seq_probs, tail) = probs.split_at_mut(heads * len * len);
-            for head_probs in seq_probs.chunks_mut(len * len) {
-                for (task, rows) in tasks[first..]
-                    .iter_mut()
-                    .zip(head_probs.chunks_mut(QUERY_BLOCK * len))
-                {
-                    task.probs.push(rows);
-                }
-            }
-            rest_probs = Some(tail);
-        }
-        probs_base += heads * len * len;
     }
+    let out = SharedOut(out.as_mut_ptr());
     tasks.into_par_iter().for_each(|task| {
-        SCORES.with_borrow_mut(|scores| {
-            attend_block(isa, precision, task, qkv, heads, head_dim, dropout, scores)
+        SCRATCH.with_borrow_mut(|scratch| {
+            // SAFETY: `out` holds every sequence's rows (checked above), and
+            // each task writes only its own head's columns of them.
+            unsafe {
+                attend_head(
+                    isa, precision, task, qkv, heads, head_dim, dropout, scratch, out,
+                )
+            }
         });
     });
 }
 
-/// Computes one [`Task`], every head.
+/// Computes one [`Task`], a block of query rows at a time.
+///
+/// # Safety
+/// `out` must hold the sequence's rows (`hidden` floats each), and no
+/// other thread may access this head's columns of them meanwhile.
 #[allow(clippy::too_many_arguments)]
-fn attend_block(
+unsafe fn attend_head(
     isa: Isa,
     precision: Precision,
     mut task: Task,
@@ -156,58 +177,64 @@ fn attend_block(
     heads: usize,
     head_dim: usize,
     dropout: Dropout,
-    scores: &mut Vec<f32>,
+    scratch: &mut Scratch,
+    out: SharedOut,
 ) {
     let hidden = heads * head_dim;
     let stride = 3 * hidden;
-    let queries = task.out.len() / hidden;
-    let keys = task.end - task.start;
+    let len = task.end - task.start;
     let scale = 1.0 / (head_dim as f32).sqrt();
-    scores.resize(queries * keys, 0.0);
-    for h in 0..heads {
-        let q = Strided::rows(&qkv[task.row * stride + h * head_dim..], stride);
-        let k = Strided::transposed(&qkv[task.start * stride + hidden + h * head_dim..], stride);
-        let v = Strided::rows(
-            &qkv[task.start * stride + 2 * hidden + h * head_dim..],
-            stride,
-        );
+    let column = |part: usize| task.start * stride + part * hidden + task.head * head_dim;
+    let k = Strided::transposed(&qkv[column(1)..], stride);
+    let v = Strided::rows(&qkv[column(2)..], stride);
+    scratch.keys.pack(precision, isa, k, head_dim, len);
+    scratch.values.pack(precision, isa, v, len, head_dim);
+    for first in (0..len).step_by(QUERY_BLOCK) {
+        let queries = QUERY_BLOCK.min(len - first);
+        let q = Strided::rows(&qkv[column(0) + first * stride..], stride);
         let softmax_into = |p: &mut [f32]| {
-            gemm::gemm_strided(
-                precision, isa, queries, keys, head_dim, scale, q, k, 0.0, p, keys,
-            );
-            ops::softmax_rows(isa, p, keys);
+            // SAFETY: `p` holds `queries × len` floats, borrowed mutably.
+            unsafe {
+                gemm::gemm_packed_ptr(&scratch.keys, queries, scale, q, 0.0, p.as_mut_ptr(), len)
+            };
+            ops::softmax_rows(isa, p, len);
         };
         // Training computes the probabilities in their saved rows, and `V`
         // is multiplied by those, or by their dropped copy in `scores`.
-        let probs: &[f32] = match task.probs.get_mut(h) {
+        let probs: &[f32] = match task.probs.as_deref_mut() {
             Some(saved) => {
-                softmax_into(saved);
+                let rows = &mut saved[first * len..(first + queries) * len];
+                softmax_into(rows);
                 if dropout.is_off() {
-                    saved
+                    rows
                 } else {
-                    let first = task.probs_base + h * keys * keys + (task.row - task.start) * keys;
-                    ops::dropout_into(isa, scores, saved, dropout, first);
-                    scores
+                    scratch.scores.resize(queries * len, 0.0);
+                    let at = task.probs_base + first * len;
+                    ops::dropout_into(isa, &mut scratch.scores, rows, dropout, at);
+                    &scratch.scores
                 }
             }
             None => {
-                softmax_into(scores);
-                scores
+                scratch.scores.resize(queries * len, 0.0);
+                softmax_into(&mut scratch.scores);
+                &scratch.scores
             }
         };
-        let probs = Strided::rows(probs, keys);
-        gemm::gemm_strided(
-            precision,
-            isa,
-            queries,
-            head_dim,
-            keys,
-            1.0,
-            probs,
-            v,
-            0.0,
-            &mut task.out[h * head_dim..],
-            hidden,
-        );
+        // SAFETY: rows `start + first ..` of the output, this head's
+        // columns, which the caller gives this task alone.
+        unsafe {
+            let o = out
+                .get()
+                .add((task.start + first) * hidden + task.head * head_dim);
+            gemm::gemm_packed_ptr(
+                &scratch.values,
+                queries,
+                1.0,
+                Strided::rows(probs, len),
+                0.0,
+                o,
+                hidden,
+            );
+        }
     }
 }

@@ -745,13 +745,95 @@ pub unsafe fn gemm_strided_ptr(
     }
     SCRATCH.with(|s| {
         let s = &mut *s.borrow_mut();
-        let bpack =
-            s.b.get_mut(n.div_ceil(kern.nr) * k.div_ceil(kern.k_pack) * kern.nr);
-        // SAFETY: the kernel's instruction set runs on this host; `b` holds
-        // the `k × n` matrix (checked above).
-        unsafe { (kern.pack_b)(b.data, b.ld, b.transposed, k, n, kern.nr, bpack) };
+        let bpack = pack_b_into(kern, b, k, n, &mut s.b);
         // SAFETY: the caller vouches for the region; `a` and the packed B
         // are sized for the shape.
         unsafe { gemm_block(kern, a, bpack, m, n, k, out, &mut s.a) };
+    });
+}
+
+/// Packs the `k × n` matrix `b` (already checked to hold it) into `buf`
+/// as `kern`'s panels, every panel over all of K; returns them.
+fn pack_b_into<'b>(
+    kern: &Kernel,
+    b: Strided,
+    k: usize,
+    n: usize,
+    buf: &'b mut pack::AlignedBuf,
+) -> &'b [f32] {
+    let panels = buf.get_mut(n.div_ceil(kern.nr) * k.div_ceil(kern.k_pack) * kern.nr);
+    // SAFETY: the kernel's instruction set runs on this host; `b` holds
+    // the `k × n` matrix.
+    unsafe { (kern.pack_b)(b.data, b.ld, b.transposed, k, n, kern.nr, panels) };
+    panels
+}
+
+/// A right operand packed once for several single-threaded products:
+/// attention packs a head's `Kᵀ` and `V` once and multiplies every block
+/// of query rows by them, instead of packing them again per block. The
+/// buffer is kept across packs, so steady-state use does not allocate.
+#[derive(Default)]
+pub struct PackedB {
+    kern: Option<&'static Kernel>,
+    k: usize,
+    n: usize,
+    panels: pack::AlignedBuf,
+}
+
+impl PackedB {
+    /// Packs the logical `k × n` matrix `b` for products in `precision` on
+    /// a backend capped at `isa` (see [`gemm_strided`]).
+    pub fn pack(&mut self, precision: Precision, isa: Isa, b: Strided, k: usize, n: usize) {
+        b.check(k, n, "b");
+        let kern = kernel_for(precision, isa);
+        pack_b_into(kern, b, k, n, &mut self.panels);
+        *self = PackedB {
+            kern: Some(kern),
+            k,
+            n,
+            panels: std::mem::take(&mut self.panels),
+        };
+    }
+}
+
+/// [`gemm_strided_ptr`] with B packed beforehand: `C = alpha·A·B + beta·C`
+/// for the `m × b.k` matrix `a`, on the calling thread.
+///
+/// # Safety
+/// As for [`gemm_strided_ptr`], over the `m × b.n` region of `c`.
+pub unsafe fn gemm_packed_ptr(
+    b: &PackedB,
+    m: usize,
+    alpha: f32,
+    a: Strided,
+    beta: f32,
+    c: *mut f32,
+    ldc: usize,
+) {
+    let kern = b.kern.expect("PackedB::pack before use");
+    let (n, k) = (b.n, b.k);
+    a.check(m, k, "a");
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(ldc >= n, "c: leading dimension {ldc} < {n}");
+    let out = Out {
+        c,
+        ldc,
+        bias: std::ptr::null(),
+        alpha,
+        beta,
+        gelu: false,
+    };
+    if k == 0 {
+        // SAFETY: the caller vouches for the region.
+        unsafe { no_k(kern, m, n, out) };
+        return;
+    }
+    let panels = &b.panels.as_slice()[..n.div_ceil(kern.nr) * k.div_ceil(kern.k_pack) * kern.nr];
+    SCRATCH.with(|s| {
+        // SAFETY: the caller vouches for the region; `a` and the packed B
+        // are sized for the shape.
+        unsafe { gemm_block(kern, a, panels, m, n, k, out, &mut s.borrow_mut().a) };
     });
 }

@@ -41,7 +41,7 @@ impl AlignedBuf {
         &mut bytemuck::cast_slice_mut(&mut self.lines)[..len]
     }
 
-    fn as_slice(&self) -> &[f32] {
+    pub(crate) fn as_slice(&self) -> &[f32] {
         bytemuck::cast_slice(&self.lines)
     }
 }
