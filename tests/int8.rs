@@ -9,9 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use bertrt::backend::cpu::isa::Isa;
 use bertrt::backend::cpu::CpuBackend;
+use bertrt::backend::Precision;
 use bertrt::embed::Embedder;
-use bertrt::model::{F32Linears, LinearLoader, Pooling};
+use bertrt::model::{BertModel, F32Linears, LinearLoader, ModelFiles, Pooling};
 use bertrt::quant::{self, Int8Linears, Quantization, QuantizeOptions, Sample, BUILTIN_SOURCE};
 use common::cosine;
 use safetensors::tensor::TensorView;
@@ -82,6 +84,30 @@ fn minilm_artifact() -> &'static Path {
         (tmp, out)
     });
     path
+}
+
+/// INT8 models, quantized on load or stored, run attention's products in
+/// bf16 where the host multiplies bf16 natively (`quant::int8_attention`);
+/// f32 models, and INT8 artifacts read dequantized, keep f32.
+#[test]
+fn int8_models_run_attention_in_bf16_where_native() {
+    let attention = |dir: &Path, linears: &dyn LinearLoader<CpuBackend>| {
+        let files = ModelFiles::locate(dir).unwrap();
+        let model = BertModel::load_with(CpuBackend::new(1), &files, linears).unwrap();
+        model.backend().precision()
+    };
+    let minilm = common::minilm_dir();
+    let native = quant::int8_attention(Isa::detect());
+    assert_eq!(attention(&minilm, &minilm_int8().0), native);
+    assert_eq!(attention(minilm_artifact(), &Int8Linears::stored()), native);
+    assert_eq!(attention(&minilm, &Int8Linears::stored()), Precision::Fp32);
+    assert_eq!(attention(minilm_artifact(), &F32Linears), Precision::Fp32);
+    // Emulated bf16 would be slower than f32.
+    assert_eq!(quant::int8_attention(Isa::Avx2Fma), Precision::Fp32);
+    assert_eq!(
+        native == Precision::Bf16,
+        bertrt::backend::cpu::gemm::bf16_native(Isa::detect())
+    );
 }
 
 #[test]

@@ -152,8 +152,8 @@ impl<B: Backend> BertModel<B> {
         ckpt: &Checkpoint,
         loader: &dyn LinearLoader<B>,
     ) -> Result<Self> {
-        let backend = loader.configure(backend);
         let tensors = ModelTensors::new(ckpt)?;
+        let backend = loader.configure(backend, &tensors);
         let hidden = config.hidden_size;
         let param = |name: &str, shape: &[usize]| -> Result<B::Param> {
             Ok(backend.param(ckpt.tensor(name, shape)?))

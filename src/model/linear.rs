@@ -163,10 +163,10 @@ impl<'a> ModelTensors<'a> {
 pub trait LinearLoader<B: Backend> {
     fn load(&self, backend: &B, tensors: &ModelTensors, spec: &LinearSpec) -> Result<B::Linear>;
 
-    /// The backend the model will run on, set up for these linears before
-    /// any is loaded (bf16 linears also put attention's products in bf16).
-    /// As given by default.
-    fn configure(&self, backend: B) -> B {
+    /// The backend the model in `tensors` will run on, set up for these
+    /// linears before any is loaded (bf16 and INT8 linears also put
+    /// attention's products in bf16). As given by default.
+    fn configure(&self, backend: B, _tensors: &ModelTensors) -> B {
         backend
     }
 }

@@ -20,8 +20,9 @@
 //! 4. while the model misses the bar, moves the linear with the largest
 //!    error back to f32 (at most `max_f32_layers` of them).
 //!
-//! Attention, LayerNorm, embeddings, the pooler and classifier heads stay
-//! f32. [`Int8Linears`] loads a model with a plan, or an INT8 artifact as
+//! LayerNorm, softmax, embeddings, the pooler and classifier heads stay
+//! f32; attention's two products run in bf16 where the host has AVX512_BF16
+//! ([`int8_attention`]), which the guard of step 3 measures with the rest. [`Int8Linears`] loads a model with a plan, or an INT8 artifact as
 //! stored (see [`crate::model::linear`] for its tensor names).
 //!
 //! [`Bf16Linears`] is the other reduced-precision form: every encoder
@@ -226,6 +227,33 @@ impl LinearLoader<CpuBackend> for Int8Linears {
             None => F32Linears.load(backend, tensors, spec),
         }
     }
+
+    /// A model with INT8 linears runs attention's products in bf16 where
+    /// the host multiplies bf16 natively ([`int8_attention`]).
+    fn configure(&self, backend: CpuBackend, tensors: &ModelTensors) -> CpuBackend {
+        if self.plan.is_empty() && tensors.int8.is_empty() {
+            return backend;
+        }
+        let precision = int8_attention(backend.isa());
+        backend.with_precision(precision)
+    }
+}
+
+/// What attention's `Q·Kᵀ` and `P·V` multiply in next to INT8 linears on a
+/// backend capped at `isa`: bf16 where the host has AVX512_BF16, else f32.
+///
+/// With the linears at INT8 speed, attention's two f32 products became
+/// the largest cost at long sequences (a third of MiniLM's INT8 forward at
+/// seq 512); in bf16 they run at twice the rate. The accuracy guard of
+/// [`quantize`] measures the model with the attention it will run, and
+/// bf16 scores do not move it: the INT8 error comes from the linears.
+/// Without native bf16 the emulated kernel would be slower than f32.
+pub fn int8_attention(isa: crate::backend::cpu::isa::Isa) -> Precision {
+    if crate::backend::cpu::gemm::bf16_native(isa) {
+        Precision::Bf16
+    } else {
+        Precision::Fp32
+    }
 }
 
 /// A [`LinearLoader`] for the CPU backend: every encoder linear with its
@@ -252,7 +280,7 @@ impl LinearLoader<CpuBackend> for Bf16Linears {
 
     /// Attention's `Q·Kᵀ` and `P·V` in bf16 too, as under PyTorch's bf16
     /// autocast (softmax stays f32).
-    fn configure(&self, backend: CpuBackend) -> CpuBackend {
+    fn configure(&self, backend: CpuBackend, _tensors: &ModelTensors) -> CpuBackend {
         backend.with_precision(Precision::Bf16)
     }
 }

@@ -80,6 +80,11 @@ impl CpuBackend {
         self.isa
     }
 
+    /// What attention's products, and training's linears, multiply in.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
     /// The INT8 path this backend's kernels run (capped like its [`Isa`]).
     pub fn int8_isa(&self) -> int8::Int8Isa {
         int8::Int8Isa::best_under(self.isa)
