@@ -170,6 +170,20 @@ mod avx512 {
 }
 
 multiversion! {
+    /// Softmax backward in place, over rows of `cols`: given `d`, the
+    /// gradient of `p = softmax(scale · s)`, leaves the gradient of `s`,
+    /// `p ⊙ (d − Σ d ⊙ p) · scale`.
+    pub fn softmax_backward_rows(d: &mut [f32], p: &[f32], cols: usize, scale: f32) {
+        for (d_row, p_row) in d.chunks_exact_mut(cols).zip(p.chunks_exact(cols)) {
+            let dot = simd::dot(d_row, p_row);
+            for (g, &pv) in d_row.iter_mut().zip(p_row) {
+                *g = pv * (*g - dot) * scale;
+            }
+        }
+    }
+}
+
+multiversion! {
     pub fn mean_pool(out: &mut [f32], input: &[f32], offsets: &[usize]) {
         let cols = out.len() / (offsets.len() - 1);
         for (s, seq) in offsets.windows(2).enumerate() {

@@ -56,6 +56,26 @@ pub fn sum(x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail.iter().sum::<f32>()
 }
 
+/// `Σ x·y`, in lane partial sums.
+#[inline(always)]
+pub fn dot(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let xs = x.chunks_exact(LANES);
+    let ys = y.chunks_exact(LANES);
+    let tail: f32 = xs
+        .remainder()
+        .iter()
+        .zip(ys.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    for (xc, yc) in xs.zip(ys) {
+        for ((a, u), v) in acc.iter_mut().zip(xc).zip(yc) {
+            *a += u * v;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// `Σ (x - mean)²`, in lane partial sums.
 #[inline(always)]
 pub fn sum_squared_deviation(x: &[f32], mean: f32) -> f32 {
@@ -146,5 +166,6 @@ mod tests {
         let x: Vec<f32> = (0..37).map(|i| i as f32 - 3.0).collect();
         assert_eq!(sum(&x), x.iter().sum::<f32>());
         assert_eq!(max(&x), 33.0);
+        assert_eq!(dot(&x, &x), x.iter().map(|v| v * v).sum::<f32>());
     }
 }

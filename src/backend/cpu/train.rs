@@ -640,12 +640,7 @@ impl TrainBackend for CpuBackend {
                     d_s.resize(len * len, 0.0);
                     gemm::gemm_strided(precision, isa, len, len, d, 1.0, d_o, v, 0.0, d_s, len);
                     ops::dropout_slice(isa, d_s, dropout, t.probs_offset);
-                    for (d_row, p_row) in d_s.chunks_exact_mut(len).zip(p.chunks_exact(len)) {
-                        let dot: f32 = d_row.iter().zip(p_row).map(|(x, y)| x * y).sum();
-                        for (g, &pv) in d_row.iter_mut().zip(p_row) {
-                            *g = pv * (*g - dot) * scale;
-                        }
-                    }
+                    ops::softmax_backward_rows(isa, d_s, p, len, scale);
                     // d_q = d_s · k, d_k = d_sᵀ · q
                     // SAFETY: as above.
                     unsafe {
