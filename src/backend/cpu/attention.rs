@@ -80,32 +80,61 @@ pub fn attention_saving(
     );
 }
 
-/// One task: head `head` of the sequence `start..end`.
-struct Task<'a> {
-    start: usize,
-    end: usize,
-    head: usize,
-    /// When training, the head's `len × len` probabilities block, whose
-    /// first element is element `probs_base` of the whole buffer.
-    probs: Option<&'a mut [f32]>,
-    probs_base: usize,
+/// One (sequence, head) pair of a packed batch, and where its `len × len`
+/// probabilities block starts in training's buffer
+/// ([`crate::backend::train::attention_probs_len`]).
+pub(super) struct HeadTask {
+    pub start: usize,
+    pub len: usize,
+    pub head: usize,
+    pub probs_offset: usize,
 }
 
-/// The output matrix, shared by the tasks: each writes its own head's
-/// columns of its own sequence's rows, which interleave with other tasks'.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
+/// Every (sequence, head) pair, sequence by sequence; an empty sequence
+/// has no rows and no probabilities, so no tasks.
+pub(super) fn head_tasks(offsets: &[usize], heads: usize) -> Vec<HeadTask> {
+    let mut tasks = Vec::new();
+    let mut probs_offset = 0;
+    for w in offsets.windows(2).filter(|w| w[1] > w[0]) {
+        let len = w[1] - w[0];
+        for head in 0..heads {
+            tasks.push(HeadTask {
+                start: w[0],
+                len,
+                head,
+                probs_offset,
+            });
+            probs_offset += len * len;
+        }
+    }
+    tasks
+}
 
-impl SharedOut {
-    /// By method, so closures capture the `Sync` wrapper, not the raw field.
-    fn get(self) -> *mut f32 {
+/// A [`HeadTask`] of the forward pass, with its probabilities block when
+/// training.
+struct Task<'a> {
+    head: HeadTask,
+    probs: Option<&'a mut [f32]>,
+}
+
+/// A pointer that (sequence, head) tasks share: each writes its own
+/// head's columns of its own sequence's rows, which interleave with other
+/// tasks' in the buffer, so they cannot be split into disjoint slices.
+#[derive(Clone, Copy)]
+pub(super) struct SharedMut(pub *mut f32);
+// SAFETY: only used by tasks whose writes never overlap (each task owns a
+// distinct (sequence, head) block); the buffer outlives the parallel loop.
+unsafe impl Send for SharedMut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// A method, not field access, so closures capture the `Sync` wrapper
+    /// rather than the raw pointer field.
+    pub fn ptr(self) -> *mut f32 {
         self.0
     }
 }
-// SAFETY: tasks write disjoint (rows, head columns) blocks; see `attend`.
-unsafe impl Send for SharedOut {}
-// SAFETY: as above.
-unsafe impl Sync for SharedOut {}
 
 #[allow(clippy::too_many_arguments)]
 fn attend(
@@ -126,30 +155,18 @@ fn attend(
         Some((probs, dropout)) => (Some(probs), dropout),
         None => (None, Dropout::OFF),
     };
-    let mut tasks = Vec::new();
-    let mut probs_base = 0;
-    for seq in offsets.windows(2) {
-        let len = seq[1] - seq[0];
-        if len == 0 {
-            continue; // no rows, no probabilities
-        }
-        for head in 0..heads {
+    let tasks: Vec<Task> = head_tasks(offsets, heads)
+        .into_iter()
+        .map(|head| {
             let probs = rest_probs.take().map(|probs| {
-                let (block, tail) = probs.split_at_mut(len * len);
+                let (block, tail) = probs.split_at_mut(head.len * head.len);
                 rest_probs = Some(tail);
                 block
             });
-            tasks.push(Task {
-                start: seq[0],
-                end: seq[1],
-                head,
-                probs,
-                probs_base,
-            });
-            probs_base += len * len;
-        }
-    }
-    let out = SharedOut(out.as_mut_ptr());
+            Task { head, probs }
+        })
+        .collect();
+    let out = SharedMut(out.as_mut_ptr());
     tasks.into_par_iter().for_each(|task| {
         SCRATCH.with_borrow_mut(|scratch| {
             // SAFETY: `out` holds every sequence's rows (checked above), and
@@ -178,13 +195,18 @@ unsafe fn attend_head(
     head_dim: usize,
     dropout: Dropout,
     scratch: &mut Scratch,
-    out: SharedOut,
+    out: SharedMut,
 ) {
     let hidden = heads * head_dim;
     let stride = 3 * hidden;
-    let len = task.end - task.start;
+    let HeadTask {
+        start,
+        len,
+        head,
+        probs_offset,
+    } = task.head;
     let scale = 1.0 / (head_dim as f32).sqrt();
-    let column = |part: usize| task.start * stride + part * hidden + task.head * head_dim;
+    let column = |part: usize| start * stride + part * hidden + head * head_dim;
     let k = Strided::transposed(&qkv[column(1)..], stride);
     let v = Strided::rows(&qkv[column(2)..], stride);
     scratch.keys.pack(precision, isa, k, head_dim, len);
@@ -209,7 +231,7 @@ unsafe fn attend_head(
                     rows
                 } else {
                     scratch.scores.resize(queries * len, 0.0);
-                    let at = task.probs_base + first * len;
+                    let at = probs_offset + first * len;
                     ops::dropout_into(isa, &mut scratch.scores, rows, dropout, at);
                     &scratch.scores
                 }
@@ -223,9 +245,7 @@ unsafe fn attend_head(
         // SAFETY: rows `start + first ..` of the output, this head's
         // columns, which the caller gives this task alone.
         unsafe {
-            let o = out
-                .get()
-                .add((task.start + first) * hidden + task.head * head_dim);
+            let o = out.ptr().add((start + first) * hidden + head * head_dim);
             gemm::gemm_packed_ptr(
                 &scratch.values,
                 queries,

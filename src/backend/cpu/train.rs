@@ -9,10 +9,11 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use super::attention::{self, SharedMut};
 use super::gemm::{self, Strided};
 use super::isa::Isa;
 use super::simd::{self, multiversion};
-use super::{attention, ops, reference, CpuBackend};
+use super::{ops, reference, CpuBackend};
 use crate::backend::train::{mse_on_host, AdamW, Dropout, Lora, ParamGrads, TrainBackend};
 use crate::backend::Precision;
 
@@ -21,49 +22,6 @@ const ROWS_PER_TASK: usize = 32;
 
 thread_local! {
     static SCRATCH: RefCell<[Vec<f32>; 2]> = RefCell::new(Default::default());
-}
-
-/// A pointer that tasks writing disjoint elements of one buffer share.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-// SAFETY: only used by tasks whose writes never overlap (each task owns a
-// distinct (sequence, head) block); the buffer outlives the parallel loop.
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    /// A method, not field access, so closures capture the `Sync` wrapper
-    /// rather than the raw pointer field.
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
-}
-
-/// One (sequence, head) attention task and where its probabilities live.
-struct HeadTask {
-    start: usize,
-    len: usize,
-    head: usize,
-    probs_offset: usize,
-}
-
-fn head_tasks(offsets: &[usize], heads: usize) -> Vec<HeadTask> {
-    let mut tasks = Vec::new();
-    let mut probs_offset = 0;
-    // An empty sequence has no rows and no probabilities: no tasks.
-    for w in offsets.windows(2).filter(|w| w[1] > w[0]) {
-        let len = w[1] - w[0];
-        for head in 0..heads {
-            tasks.push(HeadTask {
-                start: w[0],
-                len,
-                head,
-                probs_offset,
-            });
-            probs_offset += len * len;
-        }
-    }
-    tasks
 }
 
 /// `(Φ(−|x|), e^(−x²/2))`: the standard normal tail, to ~2e-7 absolute
@@ -590,7 +548,7 @@ impl TrainBackend for CpuBackend {
         let stride = 3 * hidden;
         let scale = 1.0 / (head_dim as f32).sqrt();
         let (isa, precision) = (self.isa, self.precision);
-        let tasks = head_tasks(offsets, heads);
+        let tasks = attention::head_tasks(offsets, heads);
         let d_qkv_ptr = SharedMut(d_qkv.as_mut_ptr());
         self.threaded(|| {
             tasks.par_iter().for_each(|t| {
