@@ -100,6 +100,8 @@ multiversion! {
 mod avx512 {
     use std::arch::x86_64::*;
 
+    use crate::backend::cpu::simd::lane_mask;
+
     /// `e^x` per lane: [`super::simd::exp`]'s clamp, reduction and
     /// polynomial, with fused multiply-adds.
     #[target_feature(enable = "avx512f")]
@@ -121,15 +123,6 @@ mod avx512 {
         _mm512_scalef_ps(p, n)
     }
 
-    /// Lanes `0..count` (at most 16) set.
-    fn mask(count: usize) -> __mmask16 {
-        if count >= 16 {
-            0xffff
-        } else {
-            ((1u32 << count) - 1) as __mmask16
-        }
-    }
-
     /// # Safety
     /// The host must support AVX-512F.
     #[target_feature(enable = "avx512f")]
@@ -137,7 +130,7 @@ mod avx512 {
         for row in x.chunks_exact_mut(cols) {
             let p = row.as_mut_ptr();
             // Masked loads and stores cover the tail, lanes `..cols`.
-            let lanes = |j: usize| mask(cols - j);
+            let lanes = |j: usize| lane_mask(cols - j);
             let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
             for j in (0..cols).step_by(16) {
                 // SAFETY: masked-off lanes are not accessed; the rest lie

@@ -42,6 +42,18 @@ macro_rules! multiversion {
 }
 pub(crate) use multiversion;
 
+/// An AVX-512 write mask with lanes `0..min(count, 16)` set: how the
+/// intrinsic kernels load and store the partial vector at a row's end.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub fn lane_mask(count: usize) -> std::arch::x86_64::__mmask16 {
+    if count >= 16 {
+        0xffff
+    } else {
+        ((1u32 << count) - 1) as std::arch::x86_64::__mmask16
+    }
+}
+
 /// Sum of a slice, accumulated in [`LANES`] independent lanes.
 #[inline(always)]
 pub fn sum(x: &[f32]) -> f32 {

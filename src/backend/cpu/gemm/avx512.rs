@@ -8,6 +8,7 @@
 use std::arch::x86_64::*;
 
 use super::{gelu, Kernel, Tile};
+use crate::backend::cpu::simd::lane_mask;
 
 pub(super) const MR: usize = 12;
 pub(super) const NR: usize = 32;
@@ -71,7 +72,7 @@ unsafe fn tile_rows<const R: usize>(t: &Tile) {
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
 #[inline]
 pub(super) unsafe fn store<const R: usize>(t: &Tile, acc: [[__m512; 2]; R]) {
-    let masks = [col_mask(t.cols), col_mask(t.cols.saturating_sub(16))];
+    let masks = [lane_mask(t.cols), lane_mask(t.cols.saturating_sub(16))];
     let alpha = _mm512_set1_ps(t.alpha);
     let beta = _mm512_set1_ps(t.beta);
     let mut bias = [_mm512_setzero_ps(); 2];
@@ -99,16 +100,6 @@ pub(super) unsafe fn store<const R: usize>(t: &Tile, acc: [[__m512; 2]; R]) {
             // SAFETY: as for the load.
             unsafe { _mm512_mask_storeu_ps(ch, masks[h], v) };
         }
-    }
-}
-
-/// Lanes `0..min(cols, 16)` set.
-#[inline]
-fn col_mask(cols: usize) -> __mmask16 {
-    if cols >= 16 {
-        0xffff
-    } else {
-        ((1u32 << cols) - 1) as __mmask16
     }
 }
 
@@ -147,7 +138,7 @@ fn gelu_vec(x: __m512) -> __m512 {
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
 pub(super) unsafe fn gelu_slice(x: &mut [f32]) {
     for chunk in x.chunks_mut(16) {
-        let mask = col_mask(chunk.len());
+        let mask = lane_mask(chunk.len());
         let p = chunk.as_mut_ptr();
         // SAFETY: the mask covers exactly the chunk's elements.
         unsafe { _mm512_mask_storeu_ps(p, mask, gelu_vec(_mm512_maskz_loadu_ps(mask, p))) };

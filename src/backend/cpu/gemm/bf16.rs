@@ -267,6 +267,7 @@ mod native_kernel {
 
     use super::super::{avx512, Kernel, Tile};
     use super::{pack_a, pack_a_transposed, pack_b, Convert};
+    use crate::backend::cpu::simd::lane_mask;
 
     const MR: usize = avx512::MR;
     const NR: usize = avx512::NR;
@@ -286,15 +287,6 @@ mod native_kernel {
     };
 
     struct Avx512Bf16;
-
-    /// Lanes `0..min(count, 16)` set.
-    fn mask16(count: usize) -> __mmask16 {
-        if count >= 16 {
-            0xffff
-        } else {
-            ((1u32 << count) - 1) as __mmask16
-        }
-    }
 
     /// Transposes a 16 × 16 matrix of 32-bit elements held one row per
     /// register: pairs of rows interleaved, then quads, then 128-bit lanes
@@ -365,8 +357,8 @@ mod native_kernel {
                 while p < k {
                     // Masked lanes read as zero: that pads an odd tail, and
                     // rows past `live` (all lanes masked) read nothing.
-                    let lo_mask = mask16(k - p);
-                    let hi_mask = mask16((k - p).saturating_sub(16));
+                    let lo_mask = lane_mask(k - p);
+                    let hi_mask = lane_mask((k - p).saturating_sub(16));
                     let mut v = [_mm512_setzero_si512(); 16];
                     for (i, slots) in v.iter_mut().enumerate() {
                         let (lo, hi) = if i < live { (lo_mask, hi_mask) } else { (0, 0) };
@@ -383,7 +375,7 @@ mod native_kernel {
                         };
                     }
                     transpose16(&mut v);
-                    let row_mask = mask16(live);
+                    let row_mask = lane_mask(live);
                     for (j, step) in v.iter().take((k - p).div_ceil(2)).enumerate() {
                         // SAFETY: step `p / 2 + j < steps`, lanes `i0..i0 +
                         // live` of it: inside `dst` (asserted above).
@@ -414,7 +406,7 @@ mod native_kernel {
             );
             let mut i = 0;
             while i < n {
-                let mask = mask16(n - i);
+                let mask = lane_mask(n - i);
                 // SAFETY: the mask covers elements `i..n`, inside both rows.
                 let (l, h) = unsafe {
                     (

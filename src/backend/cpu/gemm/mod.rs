@@ -723,13 +723,42 @@ pub unsafe fn gemm_strided_ptr(
     c: *mut f32,
     ldc: usize,
 ) {
-    a.check(m, k, "a");
     b.check(k, n, "b");
+    let kern = kernel_for(precision, isa);
+    SCRATCH.with(|s| {
+        let s = &mut *s.borrow_mut();
+        let panels = pack_b_into(kern, b, k, n, &mut s.b);
+        // SAFETY: forwarded contract; the panels hold all of B.
+        unsafe { gemm_on_thread(kern, panels, m, n, k, alpha, a, beta, c, ldc, &mut s.a) };
+    });
+}
+
+/// `C = alpha·A·B + beta·C` on the calling thread with B's panels packed
+/// (all of K) by `kern`'s packer: what [`gemm_strided_ptr`] and
+/// [`gemm_packed_ptr`] share once B is packed.
+///
+/// # Safety
+/// As for [`gemm_strided_ptr`]; `panels` must hold `kern`'s packing of a
+/// `k × n` matrix.
+#[allow(clippy::too_many_arguments)] // one GEMM's operands, shape and scratch
+unsafe fn gemm_on_thread(
+    kern: &Kernel,
+    panels: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: Strided,
+    beta: f32,
+    c: *mut f32,
+    ldc: usize,
+    apack: &mut pack::AlignedBuf,
+) {
+    a.check(m, k, "a");
     if m == 0 || n == 0 {
         return;
     }
     assert!(ldc >= n, "c: leading dimension {ldc} < {n}");
-    let kern = kernel_for(precision, isa);
     let out = Out {
         c,
         ldc,
@@ -741,15 +770,11 @@ pub unsafe fn gemm_strided_ptr(
     if k == 0 {
         // SAFETY: the caller vouches for the region.
         unsafe { no_k(kern, m, n, out) };
-        return;
-    }
-    SCRATCH.with(|s| {
-        let s = &mut *s.borrow_mut();
-        let bpack = pack_b_into(kern, b, k, n, &mut s.b);
+    } else {
         // SAFETY: the caller vouches for the region; `a` and the packed B
         // are sized for the shape.
-        unsafe { gemm_block(kern, a, bpack, m, n, k, out, &mut s.a) };
-    });
+        unsafe { gemm_block(kern, a, panels, m, n, k, out, apack) };
+    }
 }
 
 /// Packs the `k × n` matrix `b` (already checked to hold it) into `buf`
@@ -812,28 +837,23 @@ pub unsafe fn gemm_packed_ptr(
 ) {
     let kern = b.kern.expect("PackedB::pack before use");
     let (n, k) = (b.n, b.k);
-    a.check(m, k, "a");
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(ldc >= n, "c: leading dimension {ldc} < {n}");
-    let out = Out {
-        c,
-        ldc,
-        bias: std::ptr::null(),
-        alpha,
-        beta,
-        gelu: false,
-    };
-    if k == 0 {
-        // SAFETY: the caller vouches for the region.
-        unsafe { no_k(kern, m, n, out) };
-        return;
-    }
     let panels = &b.panels.as_slice()[..n.div_ceil(kern.nr) * k.div_ceil(kern.k_pack) * kern.nr];
     SCRATCH.with(|s| {
-        // SAFETY: the caller vouches for the region; `a` and the packed B
-        // are sized for the shape.
-        unsafe { gemm_block(kern, a, panels, m, n, k, out, &mut s.borrow_mut().a) };
+        // SAFETY: forwarded contract; `panels` is `b`, packed by `kern`.
+        unsafe {
+            gemm_on_thread(
+                kern,
+                panels,
+                m,
+                n,
+                k,
+                alpha,
+                a,
+                beta,
+                c,
+                ldc,
+                &mut s.borrow_mut().a,
+            )
+        };
     });
 }

@@ -9,6 +9,7 @@
 use std::arch::x86_64::*;
 
 use super::{quantize_row_with, Kernel, Tile, GROUP, PANEL};
+use crate::backend::cpu::simd::lane_mask;
 
 const MR: usize = 8;
 /// Vectors of 16 columns per tile.
@@ -100,7 +101,7 @@ unsafe fn store<const R: usize>(t: &Tile, acc: [[__m512i; V]; R]) {
     let mut scales = [_mm512_setzero_ps(); V];
     let mut bias = [_mm512_setzero_ps(); V];
     for v in 0..V {
-        masks[v] = col_mask(t.cols.saturating_sub(16 * v));
+        masks[v] = lane_mask(t.cols.saturating_sub(16 * v));
         // SAFETY: `col_scales` holds `PANEL` entries.
         scales[v] = unsafe { _mm512_loadu_ps(t.col_scales.add(16 * v)) };
         if !t.bias.is_null() {
@@ -123,15 +124,5 @@ unsafe fn store<const R: usize>(t: &Tile, acc: [[__m512i; V]; R]) {
             // SAFETY: row `i < rows`; the mask covers only `cols` columns.
             unsafe { _mm512_mask_storeu_ps(c.wrapping_add(16 * v), masks[v], y) };
         }
-    }
-}
-
-/// Lanes `0..min(cols, 16)` set.
-#[inline]
-fn col_mask(cols: usize) -> __mmask16 {
-    if cols >= 16 {
-        0xffff
-    } else {
-        ((1u32 << cols) - 1) as __mmask16
     }
 }
