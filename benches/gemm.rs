@@ -186,7 +186,84 @@ fn gflops(case: &mut Case, budget: Duration) -> f64 {
     case.flops() as f64 / best / 1e9
 }
 
-/// `threads × shape` rows, one column per M.
+/// Chains per limit loop: enough independent multiply-adds to cover the
+/// instruction's latency at its full throughput.
+const CHAINS: usize = 12;
+
+/// This host's f32 FMA and bf16 `vdpbf16ps` limits (GFLOP/s) on the
+/// current pool, measured as issue 4 measured its reference (516 and 931
+/// GFLOP/s on 2 threads): [`CHAINS`] independent zmm chains on every pool
+/// thread at once, best of 5 rounds of ~20 ms (other jobs on a shared host
+/// only ever lower it), for the "% limit" column. `None` where the host
+/// lacks the instructions.
+fn limits() -> [Option<f64>; 2] {
+    #[cfg(target_arch = "x86_64")]
+    if Isa::detect() == Isa::Avx512 {
+        const ITERS: u64 = 2_000_000;
+        let best = |chains: unsafe fn(u64) -> f32, flops_per_op: u64| {
+            let round = || {
+                rayon::broadcast(|_| {
+                    let start = Instant::now();
+                    // SAFETY: callers pass chains whose features the host has.
+                    black_box(unsafe { chains(ITERS) });
+                    (ITERS * CHAINS as u64 * flops_per_op) as f64
+                        / start.elapsed().as_secs_f64()
+                        / 1e9
+                })
+                .iter()
+                .sum::<f64>()
+            };
+            (0..5).map(|_| round()).reduce(f64::max)
+        };
+        // A zmm FMA is 16 multiply-adds; `vdpbf16ps` 32.
+        let f32_limit = best(fma_chains, 32);
+        let bf16_limit = gemm::bf16_native(Isa::Avx512)
+            .then(|| best(bf16_chains, 64))
+            .flatten();
+        return [f32_limit, bf16_limit];
+    }
+    [None, None]
+}
+
+/// `iters` rounds of [`CHAINS`] independent `vfmadd` zmm; a sum of the
+/// results so the loop is kept.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn fma_chains(iters: u64) -> f32 {
+    use std::arch::x86_64::*;
+    let (x, y) = (
+        black_box(_mm512_set1_ps(0.999)),
+        black_box(_mm512_set1_ps(1e-3)),
+    );
+    let mut acc = [_mm512_setzero_ps(); CHAINS];
+    for _ in 0..iters {
+        for a in &mut acc {
+            *a = _mm512_fmadd_ps(*a, x, y);
+        }
+    }
+    acc.iter().map(|&a| _mm512_reduce_add_ps(a)).sum()
+}
+
+/// `iters` rounds of [`CHAINS`] independent `vdpbf16ps` zmm.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+fn bf16_chains(iters: u64) -> f32 {
+    use std::arch::x86_64::*;
+    let ones = black_box(_mm512_cvtne2ps_pbh(
+        _mm512_set1_ps(1e-3),
+        _mm512_set1_ps(1e-3),
+    ));
+    let mut acc = [_mm512_setzero_ps(); CHAINS];
+    for _ in 0..iters {
+        for a in &mut acc {
+            *a = _mm512_dpbf16_ps(*a, ones, ones);
+        }
+    }
+    acc.iter().map(|&a| _mm512_reduce_add_ps(a)).sum()
+}
+
+/// `threads × shape` rows, one column per M, and the row's best cell as a
+/// share of the host's limit for the dtype.
 fn table() {
     let all = rayon::current_num_threads();
     let mut counts = vec![1];
@@ -198,21 +275,32 @@ fn table() {
     for m in MS {
         print!(" {:>8}", format!("M={m}"));
     }
-    println!();
+    println!(" {:>8}", "% limit");
     for threads in counts {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
             .unwrap();
         pool.install(|| {
-            for (dtype, bf16) in [("f32", false), ("bf16", true)] {
+            let limits = limits();
+            let show = |l: Option<f64>| l.map_or("not measured".into(), |l| format!("{l:.0}"));
+            println!(
+                "limits on {threads} thread(s), GFLOP/s: f32 FMA {}, bf16 vdpbf16ps {}",
+                show(limits[0]),
+                show(limits[1])
+            );
+            for ((dtype, bf16), limit) in [("f32", false), ("bf16", true)].into_iter().zip(limits) {
                 for (n, k) in SHAPES {
                     print!("{dtype:>5} {threads:>8} {:>11}", format!("{n}x{k}"));
+                    let mut best = 0.0f64;
                     for m in MS {
                         let mut case = Case::new(m, n, k, bf16);
-                        print!(" {:>8.1}", gflops(&mut case, Duration::from_millis(100)));
+                        let g = gflops(&mut case, Duration::from_millis(100));
+                        best = best.max(g);
+                        print!(" {g:>8.1}");
                     }
-                    println!();
+                    let share = limit.map_or("-".into(), |l| format!("{:.1}%", 100.0 * best / l));
+                    println!(" {share:>8}");
                 }
             }
         });
