@@ -23,6 +23,7 @@ pub(super) static KERNEL: Kernel = Kernel {
     kc: 512,
     mc: 144,
     tile,
+    reads_a_in_place: true,
     pack_a: super::avx2::pack_a,
     pack_a_transposed: super::pack::pack_a_transposed,
     pack_b: super::avx2::pack_b,
@@ -35,28 +36,65 @@ pub(super) static KERNEL: Kernel = Kernel {
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
 unsafe fn tile(t: &Tile) {
     // SAFETY (all arms): forwarded contract; `rows` selects the panel height.
-    unsafe { for_tile_rows!(tile_rows, t, MR, [12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1]) }
+    unsafe {
+        if t.lda == 0 {
+            for_tile_rows!(
+                tile_rows_packed,
+                t,
+                MR,
+                [12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1]
+            )
+        } else {
+            for_tile_rows!(
+                tile_rows_in_place,
+                t,
+                MR,
+                [12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1]
+            )
+        }
+    }
 }
 
 /// # Safety
-/// As for [`tile`], with `t.rows == R`.
+/// As for [`tile`], with `t.rows == R` and a packed A panel.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
 #[inline]
-unsafe fn tile_rows<const R: usize>(t: &Tile) {
+unsafe fn tile_rows_packed<const R: usize>(t: &Tile) {
+    // SAFETY: forwarded contract.
+    unsafe { tile_rows::<R, false>(t) }
+}
+
+/// # Safety
+/// As for [`tile`], with `t.rows == R` and A read in place.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+#[inline]
+unsafe fn tile_rows_in_place<const R: usize>(t: &Tile) {
+    // SAFETY: forwarded contract.
+    unsafe { tile_rows::<R, true>(t) }
+}
+
+/// # Safety
+/// As for [`tile`], with `t.rows == R`; `IN_PLACE` says how A is laid out.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+#[inline]
+unsafe fn tile_rows<const R: usize, const IN_PLACE: bool>(t: &Tile) {
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
     let (mut a, mut b) = (t.a, t.b);
+    // Element `(i, p)` of A at `a[p * step + i * row]`.
+    let (row, step) = if IN_PLACE { (t.lda, 1) } else { (1, R) };
     for _ in 0..t.kc {
-        // SAFETY: the packed panels hold `kc` steps of `R` and `NR` floats;
-        // the pointers advance one step per iteration.
+        // SAFETY: A holds `kc` steps of `R` rows (packed, or rows at
+        // stride `lda`) and the B panel `kc` steps of `NR` floats; the
+        // pointers advance one step per iteration.
         unsafe {
             let b0 = _mm512_loadu_ps(b);
             let b1 = _mm512_loadu_ps(b.add(16));
-            for (i, row) in acc.iter_mut().enumerate() {
-                let ai = _mm512_set1_ps(*a.add(i));
-                row[0] = _mm512_fmadd_ps(ai, b0, row[0]);
-                row[1] = _mm512_fmadd_ps(ai, b1, row[1]);
+            for (i, acc_row) in acc.iter_mut().enumerate() {
+                let ai = _mm512_set1_ps(*a.add(i * row));
+                acc_row[0] = _mm512_fmadd_ps(ai, b0, acc_row[0]);
+                acc_row[1] = _mm512_fmadd_ps(ai, b1, acc_row[1]);
             }
-            a = a.add(R);
+            a = a.add(step);
             b = b.add(NR);
         }
     }

@@ -14,6 +14,7 @@ pub(super) static KERNEL: Kernel = Kernel {
     kc: 256,
     mc: 128,
     tile,
+    reads_a_in_place: false,
     pack_a: super::pack::pack_a,
     pack_a_transposed: super::pack::pack_a_transposed,
     pack_b: super::pack::pack_b,

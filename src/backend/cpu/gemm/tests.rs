@@ -125,8 +125,9 @@ fn pack_unpack_round_trip() {
 /// `(m, n, k, lda pad, ldb pad, ldc pad, alpha, beta)`.
 type StridedCase = (usize, usize, usize, usize, usize, usize, f32, f32);
 
-/// Odd sizes, several K blocks, and `beta` 0, 1 and others.
-const STRIDED_CASES: [StridedCase; 7] = [
+/// Odd sizes, several K blocks, `beta` 0, 1 and others, and an A whose
+/// rows are 4 KiB apart (packed even by kernels that read A in place).
+const STRIDED_CASES: [StridedCase; 8] = [
     (1, 1, 1, 0, 0, 0, 1.0, 0.0),
     (13, 17, 64, 5, 3, 7, 0.125, 0.0),
     (64, 100, 32, 96, 64, 1, 1.0, 1.0),
@@ -134,6 +135,7 @@ const STRIDED_CASES: [StridedCase; 7] = [
     (37, 64, 513, 0, 0, 0, 2.0, -1.0),
     (150, 33, 7, 1, 1, 1, 1.0, 0.5),
     (300, 385, 1100, 3, 0, 2, 1.0, 1.0),
+    (40, 50, 1000, 24, 0, 0, 1.0, 0.0),
 ];
 
 /// Runs `gemm` (an sgemm under test, given a bias for the threaded one) on
