@@ -36,7 +36,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::backend::cpu::int8::QuantizedWeight;
-use crate::backend::cpu::{CpuBackend, CpuLinear};
+use crate::backend::cpu::isa::Isa;
+use crate::backend::cpu::{gemm, CpuBackend, CpuLinear};
 use crate::backend::Precision;
 use crate::error::{Error, Result};
 use crate::model::linear::{Int8Part, ModelTensors};
@@ -248,8 +249,8 @@ impl LinearLoader<CpuBackend> for Int8Linears {
 /// [`quantize`] measures the model with the attention it will run, and
 /// bf16 scores do not move it: the INT8 error comes from the linears.
 /// Without native bf16 the emulated kernel would be slower than f32.
-pub fn int8_attention(isa: crate::backend::cpu::isa::Isa) -> Precision {
-    if crate::backend::cpu::gemm::bf16_native(isa) {
+pub fn int8_attention(isa: Isa) -> Precision {
+    if gemm::bf16_native(isa) {
         Precision::Bf16
     } else {
         Precision::Fp32

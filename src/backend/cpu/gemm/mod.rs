@@ -841,12 +841,7 @@ impl PackedB {
         b.check(k, n, "b");
         let kern = kernel_for(precision, isa);
         pack_b_into(kern, b, k, n, &mut self.panels);
-        *self = PackedB {
-            kern: Some(kern),
-            k,
-            n,
-            panels: std::mem::take(&mut self.panels),
-        };
+        (self.kern, self.k, self.n) = (Some(kern), k, n);
     }
 }
 
