@@ -833,14 +833,15 @@ impl<B: TrainBackend> SequenceClassifier<B> {
             rows: t,
         };
         be.resize(&mut a.qkv, t * 3 * h);
-        be.linear_forward(
+        adapters.linear_forward(
+            be,
+            p,
+            Linear::Qkv,
+            (lp.qkv_weight, lp.qkv_bias),
+            &mut a.lora_xa,
             &mut a.qkv,
             input,
-            &p[lp.qkv_weight].value,
-            &p[lp.qkv_bias].value,
-            t,
         );
-        adapters.forward(be, p, Linear::Qkv, &mut a.lora_xa, &mut a.qkv, input);
         be.resize(
             &mut a.probs,
             attention_probs_len(&batch.offsets, c.num_attention_heads),
@@ -856,17 +857,11 @@ impl<B: TrainBackend> SequenceClassifier<B> {
             dropout_of(Site::AttentionProbs(l)),
         );
         be.resize(&mut a.attention_sum, t * h);
-        be.linear_forward(
-            &mut a.attention_sum,
-            &a.context,
-            &p[lp.attention_output_weight].value,
-            &p[lp.attention_output_bias].value,
-            t,
-        );
-        adapters.forward(
+        adapters.linear_forward(
             be,
             p,
             Linear::AttentionOutput,
+            (lp.attention_output_weight, lp.attention_output_bias),
             &mut a.lora_xa,
             &mut a.attention_sum,
             &a.context,
@@ -887,34 +882,22 @@ impl<B: TrainBackend> SequenceClassifier<B> {
         );
         be.resize(&mut a.intermediate_pre, t * inter);
         be.resize(&mut a.intermediate, t * inter);
-        be.linear_forward(
-            &mut a.intermediate_pre,
-            &a.attention_normed,
-            &p[lp.intermediate_weight].value,
-            &p[lp.intermediate_bias].value,
-            t,
-        );
-        adapters.forward(
+        adapters.linear_forward(
             be,
             p,
             Linear::Intermediate,
+            (lp.intermediate_weight, lp.intermediate_bias),
             &mut a.lora_xa,
             &mut a.intermediate_pre,
             &a.attention_normed,
         );
         be.gelu_forward(&mut a.intermediate, &a.intermediate_pre);
         be.resize(&mut a.output_sum, t * h);
-        be.linear_forward(
-            &mut a.output_sum,
-            &a.intermediate,
-            &p[lp.output_weight].value,
-            &p[lp.output_bias].value,
-            t,
-        );
-        adapters.forward(
+        adapters.linear_forward(
             be,
             p,
             Linear::Output,
+            (lp.output_weight, lp.output_bias),
             &mut a.lora_xa,
             &mut a.output_sum,
             &a.intermediate,
@@ -1363,6 +1346,24 @@ struct Adapters<'a> {
 }
 
 impl Adapters<'_> {
+    /// The encoder linear `linear` (its `(weight, bias)` parameters) on
+    /// `input`, into `out`, plus the update of each adapter on it: every
+    /// linear of a layer's forward.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_forward<B: TrainBackend>(
+        &self,
+        be: &B,
+        p: &ParamStore<B>,
+        linear: Linear,
+        (weight, bias): (ParamId, ParamId),
+        xa: &mut [B::Tensor],
+        out: &mut B::Tensor,
+        input: &B::Tensor,
+    ) {
+        be.linear_forward(out, input, &p[weight].value, &p[bias].value, self.rows);
+        self.forward(be, p, linear, xa, out, input);
+    }
+
     /// Adds the update of each adapter on `linear` to the linear's output
     /// `out`, from its `input`; `xa` is the layer's [`LayerActivations::lora_xa`].
     fn forward<B: TrainBackend>(
