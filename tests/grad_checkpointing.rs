@@ -10,7 +10,6 @@ use std::path::Path;
 use bertrt::backend::cpu::CpuBackend;
 use bertrt::checkpoint::Checkpoint;
 use bertrt::config::BertConfig;
-use bertrt::lora::{LoraSpec, LoraTarget};
 use bertrt::model::{Pooling, TokenBatch};
 use bertrt::train::classifier::{ForwardMode, Group, SequenceClassifier, Targets};
 use safetensors::Dtype;
@@ -232,21 +231,7 @@ fn lora_step_is_bit_identical() {
             5,
         )
         .unwrap();
-        model.add_lora(
-            LoraSpec {
-                rank: 2,
-                alpha: 3.0,
-                targets: vec![
-                    LoraTarget::Query,
-                    LoraTarget::Key,
-                    LoraTarget::Value,
-                    LoraTarget::Dense,
-                    LoraTarget::Intermediate,
-                    LoraTarget::Output,
-                ],
-            },
-            9,
-        );
+        model.add_lora(common::lora_on_every_linear(2), 9);
         let mut rng = common::Rng::new(4);
         for id in model.adapter_params() {
             let param = &model.params[id];

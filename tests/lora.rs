@@ -130,21 +130,6 @@ fn cross_entropy(logits: &[f32], labels: &[usize]) -> f64 {
     total / labels.len() as f64
 }
 
-fn every_target(rank: usize) -> LoraSpec {
-    LoraSpec {
-        rank,
-        alpha: 3.0,
-        targets: vec![
-            LoraTarget::Query,
-            LoraTarget::Key,
-            LoraTarget::Value,
-            LoraTarget::Dense,
-            LoraTarget::Intermediate,
-            LoraTarget::Output,
-        ],
-    }
-}
-
 fn value_of(model: &SequenceClassifier<CpuBackend>, name: &str) -> Vec<f32> {
     model
         .params
@@ -166,7 +151,7 @@ fn adapted_model_gradients_match_finite_differences() {
     let batch = tiny_batch();
     let mut model =
         SequenceClassifier::new(backend(), config, &ckpt, Pooling::Pooler, 3, 0.2, 5).unwrap();
-    model.add_lora(every_target(2), 9);
+    model.add_lora(common::lora_on_every_linear(2), 9);
     let adapter_names: Vec<String> = model
         .adapter_params()
         .into_iter()
@@ -231,7 +216,7 @@ fn step_zero_logits_equal_the_base_model() {
     };
     let mut base = new();
     let mut adapted = new();
-    adapted.add_lora(every_target(4), 1);
+    adapted.add_lora(common::lora_on_every_linear(4), 1);
     let (want, got) = (
         base.forward(&batch, eval).unwrap(),
         adapted.forward(&batch, eval).unwrap(),

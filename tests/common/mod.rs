@@ -283,3 +283,20 @@ pub fn check_gradient(
 pub fn dot(out: &[f32], r: &[f32]) -> f64 {
     out.iter().zip(r).map(|(a, b)| *a as f64 * *b as f64).sum()
 }
+
+/// LoRA of rank `rank` (alpha 3) on every encoder linear.
+pub fn lora_on_every_linear(rank: usize) -> bertrt::lora::LoraSpec {
+    use bertrt::lora::{LoraSpec, LoraTarget};
+    LoraSpec {
+        rank,
+        alpha: 3.0,
+        targets: vec![
+            LoraTarget::Query,
+            LoraTarget::Key,
+            LoraTarget::Value,
+            LoraTarget::Dense,
+            LoraTarget::Intermediate,
+            LoraTarget::Output,
+        ],
+    }
+}
