@@ -27,6 +27,11 @@
 //! word is one word tagged at its first subword, while BERT's split of raw
 //! text makes every `.`, `-` and `'` a word of its own; an entity still
 //! spans the pieces when they are tagged `B-`, `I-`, `I-`.
+//!
+//! A text too long for the tokenizer's `max_length` is not cut: as Hugging
+//! Face's pipeline does with `stride`, its words are split into overlapping
+//! windows that each fit, every window runs, and each word is read from the
+//! window in which it has the most context ([`WordWindows`]).
 
 use std::ops::Range;
 use std::path::Path;
@@ -35,12 +40,22 @@ use crate::artifact::{ArtifactMeta, ProblemType};
 use crate::backend::Backend;
 use crate::classify::labels_from_config;
 use crate::config::BertConfig;
+use crate::data::first_subwords;
 use crate::error::{Error, Result};
 use crate::eval::entities;
 use crate::model::{
     BertModel, F32Linears, LinearLoader, ModelFiles, Pooling, TokenBatch, Workspace,
 };
-use crate::tokenize::{BertTokenizer, WordsEncoded};
+use crate::tokenize::{BertTokenizer, Encoded, WordsEncoded};
+
+/// Consecutive windows of a text too long for `max_length` share up to this
+/// fraction of a window's tokens: a quarter, 127 of the 510 tokens that
+/// `max_length` 512 leaves beside `[CLS]` and `[SEP]` (close to the 128 of
+/// Hugging Face's question-answering `doc_stride`). A word in an overlap is
+/// read from the window where it lies farther from the cut, so every word
+/// keeps about half an overlap (some 64 tokens) of context on its cut side,
+/// while the text costs only about 4/3 of its own tokens to run.
+const OVERLAP_DIVISOR: usize = 4;
 
 pub struct Tagger<B: Backend> {
     pub model: BertModel<B>,
@@ -70,7 +85,8 @@ pub struct WordPrediction {
     /// Character offsets in the text.
     pub start: usize,
     pub end: usize,
-    /// None: the word has no token (cut off by `max_length`).
+    /// None: the word has no token (nothing of it left after
+    /// normalisation); a long text's words are all tagged ([`WordWindows`]).
     pub tag: Option<String>,
     pub logits: Option<Vec<f32>>,
 }
@@ -148,20 +164,19 @@ impl<B: Backend> Tagger<B> {
         })
     }
 
-    /// Each word's tag, for sentences given as words; None for a word with
-    /// no token (cut off by `max_length`, or nothing left after
-    /// normalisation), which reads as `O`.
+    /// Each word's tag, for sentences given as words (a sentence longer
+    /// than `max_length` in windows, [`WordWindows`]); None for a word with
+    /// no token (nothing left after normalisation), which reads as `O`.
     pub fn tag_words(&mut self, sentences: &[Vec<&str>]) -> Result<Vec<Vec<Option<WordTag>>>> {
-        let tokenized = self.tokenizer.encode_words_batch(sentences)?;
-        let batch = TokenBatch::from_encoded(tokenized.iter().map(|t| &t.encoded));
-        let logits = self.sequence_logits(&batch)?;
+        let windowed = WordWindows::encode_batch(&self.tokenizer, sentences)?;
+        let logits = self.windows_logits(&windowed.iter().collect::<Vec<_>>())?;
         let classes = self.tags.len();
-        Ok(tokenized
+        Ok(windowed
             .iter()
-            .zip(sentences)
             .zip(&logits)
-            .map(|((t, words), logits)| {
-                first_subword_rows(&t.word_ids, words.len(), logits, classes)
+            .map(|(windows, logits)| {
+                windows
+                    .word_rows(logits, classes)
                     .into_iter()
                     .map(|row| row.map(best_tag))
                     .collect()
@@ -229,9 +244,215 @@ impl<B: Backend> Tagger<B> {
     }
 
     fn text_logits(&mut self, inputs: &[TextWords]) -> Result<Vec<Vec<f32>>> {
-        let batch = TokenBatch::from_encoded(inputs.iter().map(|input| &input.tokens.encoded));
-        self.sequence_logits(&batch)
+        self.windows_logits(&inputs.iter().map(|input| &input.tokens).collect::<Vec<_>>())
     }
+
+    /// The windows of all `sentences` run as one batch, as texts are, and
+    /// their logits split per sentence: `[tokens, tags]` of its windows'
+    /// tokens in order, as [`WordWindows::word_rows`] reads them.
+    fn windows_logits(&mut self, sentences: &[&WordWindows]) -> Result<Vec<Vec<f32>>> {
+        let batch = TokenBatch::from_encoded(sentences.iter().flat_map(|s| s.encoded()));
+        let logits = self.token_logits(&batch)?;
+        let classes = self.tags.len();
+        let mut rest = logits.as_slice();
+        Ok(sentences
+            .iter()
+            .map(|sentence| {
+                let (mine, after) = rest.split_at(sentence.token_count() * classes);
+                rest = after;
+                mine.to_vec()
+            })
+            .collect())
+    }
+}
+
+/// One sequence the model runs for a sentence: its words `words`,
+/// tokenized (`tokens.word_ids` count from `words.start`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Window {
+    pub words: Range<usize>,
+    pub tokens: WordsEncoded,
+}
+
+/// A sentence's words tokenized for a tagger, in windows that each fit the
+/// tokenizer's `max_length`.
+///
+/// A sentence that fits is one window, tokenized exactly as
+/// [`BertTokenizer::encode_words_batch`] tokenizes it. A longer one is split
+/// between words (a word's subwords stay together) into windows of at most
+/// `max_length` tokens, special tokens included, each sharing up to a
+/// quarter of a window ([`OVERLAP_DIVISOR`]) with the next and none with
+/// the one after. Each word is read from the window that owns it: of those
+/// holding its first subword, the one where that subword lies farthest from
+/// a cut (an edge of the window inside the sentence; the earlier window on
+/// a tie), where it has the most context. Two windows thus split their
+/// overlap in the middle: its first half belongs to the earlier window, its
+/// second half to the later. A word with more tokens than a window holds is
+/// the one exception to keeping words whole: it gets a window of its own,
+/// cut to its first tokens, and is still tagged at its first subword.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WordWindows {
+    /// In sentence order.
+    pub windows: Vec<Window>,
+    /// Each word's row in the logits of the windows' tokens in order: its
+    /// first subword in the window that owns it; None for a word with no
+    /// token.
+    rows: Vec<Option<usize>>,
+}
+
+impl WordWindows {
+    /// Tokenizes `sentences` (in parallel), in input order; a sentence that
+    /// does not fit is tokenized again, window by window.
+    pub fn encode_batch(tokenizer: &BertTokenizer, sentences: &[Vec<&str>]) -> Result<Vec<Self>> {
+        let whole = tokenizer.encode_words_batch(sentences)?;
+        let splits: Vec<Option<Vec<Range<usize>>>> = whole.iter().map(window_ranges).collect();
+        // The windows of all sentences in one (parallel) call.
+        let pieces: Vec<Vec<&str>> = sentences
+            .iter()
+            .zip(&splits)
+            .flat_map(|(words, split)| {
+                split
+                    .iter()
+                    .flatten()
+                    .map(|range| words[range.clone()].to_vec())
+            })
+            .collect();
+        let mut pieces = tokenizer.encode_words_batch(&pieces)?.into_iter();
+        Ok(whole
+            .into_iter()
+            .zip(splits)
+            .map(|(whole, split)| {
+                let words = whole.word_lengths.len();
+                let windows = match split {
+                    None => vec![Window {
+                        words: 0..words,
+                        tokens: whole,
+                    }],
+                    Some(ranges) => {
+                        let tokens = pieces.by_ref().take(ranges.len());
+                        ranges
+                            .into_iter()
+                            .zip(tokens)
+                            .map(|(words, tokens)| Window { words, tokens })
+                            .collect()
+                    }
+                };
+                WordWindows {
+                    rows: owned_rows(&windows, words),
+                    windows,
+                }
+            })
+            .collect())
+    }
+
+    /// The model's input sequences, one per window, in order.
+    pub fn encoded(&self) -> impl Iterator<Item = &Encoded> {
+        self.windows.iter().map(|window| &window.tokens.encoded)
+    }
+
+    /// Tokens in all windows, special tokens included.
+    pub fn token_count(&self) -> usize {
+        self.encoded().map(|encoded| encoded.ids.len()).sum()
+    }
+
+    /// Each word's row of `logits` (`[tokens, classes]`, the windows' tokens
+    /// in order): its first subword in the window that owns it; None for a
+    /// word with no token.
+    fn word_rows<'l>(&self, logits: &'l [f32], classes: usize) -> Vec<Option<&'l [f32]>> {
+        self.rows
+            .iter()
+            .map(|row| row.map(|r| &logits[r * classes..(r + 1) * classes]))
+            .collect()
+    }
+}
+
+/// The word ranges of the windows that a tokenized sentence is split into;
+/// None when it fits whole.
+fn window_ranges(whole: &WordsEncoded) -> Option<Vec<Range<usize>>> {
+    let kept = whole.word_ids.iter().flatten().count();
+    if kept == whole.word_lengths.iter().sum::<usize>() {
+        return None;
+    }
+    // Truncation kept exactly as many tokens as `max_length` leaves room
+    // for beside the special tokens: a window's capacity.
+    Some(split_words(
+        &whole.word_lengths,
+        kept,
+        kept / OVERLAP_DIVISOR,
+    ))
+}
+
+/// Windows over words of `lengths` tokens each, as word ranges in order:
+/// each as many words as fit in `capacity` tokens (a longer word alone),
+/// consecutive ones sharing up to `overlap` tokens of whole words, and no
+/// word in more than two.
+fn split_words(lengths: &[usize], capacity: usize, overlap: usize) -> Vec<Range<usize>> {
+    let mut windows: Vec<Range<usize>> = Vec::new();
+    let mut start = 0;
+    while start < lengths.len() {
+        let end = start + words_within(&lengths[start..], capacity).max(1);
+        windows.push(start..end);
+        if end == lengths.len() {
+            break;
+        }
+        // The next window starts back at the last words of this one, within
+        // the overlap and so that it still takes in the word after them,
+        // but never before this window's predecessor ends. With no room it
+        // shares nothing, not even words without tokens, which would make a
+        // window of their own before a word longer than the capacity.
+        let room = overlap.min(capacity.saturating_sub(lengths[end]));
+        let shared = match room {
+            0 => 0,
+            _ => words_within(lengths[start + 1..end].iter().rev(), room),
+        };
+        let predecessor_end = windows.len().checked_sub(2).map_or(0, |i| windows[i].end);
+        start = (end - shared).max(predecessor_end);
+    }
+    windows
+}
+
+/// How many of `lengths`, taken in order, fit in `budget` tokens.
+fn words_within<'a>(lengths: impl IntoIterator<Item = &'a usize>, budget: usize) -> usize {
+    lengths
+        .into_iter()
+        .scan(0, |total, &length| {
+            *total += length;
+            (*total <= budget).then_some(())
+        })
+        .count()
+}
+
+/// Each word's row in the logits of `windows`' tokens in order: its first
+/// subword in the window where that subword lies farthest from a cut (an
+/// edge of the window inside the sentence; the sentence's own start and end
+/// cut nothing), the earlier window on a tie; None for a word with no token.
+fn owned_rows(windows: &[Window], words: usize) -> Vec<Option<usize>> {
+    // (tokens from the nearest cut, row) of each word's best window so far.
+    let mut best: Vec<Option<(usize, usize)>> = vec![None; words];
+    let mut offset = 0;
+    for (index, window) in windows.iter().enumerate() {
+        let word_ids = &window.tokens.word_ids;
+        // The window's first and last tokens of the text (special tokens
+        // aside), if it has any.
+        let first_text = word_ids.iter().position(Option::is_some).unwrap_or(0);
+        let last_text = word_ids.iter().rposition(Option::is_some).unwrap_or(0);
+        let (cut_before, cut_after) = (index > 0, index + 1 < windows.len());
+        let firsts = first_subwords(word_ids, window.words.len());
+        for (word, row) in window.words.clone().zip(firsts) {
+            let Some(row) = row else { continue };
+            let from_cut = match (cut_before, cut_after) {
+                (true, true) => (row - first_text).min(last_text - row),
+                (true, false) => row - first_text,
+                (false, true) => last_text - row,
+                (false, false) => usize::MAX,
+            };
+            if best[word].is_none_or(|(best_from_cut, _)| from_cut > best_from_cut) {
+                best[word] = Some((from_cut, offset + row));
+            }
+        }
+        offset += word_ids.len();
+    }
+    best.into_iter().map(|b| b.map(|(_, row)| row)).collect()
 }
 
 /// A text split into words as its tokenizer pre-tokenizes it
@@ -241,7 +462,9 @@ impl<B: Backend> Tagger<B> {
 pub struct TextWords {
     text: String,
     words: Vec<Word>,
-    pub tokens: WordsEncoded,
+    /// The words tokenized: one window, or several for a text longer than
+    /// `max_length`.
+    pub tokens: WordWindows,
 }
 
 impl TextWords {
@@ -260,7 +483,7 @@ impl TextWords {
             .zip(&words)
             .map(|(text, words)| words.iter().map(|w| &text[w.bytes.clone()]).collect())
             .collect();
-        let tokens = tokenizer.encode_words_batch(&sentences)?;
+        let tokens = WordWindows::encode_batch(tokenizer, &sentences)?;
         Ok(texts
             .iter()
             .zip(words)
@@ -274,7 +497,8 @@ impl TextWords {
     }
 
     /// The entities of the text, in text order, from the logits `[tokens,
-    /// tags.len()]` of its tokens ([`Tagger::sequence_logits`]).
+    /// tags.len()]` of its windows' tokens in order (its windows' rows of
+    /// [`Tagger::sequence_logits`], concatenated).
     pub fn entities(&self, tags: &[String], logits: &[f32]) -> Vec<EntitySpan> {
         let tagged: Vec<Option<WordTag>> = self
             .word_rows(logits, tags.len())
@@ -306,7 +530,7 @@ impl TextWords {
     }
 
     /// Every word with its offsets, tag and logits, from the logits of the
-    /// text's tokens.
+    /// text's windows' tokens, as [`Self::entities`] takes them.
     pub fn word_predictions(&self, tags: &[String], logits: &[f32]) -> Vec<WordPrediction> {
         self.words
             .iter()
@@ -322,22 +546,8 @@ impl TextWords {
     }
 
     fn word_rows<'l>(&self, logits: &'l [f32], classes: usize) -> Vec<Option<&'l [f32]>> {
-        first_subword_rows(&self.tokens.word_ids, self.words.len(), logits, classes)
+        self.tokens.word_rows(logits, classes)
     }
-}
-
-/// Each word's row of a sequence's `logits` (`[tokens, classes]`) at its
-/// first subword; None for a word with no token.
-fn first_subword_rows<'l>(
-    word_ids: &[Option<usize>],
-    words: usize,
-    logits: &'l [f32],
-    classes: usize,
-) -> Vec<Option<&'l [f32]>> {
-    crate::data::first_subwords(word_ids, words)
-        .into_iter()
-        .map(|first| first.map(|p| &logits[p * classes..(p + 1) * classes]))
-        .collect()
 }
 
 /// The most probable tag of a token's logits, with its softmax probability.
@@ -396,9 +606,13 @@ mod tests {
     const TAGS: [&str; 3] = ["B-LOC", "I-LOC", "O"];
 
     fn tokenizer() -> BertTokenizer {
+        tokenizer_at(64)
+    }
+
+    fn tokenizer_at(max_length: usize) -> BertTokenizer {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("vocab.txt"), VOCAB.join("\n") + "\n").unwrap();
-        BertTokenizer::from_dir(dir.path(), 64).unwrap()
+        BertTokenizer::from_dir(dir.path(), max_length).unwrap()
     }
 
     fn tags() -> Vec<String> {
@@ -409,15 +623,35 @@ mod tests {
     /// per word) and the special tokens `O`.
     fn logits(input: &TextWords, word_tags: &[&str]) -> Vec<f32> {
         assert_eq!(input.words.len(), word_tags.len(), "one tag per word");
-        input
-            .tokens
-            .word_ids
-            .iter()
+        token_words(&input.tokens)
+            .into_iter()
             .flat_map(|word| {
                 let tag = word.map_or("O", |w| word_tags[w]);
                 TAGS.iter().map(move |t| if *t == tag { 4.0 } else { 0.0 })
             })
             .collect()
+    }
+
+    /// The sentence's word of each token of the windows, in order.
+    fn token_words(windowed: &WordWindows) -> Vec<Option<usize>> {
+        windowed
+            .windows
+            .iter()
+            .flat_map(|window| {
+                let first = window.words.start;
+                window
+                    .tokens
+                    .word_ids
+                    .iter()
+                    .map(move |w| w.map(|w| first + w))
+            })
+            .collect()
+    }
+
+    /// The tokens of a text that fits one window.
+    fn tokens(input: &TextWords) -> &[String] {
+        assert_eq!(input.tokens.windows.len(), 1);
+        &input.tokens.windows[0].tokens.encoded.tokens
     }
 
     fn words(input: &TextWords) -> Vec<&str> {
@@ -454,7 +688,7 @@ mod tests {
         let input = TextWords::encode(&tokenizer, "I live in Paris.").unwrap();
         assert_eq!(words(&input), ["I", "live", "in", "Paris", "."]);
         assert_eq!(
-            input.tokens.encoded.tokens,
+            tokens(&input),
             ["[CLS]", "i", "live", "in", "paris", ".", "[SEP]"]
         );
         assert_eq!(
@@ -522,7 +756,7 @@ mod tests {
                 "Müller", "wohnt", "in", "Zürich", "—", "nicht", "in", "Köln", "!", "€5", "2×3"
             ]
         );
-        assert_eq!(&input.tokens.encoded.tokens[4..5], ["zurich"]);
+        assert_eq!(&tokens(&input)[4..5], ["zurich"]);
         let tags = [
             "B-LOC", "O", "O", "B-LOC", "O", "O", "O", "B-LOC", "O", "O", "O",
         ];
@@ -562,7 +796,7 @@ mod tests {
         ] {
             let input = TextWords::encode(&tokenizer, text).unwrap();
             assert_eq!(
-                input.tokens.encoded.tokens,
+                tokens(&input),
                 tokenizer.encode(text).unwrap().tokens,
                 "{text:?}"
             );
@@ -593,6 +827,115 @@ mod tests {
         let tokenizer = BertTokenizer::from_dir(dir.path(), 64).unwrap();
         let input = TextWords::encode(&tokenizer, "I live in Paris. 东京").unwrap();
         assert_eq!(words(&input), ["I", "live", "in", "Paris.", "东", "京"]);
+    }
+
+    /// How many tokens the words `words` have, of `lengths`.
+    fn tokens_in(lengths: &[usize], words: Range<usize>) -> usize {
+        lengths[words].iter().sum()
+    }
+
+    #[test]
+    fn windows_break_between_words_within_the_capacity_and_overlap() {
+        assert_eq!(split_words(&[1; 20], 8, 2), [0..8, 6..14, 12..20]);
+        // A word over the capacity has a window of its own, shared with none.
+        assert_eq!(split_words(&[1, 1, 9, 1, 1], 4, 1), [0..2, 2..3, 3..5]);
+        let lengths = [2, 1, 3, 1, 1, 2, 4, 1, 1, 2, 1, 3, 1, 2, 1, 1, 6, 1, 2];
+        let mut shared_words = 0;
+        for (capacity, overlap) in [(4, 1), (5, 1), (6, 1), (8, 2), (10, 2), (12, 3)] {
+            let windows = split_words(&lengths, capacity, overlap);
+            let case = format!("capacity {capacity}, overlap {overlap}: {windows:?}");
+            assert_eq!(windows[0].start, 0, "{case}");
+            assert_eq!(windows.last().unwrap().end, lengths.len(), "{case}");
+            for window in &windows {
+                let fits = tokens_in(&lengths, window.clone()) <= capacity;
+                assert!(fits || window.len() == 1, "{case}");
+            }
+            for pair in windows.windows(2) {
+                let (earlier, later) = (&pair[0], &pair[1]);
+                assert!(
+                    earlier.start < later.start && later.start <= earlier.end,
+                    "{case}"
+                );
+                assert!(earlier.end < later.end, "{case}");
+                assert!(
+                    tokens_in(&lengths, later.start..earlier.end) <= overlap,
+                    "{case}"
+                );
+                shared_words += earlier.end - later.start;
+            }
+            for triple in windows.windows(3) {
+                assert!(triple[0].end <= triple[2].start, "{case}");
+            }
+        }
+        assert!(shared_words > 0, "some windows overlap");
+    }
+
+    #[test]
+    fn a_long_text_runs_in_windows_that_split_their_overlap_in_the_middle() {
+        // `max_length` 10: windows of 8 words (one token each) sharing 2.
+        let tokenizer = tokenizer_at(10);
+        let text =
+            "I live in Paris and he flew to New York then St Louis and I live in Zurich then Koln";
+        let input = TextWords::encode(&tokenizer, text).unwrap();
+        assert_eq!(input.words.len(), 20);
+        let windows = &input.tokens.windows;
+        let ranges: Vec<Range<usize>> = windows.iter().map(|w| w.words.clone()).collect();
+        assert_eq!(ranges, [0..8, 6..14, 12..20]);
+        let all_words = words(&input);
+        for window in windows {
+            // Each window is its words tokenized on their own.
+            let alone = tokenizer
+                .encode_words_batch(&[all_words[window.words.clone()].to_vec()])
+                .unwrap()
+                .remove(0);
+            assert_eq!(window.tokens, alone);
+            assert!(window.tokens.encoded.ids.len() <= 10);
+        }
+        // Words 6 and 7 are in windows 0 and 1: the first to the earlier;
+        // likewise 12 and 13 between windows 1 and 2.
+        let window_of_row = |row: usize| {
+            let mut end = 0;
+            windows
+                .iter()
+                .position(|w| {
+                    end += w.tokens.encoded.ids.len();
+                    row < end
+                })
+                .unwrap()
+        };
+        let owners: Vec<usize> = input
+            .tokens
+            .rows
+            .iter()
+            .map(|row| window_of_row(row.expect("every word has a token")))
+            .collect();
+        let mut expected = vec![0; 7];
+        expected.extend([1; 6]);
+        expected.extend([2; 7]);
+        assert_eq!(owners, expected);
+        // Each word reads its own first subword.
+        let token_words = token_words(&input.tokens);
+        for (word, row) in input.tokens.rows.iter().enumerate() {
+            assert_eq!(token_words[row.unwrap()], Some(word));
+        }
+        // Entities in every window are found, with the text's offsets.
+        let mut tags = ["O"; 20];
+        for (word, tag) in [
+            (3, "B-LOC"),
+            (8, "B-LOC"),
+            (9, "I-LOC"),
+            (11, "B-LOC"),
+            (12, "I-LOC"),
+            (17, "B-LOC"),
+            (19, "B-LOC"),
+        ] {
+            tags[word] = tag;
+        }
+        let found: Vec<String> = entities_of(&input, &tags)
+            .into_iter()
+            .map(|e| e.0)
+            .collect();
+        assert_eq!(found, ["Paris", "New York", "St Louis", "Zurich", "Koln"]);
     }
 
     #[test]

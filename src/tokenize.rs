@@ -48,6 +48,10 @@ pub struct TokenSpan {
 pub struct WordsEncoded {
     pub encoded: Encoded,
     pub word_ids: Vec<Option<usize>>,
+    /// Each word's token count before truncation (special tokens aside):
+    /// more than `word_ids` holds for a word that `max_length` cut, so a
+    /// caller can tell that the sentence did not fit and split it at words.
+    pub word_lengths: Vec<usize>,
 }
 
 /// Where the vocabulary came from, recorded so artifacts can say how text was
@@ -263,12 +267,14 @@ impl BertTokenizer {
             .map_err(|e| Error::Invalid(format!("tokenization failed: {e}")))?;
         Ok(encodings
             .into_iter()
-            .map(|encoding| WordsEncoded {
+            .zip(sentences)
+            .map(|(encoding, words)| WordsEncoded {
                 word_ids: encoding
                     .get_word_ids()
                     .iter()
                     .map(|w| w.map(|w| w as usize))
                     .collect(),
+                word_lengths: word_lengths(&encoding, words.len()),
                 encoded: to_encoded(encoding),
             })
             .collect())
@@ -280,6 +286,19 @@ impl BertTokenizer {
             .map(to_encoded)
             .map_err(|e| Error::Invalid(format!("tokenization failed: {e}")))
     }
+}
+
+/// Each word's token count in `encoding` and in the pieces truncation cut
+/// off it (its overflowing encodings, which keep their word ids).
+fn word_lengths(encoding: &tokenizers::Encoding, words: usize) -> Vec<usize> {
+    let mut lengths = vec![0; words];
+    let pieces = std::iter::once(encoding).chain(encoding.get_overflowing());
+    for word in pieces.flat_map(|piece| piece.get_word_ids().iter().flatten()) {
+        if let Some(length) = lengths.get_mut(*word as usize) {
+            *length += 1;
+        }
+    }
+    lengths
 }
 
 fn to_encoded(encoding: tokenizers::Encoding) -> Encoded {

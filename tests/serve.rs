@@ -770,19 +770,24 @@ fn tiny_tagger() -> tempfile::TempDir {
 }
 
 /// A token classifier serves /predict as entities with character offsets
-/// into each input, the same as `bertrt predict` prints; /info reports the
-/// task and tags, /embed still answers, and entities count in /metrics.
+/// into each input, the same as `bertrt predict` prints, a text over the
+/// max input length in windows as `predict` runs it (and refused with
+/// `--no-truncate`); /info reports the task and tags, /embed still answers,
+/// and entities count in /metrics.
 #[test]
 fn token_classifier_serves_the_entities_bertrt_predict_prints() {
     let model = tiny_tagger();
-    // Two spaces, a multi-byte character, an empty text, a long one, and
-    // punctuation (words of their own) and CJK characters (each a word).
+    // Two spaces, a multi-byte character, an empty text, a long one,
+    // punctuation (words of their own) and CJK characters (each a word), and
+    // one of 96 words, over the model's 64 tokens.
+    let longer_than_the_model = "the big dog ran on a mat . ".repeat(12);
     let texts = [
         "the  big dog ran",
         "thé cat sat on the mat",
         "",
         "a small dog ran fast on a big mat and the cat sat",
         "the big dog, a cat... sat on the mat! 东京: the dog's mat-cat.",
+        longer_than_the_model.trim_end(),
     ];
     let input = model.path().join("texts.txt");
     std::fs::write(&input, texts.join("\n") + "\n").unwrap();
@@ -873,4 +878,16 @@ fn token_classifier_serves_the_entities_bertrt_predict_prints() {
             "metrics lack {needle}:\n{metrics}"
         );
     }
+    drop(server);
+
+    let strict = Server::start(model.path(), &["--no-truncate"]);
+    let refused = post(strict.addr, "/predict", json!({ "inputs": texts }));
+    assert_eq!(refused.status, 422, "{}", refused.body);
+    assert!(
+        refused.error().contains("input 5 is longer than 64 tokens"),
+        "{}",
+        refused.body
+    );
+    let fits = post(strict.addr, "/predict", json!({ "inputs": texts[1] }));
+    assert_eq!(fits.status, 200, "{}", fits.body);
 }

@@ -1,7 +1,8 @@
 //! Token classification: tagged-data readers and their errors, subword
 //! alignment, the seqeval-style entity metric, the token head's gradients,
-//! and `finetune --task token-classification` / `eval` / `predict` end to
-//! end on a tiny model.
+//! a tagger's windows over texts longer than `max_length`, and `finetune
+//! --task token-classification` / `eval` / `predict` end to end on a tiny
+//! model.
 
 mod common;
 
@@ -11,10 +12,10 @@ use std::process::Command;
 use bertrt::backend::cpu::CpuBackend;
 use bertrt::checkpoint::Checkpoint;
 use bertrt::config::BertConfig;
-use bertrt::data::{align_tags, read_tagged, Alignment, TagSet, TagSpec};
+use bertrt::data::{align_tags, first_subwords, read_tagged, Alignment, TagSet, TagSpec};
 use bertrt::eval::{entities, EntityReport};
 use bertrt::model::TokenBatch;
-use bertrt::tag::TextWords;
+use bertrt::tag::{Tagger, TextWords, Window};
 use bertrt::tokenize::BertTokenizer;
 use bertrt::train::classifier::{ForwardMode, SequenceClassifier, Targets};
 use bertrt::train::loss::token_cross_entropy;
@@ -145,7 +146,7 @@ fn raw_text_words_are_the_bert_tokenizers_words() {
     let tokenizer = BertTokenizer::from_dir(&common::minilm_dir(), 128).unwrap();
     let text = "I live in Paris. Don't visit São-Paulo (Brazil) or 東京, 2×3€!";
     let input = TextWords::encode(&tokenizer, text).unwrap();
-    let logits = vec![0.0; input.tokens.encoded.ids.len()];
+    let logits = vec![0.0; input.tokens.token_count()];
     let words: Vec<(String, usize, usize)> = input
         .word_predictions(&["O".to_string()], &logits)
         .into_iter()
@@ -166,12 +167,10 @@ fn raw_text_words_are_the_bert_tokenizers_words() {
     assert_eq!(&words[3], &("Paris".to_string(), 10, 15));
     assert_eq!(&words[16], &("東".to_string(), 51, 52));
     for text in [text, "  tabs\tand\u{a0}nbsp; [MASK] e-mail: x@y.z  ", ""] {
+        let windows = TextWords::encode(&tokenizer, text).unwrap().tokens.windows;
+        assert_eq!(windows.len(), 1, "{text:?}");
         assert_eq!(
-            TextWords::encode(&tokenizer, text)
-                .unwrap()
-                .tokens
-                .encoded
-                .tokens,
+            windows[0].tokens.encoded.tokens,
             tokenizer.encode(text).unwrap().tokens,
             "{text:?}"
         );
@@ -216,10 +215,239 @@ fn tags_go_to_first_subwords_or_all_subwords() {
         .unwrap()
         .remove(0);
     assert_eq!(encoded.word_ids, [None, Some(0), Some(1), None]);
+    assert_eq!(encoded.word_lengths, [1, 2, 1], "counted before truncation");
     assert_eq!(
-        bertrt::data::first_subwords(&encoded.word_ids, 3),
+        first_subwords(&encoded.word_ids, 3),
         [Some(1), Some(2), None]
     );
+}
+
+/// The tiny encoder under a random `BertForTokenClassification` head over
+/// BIO tags, its tokenizer cutting at `max_length` so that short texts
+/// already need windows.
+fn tiny_tagger(dir: &Path, max_length: usize) -> Tagger<CpuBackend> {
+    let model = dir.join("tagger");
+    let mut config = common::tiny_config();
+    config["architectures"] = serde_json::json!(["BertForTokenClassification"]);
+    config["id2label"] = serde_json::json!({"0": "B-ANIMAL", "1": "I-ANIMAL", "2": "O"});
+    let mut tensors = common::tiny_tensors(1);
+    let mut rng = Rng::new(3);
+    tensors.push(("classifier.weight".into(), vec![3, 16], rng.vec(48, 2.0)));
+    tensors.push(("classifier.bias".into(), vec![3], vec![0.0; 3]));
+    common::write_tiny_model(
+        &model,
+        &config,
+        &common::safetensors_bytes(&tensors, Dtype::F32),
+    );
+    let mut tagger = Tagger::load(CpuBackend::new(2), &model).unwrap();
+    tagger.tokenizer = BertTokenizer::from_dir(&model, max_length).unwrap();
+    tagger
+}
+
+/// `count` words of one and two tokens (`cats` is `cat ##s`), mixed.
+fn long_text(count: usize) -> String {
+    const WORDS: [&str; 9] = ["the", "big", "cats", "sat", "on", "a", "mat", "dogs", "ran"];
+    let words: Vec<&str> = (0..count).map(|i| WORDS[i * 7 % WORDS.len()]).collect();
+    words.join(" ")
+}
+
+/// How many tokens of `window` belong to the sentence's words `words`.
+fn tokens_of(window: &Window, words: std::ops::Range<usize>) -> usize {
+    let first = window.words.start;
+    window
+        .tokens
+        .word_ids
+        .iter()
+        .flatten()
+        .filter(|&&w| words.contains(&(first + w)))
+        .count()
+}
+
+/// A text longer than `max_length` runs in windows and every word of it is
+/// tagged, by `predict_words` and `tag_words` alike, and `predict` finds
+/// entities past the first window.
+#[test]
+fn a_text_longer_than_max_length_has_every_word_tagged() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The model's own limit, 64 tokens: the text has 183.
+    let mut tagger = tiny_tagger(tmp.path(), 64);
+    let text = long_text(150);
+    let input = TextWords::encode(&tagger.tokenizer, &text).unwrap();
+    let windows = &input.tokens.windows;
+    assert!(windows.len() >= 3, "{} windows", windows.len());
+    assert!(windows.iter().all(|w| w.tokens.encoded.ids.len() <= 64));
+
+    // A long and a short text in one call, as texts and as word lists.
+    let predicted = tagger.predict_words(&[&text, "the cat"]).unwrap();
+    assert_eq!(predicted[0].len(), 150);
+    assert_eq!(predicted[1].len(), 2);
+    for word in predicted.iter().flatten() {
+        assert!(word.tag.is_some() && word.logits.is_some(), "{word:?}");
+    }
+    let sentences = [text.split(' ').collect(), vec!["the", "cat"]];
+    let tagged = tagger.tag_words(&sentences).unwrap();
+    for (words, tags) in predicted.iter().zip(&tagged) {
+        let tags: Vec<Option<&str>> = tags
+            .iter()
+            .map(|t| t.map(|t| tagger.tags[t.tag].as_str()))
+            .collect();
+        let want: Vec<Option<&str>> = words.iter().map(|w| w.tag.as_deref()).collect();
+        assert_eq!(tags, want);
+    }
+
+    // Entities are found past the first window too.
+    let past_first_window = predicted[0][windows[0].words.end].start;
+    let entities = tagger.predict(&[&text]).unwrap().remove(0);
+    assert!(
+        entities.iter().any(|e| e.start >= past_first_window),
+        "{entities:?}"
+    );
+}
+
+/// Where windows overlap, a word takes the logits of the window that owns
+/// it: of two windows sharing words, the earlier owns those whose first
+/// subword lies in the first half of the shared tokens and the later the
+/// rest, so each lies farther from its own window's cut.
+#[test]
+fn overlapping_windows_give_each_word_the_logits_of_the_window_that_owns_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Windows of 16 tokens besides [CLS] and [SEP], sharing up to 4.
+    let mut tagger = tiny_tagger(tmp.path(), 18);
+    let text = long_text(40);
+    let input = TextWords::encode(&tagger.tokenizer, &text).unwrap();
+    let windows = &input.tokens.windows;
+    assert!(windows.len() >= 3, "{} windows", windows.len());
+    // Each window run on its own: its words' logits at their first subwords.
+    let alone: Vec<Vec<Vec<f32>>> = windows
+        .iter()
+        .map(|window| {
+            let batch = TokenBatch::from_encoded([&window.tokens.encoded]);
+            let logits = tagger.sequence_logits(&batch).unwrap().remove(0);
+            first_subwords(&window.tokens.word_ids, window.words.len())
+                .into_iter()
+                .map(|row| logits[row.unwrap() * 3..][..3].to_vec())
+                .collect()
+        })
+        .collect();
+    let logits_in = |k: usize, word: usize| &alone[k][word - windows[k].words.start];
+
+    let merged = tagger.predict_words(&[&text]).unwrap().remove(0);
+    let (mut to_earlier, mut to_later, mut disagreeing) = (0, 0, 0);
+    for (word, prediction) in merged.iter().enumerate() {
+        let holders: Vec<usize> = (0..windows.len())
+            .filter(|&k| windows[k].words.contains(&word))
+            .collect();
+        let owner = match holders[..] {
+            [only] => only,
+            [earlier, later] => {
+                let first_shared = windows[later].words.start;
+                let shared = tokens_of(&windows[later], first_shared..windows[earlier].words.end);
+                let before = tokens_of(&windows[later], first_shared..word);
+                if common::max_abs_diff(logits_in(earlier, word), logits_in(later, word)) > 1e-3 {
+                    disagreeing += 1;
+                }
+                if 2 * before < shared {
+                    to_earlier += 1;
+                    earlier
+                } else {
+                    to_later += 1;
+                    later
+                }
+            }
+            _ => panic!("word {word} is in windows {holders:?}"),
+        };
+        // Run in one batch with the other windows rather than alone, so
+        // only equal up to the GEMMs' summation order.
+        let diff =
+            common::max_abs_diff(prediction.logits.as_ref().unwrap(), logits_in(owner, word));
+        assert!(
+            diff < 1e-5,
+            "word {word}: {diff} from window {owner}'s logits"
+        );
+    }
+    assert!(
+        to_earlier > 0 && to_later > 0,
+        "{to_earlier} and {to_later}"
+    );
+    assert!(disagreeing > 0, "the windows read shared words differently");
+}
+
+/// A text that fits `max_length` is one window, tokenized and run as one
+/// sequence always was: the same tokens, and bit for bit the same logits
+/// at each word's first subword. One token more and it takes two windows.
+#[test]
+fn a_text_that_fits_is_tagged_exactly_as_one_sequence() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut tagger = tiny_tagger(tmp.path(), 18);
+    let text = "the big cats sat on a mat . the dogs ran fast on mat";
+    let words: Vec<&str> = tagger
+        .tokenizer
+        .words(text)
+        .unwrap()
+        .into_iter()
+        .map(|w| &text[w])
+        .collect();
+    let whole = tagger
+        .tokenizer
+        .encode_words_batch(std::slice::from_ref(&words))
+        .unwrap()
+        .remove(0);
+    assert_eq!(whole.encoded.ids.len(), 18, "exactly max_length");
+    let batch = TokenBatch::from_encoded([&whole.encoded]);
+    let logits = tagger.sequence_logits(&batch).unwrap().remove(0);
+    let expected: Vec<Vec<f32>> = first_subwords(&whole.word_ids, words.len())
+        .into_iter()
+        .map(|row| logits[row.unwrap() * 3..][..3].to_vec())
+        .collect();
+
+    let input = TextWords::encode(&tagger.tokenizer, text).unwrap();
+    assert_eq!(input.tokens.windows.len(), 1);
+    assert_eq!(input.tokens.windows[0].tokens, whole);
+    let predicted = tagger.predict_words(&[text]).unwrap().remove(0);
+    let predicted_logits: Vec<Vec<f32>> = predicted
+        .iter()
+        .map(|w| w.logits.clone().unwrap())
+        .collect();
+    assert_eq!(predicted_logits, expected);
+    let tagged = tagger.tag_words(&[words]).unwrap().remove(0);
+    for (tag, word) in tagged.iter().zip(&predicted) {
+        assert_eq!(Some(&tagger.tags[tag.unwrap().tag]), word.tag.as_ref());
+    }
+
+    let longer = format!("{text} on");
+    let input = TextWords::encode(&tagger.tokenizer, &longer).unwrap();
+    assert_eq!(input.tokens.windows.len(), 2);
+}
+
+/// A word with more tokens than a window holds gets a window of its own,
+/// cut to its first tokens: it is tagged at its first subword, and the
+/// words around it are tagged too.
+#[test]
+fn a_word_longer_than_a_window_is_cut_and_still_tagged() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Windows of 4 tokens; the long word has 9 (`cat` and 8 `##s`).
+    let mut tagger = tiny_tagger(tmp.path(), 6);
+    let long = format!("cat{}", "s".repeat(8));
+    let text = format!("the dog {long} sat on the mat");
+    let input = TextWords::encode(&tagger.tokenizer, &text).unwrap();
+    let own = input
+        .tokens
+        .windows
+        .iter()
+        .find(|w| w.words == (2..3))
+        .expect("a window of its own");
+    assert_eq!(
+        own.tokens.encoded.tokens,
+        ["[CLS]", "cat", "##s", "##s", "##s", "[SEP]"]
+    );
+    let words = tagger.predict_words(&[&text]).unwrap().remove(0);
+    assert_eq!(words.len(), 7);
+    assert_eq!(words[2].text, long);
+    assert!(words.iter().all(|w| w.tag.is_some()), "{words:?}");
+    tagger.predict(&[&text]).unwrap();
+    let sentence: Vec<&str> = text.split(' ').collect();
+    let tagged = tagger.tag_words(&[sentence]).unwrap().remove(0);
+    assert!(tagged.iter().all(Option::is_some), "{tagged:?}");
 }
 
 fn spans(tags: &[&str]) -> Vec<(String, usize, usize)> {

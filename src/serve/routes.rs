@@ -54,26 +54,30 @@ impl Tokenized for Vec<TokenSpan> {
     }
 }
 
+/// All its windows' tokens: with `--no-truncate`, a text that needs more
+/// than one window is over the max input length and refused; with
+/// truncation it runs in windows and nothing is cut.
 impl Tokenized for TextWords {
     fn token_count(&self) -> usize {
-        self.tokens.encoded.ids.len()
+        self.tokens.token_count()
     }
 }
 
-/// A tokenized input the model can run.
+/// A tokenized input the model can run: one sequence, or for a token
+/// classifier one per window of a long text ([`crate::tag::WordWindows`]).
 trait Runnable: Tokenized {
-    fn encoded(&self) -> &Encoded;
+    fn sequences(&self) -> impl Iterator<Item = &Encoded>;
 }
 
 impl Runnable for Encoded {
-    fn encoded(&self) -> &Encoded {
-        self
+    fn sequences(&self) -> impl Iterator<Item = &Encoded> {
+        std::iter::once(self)
     }
 }
 
 impl Runnable for TextWords {
-    fn encoded(&self) -> &Encoded {
-        &self.tokens.encoded
+    fn sequences(&self) -> impl Iterator<Item = &Encoded> {
+        self.tokens.encoded()
     }
 }
 
@@ -124,8 +128,11 @@ impl App {
             .map_err(|e| ApiError::internal(format!("tokenization task failed: {e}")))?
         }
         .map_err(|e| ApiError::validation(e.to_string()))?;
+        // Truncation keeps a single sequence within the limit, but not a
+        // token classifier's windows taken together.
         let limit = self.info.max_input_length;
-        if let Some(i) = encoded.iter().position(|e| e.token_count() > limit) {
+        let over = |e: &T| !self.truncate && e.token_count() > limit;
+        if let Some(i) = encoded.iter().position(over) {
             return Err(ApiError::validation(format!(
                 "input {i} is longer than {limit} tokens (the max input length) and the server runs with --no-truncate"
             )));
@@ -149,8 +156,9 @@ impl App {
     }
 
     /// Tokenizes `inputs` with `encode`, queues them for `task` and waits
-    /// for one row per text; returns the tokenized texts with the rows, for
-    /// answers that need both.
+    /// for one row per sequence (per text, but per window of a token
+    /// classifier's long text); returns the tokenized texts with the rows,
+    /// for answers that need both.
     async fn infer<T: Runnable>(
         self: &Arc<Self>,
         task: Task,
@@ -165,7 +173,7 @@ impl App {
         let (reply, answer) = oneshot::channel();
         let job = Job {
             task,
-            inputs: TokenBatch::from_encoded(encoded.iter().map(Runnable::encoded)),
+            inputs: TokenBatch::from_encoded(encoded.iter().flat_map(Runnable::sequences)),
             enqueued: Instant::now(),
             reply,
         };
@@ -327,7 +335,9 @@ async fn scores<'a>(
 /// entity), except that each word (split as the tokenizer pre-tokenizes the
 /// text: for BERT at whitespace and punctuation) takes its first subword's
 /// tag, as in training, and `text` is the input's own slice from the first
-/// word's start to the last word's end rather than decoded tokens.
+/// word's start to the last word's end rather than decoded tokens. A text
+/// longer than the max input length runs in overlapping windows, as the
+/// pipeline's `stride` does.
 async fn entities(
     app: &Arc<App>,
     tags: &[String],
@@ -338,13 +348,18 @@ async fn entities(
             "\"raw_scores\" is for sequence classifiers; this token classifier answers with entities",
         ));
     }
-    let (inputs, logits) = app
+    let (inputs, rows) = app
         .infer(Task::Tag, &request.inputs, TextWords::encode)
         .await?;
+    // A row per window: an input's logits are its windows' rows in order.
+    let mut rows = rows.into_iter();
     let found: Vec<Vec<EntitySpan>> = inputs
         .iter()
-        .zip(&logits)
-        .map(|(input, logits)| input.entities(tags, logits))
+        .map(|input| {
+            let windows = input.tokens.windows.len();
+            let logits: Vec<f32> = rows.by_ref().take(windows).flatten().collect();
+            input.entities(tags, &logits)
+        })
         .collect();
     for entity in found.iter().flatten() {
         app.metrics.record_prediction(&entity.kind, entity.score);
