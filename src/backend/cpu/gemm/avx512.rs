@@ -82,7 +82,13 @@ unsafe fn tile_rows<const R: usize, const IN_PLACE: bool>(t: &Tile) {
     let (mut a, mut b) = (t.a, t.b);
     // Element `(i, p)` of A at `a[p * step + i * row]`.
     let (row, step) = if IN_PLACE { (t.lda, 1) } else { (1, R) };
+    let mut prefetch = t.prefetch;
     for _ in 0..t.kc {
+        if !prefetch.is_null() {
+            // Into L1 (T0): to L2 (T1) measured no faster than none on Zen 4.
+            _mm_prefetch::<_MM_HINT_T0>(prefetch.cast());
+            prefetch = prefetch.wrapping_add(t.prefetch_step);
+        }
         // SAFETY: A holds `kc` steps of `R` rows (packed, or rows at
         // stride `lda`) and the B panel `kc` steps of `NR` floats; the
         // pointers advance one step per iteration.

@@ -446,7 +446,13 @@ mod native_kernel {
     unsafe fn tile_rows<const R: usize>(t: &Tile) {
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         let (mut a, mut b) = (t.a.cast::<i32>(), t.b.cast::<i32>());
+        let mut prefetch = t.prefetch;
         for _ in 0..t.kc {
+            if !prefetch.is_null() {
+                // As in the f32 kernel.
+                _mm_prefetch::<_MM_HINT_T0>(prefetch.cast());
+                prefetch = prefetch.wrapping_add(t.prefetch_step);
+            }
             // SAFETY: the packed panels hold `kc` steps of `R` and `NR`
             // slots; the pointers advance one step per iteration.
             unsafe {
