@@ -57,6 +57,11 @@ use crate::tokenize::{BertTokenizer, Encoded, WordsEncoded};
 /// while the text costs only about 4/3 of its own tokens to run.
 const OVERLAP_DIVISOR: usize = 4;
 
+/// Most tokens a tagger runs in one forward pass (`serve`'s default
+/// `--max-batch-tokens`): a long input is many windows, and one pass over
+/// all of them would take memory in proportion to its whole length.
+pub const FORWARD_TOKENS: usize = 16384;
+
 pub struct Tagger<B: Backend> {
     pub model: BertModel<B>,
     pub tokenizer: BertTokenizer,
@@ -247,12 +252,23 @@ impl<B: Backend> Tagger<B> {
         self.windows_logits(&inputs.iter().map(|input| &input.tokens).collect::<Vec<_>>())
     }
 
-    /// The windows of all `sentences` run as one batch, as texts are, and
-    /// their logits split per sentence: `[tokens, tags]` of its windows'
-    /// tokens in order, as [`WordWindows::word_rows`] reads them.
+    /// The windows of all `sentences` run in batches of at most
+    /// [`FORWARD_TOKENS`] tokens, and their logits split per sentence:
+    /// `[tokens, tags]` of its windows' tokens in order, as
+    /// [`WordWindows::word_rows`] reads them.
     fn windows_logits(&mut self, sentences: &[&WordWindows]) -> Result<Vec<Vec<f32>>> {
-        let batch = TokenBatch::from_encoded(sentences.iter().flat_map(|s| s.encoded()));
-        let logits = self.token_logits(&batch)?;
+        let mut logits = Vec::new();
+        let mut windows = sentences.iter().flat_map(|s| s.encoded()).peekable();
+        while windows.peek().is_some() {
+            let mut tokens = 0;
+            let batch = std::iter::from_fn(|| {
+                let window =
+                    windows.next_if(|w| tokens == 0 || tokens + w.ids.len() <= FORWARD_TOKENS)?;
+                tokens += window.ids.len();
+                Some(window)
+            });
+            logits.extend(self.token_logits(&TokenBatch::from_encoded(batch))?);
+        }
         let classes = self.tags.len();
         let mut rest = logits.as_slice();
         Ok(sentences

@@ -772,8 +772,9 @@ fn tiny_tagger() -> tempfile::TempDir {
 /// A token classifier serves /predict as entities with character offsets
 /// into each input, the same as `bertrt predict` prints, a text over the
 /// max input length in windows as `predict` runs it (and refused with
-/// `--no-truncate`); /info reports the task and tags, /embed still answers,
-/// and entities count in /metrics.
+/// `--no-truncate`, or when its windows are more than `--max-batch-requests`);
+/// /info reports the task and tags, /embed still answers, and entities count
+/// in /metrics.
 #[test]
 fn token_classifier_serves_the_entities_bertrt_predict_prints() {
     let model = tiny_tagger();
@@ -890,4 +891,18 @@ fn token_classifier_serves_the_entities_bertrt_predict_prints() {
     );
     let fits = post(strict.addr, "/predict", json!({ "inputs": texts[1] }));
     assert_eq!(fits.status, 200, "{}", fits.body);
+    drop(strict);
+
+    // A request's windows count against --max-batch-requests: its job runs
+    // in one forward pass.
+    let small = Server::start(model.path(), &["--max-batch-requests", "1"]);
+    let refused = post(small.addr, "/predict", json!({ "inputs": texts[5] }));
+    assert_eq!(refused.status, 422, "{}", refused.body);
+    assert!(
+        refused.error().contains(
+            "2 windows of up to 64 tokens, more than the limit of 1 sequences per request"
+        ),
+        "{}",
+        refused.body
+    );
 }

@@ -15,7 +15,7 @@ use bertrt::config::BertConfig;
 use bertrt::data::{align_tags, first_subwords, read_tagged, Alignment, TagSet, TagSpec};
 use bertrt::eval::{entities, EntityReport};
 use bertrt::model::TokenBatch;
-use bertrt::tag::{Tagger, TextWords, Window};
+use bertrt::tag::{Tagger, TextWords, Window, FORWARD_TOKENS};
 use bertrt::tokenize::BertTokenizer;
 use bertrt::train::classifier::{ForwardMode, SequenceClassifier, Targets};
 use bertrt::train::loss::token_cross_entropy;
@@ -302,6 +302,36 @@ fn a_text_longer_than_max_length_has_every_word_tagged() {
         entities.iter().any(|e| e.start >= past_first_window),
         "{entities:?}"
     );
+}
+
+/// A text whose windows hold more than [`FORWARD_TOKENS`] tokens runs in
+/// several forward passes, which bound the memory a long input takes, and
+/// its words come out as they do when another text shifts where the passes
+/// split.
+#[test]
+fn a_text_over_one_forward_pass_runs_in_several_with_the_same_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut tagger = tiny_tagger(tmp.path(), 64);
+    let text = long_text(14_000);
+    let input = TextWords::encode(&tagger.tokenizer, &text).unwrap();
+    assert!(input.tokens.token_count() > FORWARD_TOKENS);
+
+    let alone = tagger.predict_words(&[&text]).unwrap().remove(0);
+    let shifted = tagger
+        .predict_words(&["the cat sat on the mat", &text])
+        .unwrap()
+        .remove(1);
+    assert_eq!(alone.len(), 14_000);
+    for (word, other) in alone.iter().zip(&shifted) {
+        assert_eq!((&word.text, word.start), (&other.text, other.start));
+        let (logits, other) = (
+            word.logits.as_ref().unwrap(),
+            other.logits.as_ref().unwrap(),
+        );
+        for (a, b) in logits.iter().zip(other) {
+            assert!((a - b).abs() < 1e-5, "{word:?} vs {other:?}");
+        }
+    }
 }
 
 /// Where windows overlap, a word takes the logits of the window that owns

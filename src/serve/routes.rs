@@ -170,6 +170,16 @@ impl App {
         }
         let admission = self.queue.admit().map_err(|r| self.rejected(r))?;
         let encoded = self.tokenize(inputs, encode).await?;
+        // A job runs in one forward pass, so its size bounds the worker's
+        // memory: a tagger's long texts count as their windows.
+        let sequences: usize = encoded.iter().map(|e| e.sequences().count()).sum();
+        let limit = self.max_inputs();
+        if sequences > limit {
+            return Err(ApiError::validation(format!(
+                "the inputs run as {sequences} windows of up to {} tokens, more than the limit of {limit} sequences per request (--max-batch-requests); send shorter texts or fewer per request",
+                self.info.max_input_length
+            )));
+        }
         let (reply, answer) = oneshot::channel();
         let job = Job {
             task,
