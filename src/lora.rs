@@ -161,6 +161,55 @@ pub struct AdapterBase {
     pub model: PathBuf,
     /// SHA-256 of its `model.safetensors`.
     pub sha256: String,
+    /// `model` relative to the adapter directory, where both lie under one
+    /// root: tried when `model` is gone, so a tree moved or copied whole
+    /// (a project synced to a server) still loads. The SHA-256 check still
+    /// decides whether the file found there is the base.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relative: Option<PathBuf>,
+}
+
+impl AdapterBase {
+    /// The base model for adapters to be saved in `adapters`: `base` made
+    /// absolute, and relative to `adapters` as well.
+    pub fn new(base: &Path, adapters: &Path, sha256: String) -> Result<Self> {
+        let absolute = |p: &Path| std::path::absolute(p).map_err(|e| Error::io(p, e));
+        let model = absolute(base)?;
+        let relative = relative_path(&model, &absolute(adapters)?);
+        Ok(AdapterBase {
+            model,
+            sha256,
+            relative,
+        })
+    }
+
+    /// The base model directories to try for adapters in `adapters`, in
+    /// order: the recorded path, then the relative one.
+    pub fn candidates(&self, adapters: &Path) -> Vec<PathBuf> {
+        let mut dirs = vec![self.model.clone()];
+        dirs.extend(self.relative.as_ref().map(|r| adapters.join(r)));
+        dirs
+    }
+}
+
+/// `target` as a path from `from` (both absolute): `..` for each of
+/// `from`'s components past their common prefix, then the rest of
+/// `target`. None when either holds `..` (not resolvable without the file
+/// system) or they share no root.
+fn relative_path(target: &Path, from: &Path) -> Option<PathBuf> {
+    use std::path::Component;
+    let plain = |p: &Path| !p.components().any(|c| c == Component::ParentDir);
+    if !plain(target) || !plain(from) {
+        return None;
+    }
+    let (target, from): (Vec<_>, Vec<_>) =
+        (target.components().collect(), from.components().collect());
+    let common = target.iter().zip(&from).take_while(|(a, b)| a == b).count();
+    if common == 0 {
+        return None;
+    }
+    let up = from[common..].iter().map(|_| Component::ParentDir);
+    Some(up.chain(target[common..].iter().copied()).collect())
 }
 
 /// The key of [`AdapterBase`] in `bertrt.json`.

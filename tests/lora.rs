@@ -511,6 +511,21 @@ fn finetune_lora_merged_and_unmerged_artifacts_agree() {
     let from_adapters = logits(&adapters, TEXTS).unwrap();
     assert_eq!(from_merged, from_adapters);
 
+    // Moved together, the adapters find their base by its relative path.
+    assert_eq!(meta["adapter_base"]["relative"], "../tiny");
+    let moved = dir.join("moved");
+    std::fs::create_dir(&moved).unwrap();
+    for name in ["tiny", "adapters"] {
+        std::fs::rename(dir.join(name), moved.join(name)).unwrap();
+    }
+    assert_eq!(
+        logits(&moved.join("adapters"), TEXTS).unwrap(),
+        from_adapters
+    );
+    for name in ["tiny", "adapters"] {
+        std::fs::rename(moved.join(name), dir.join(name)).unwrap();
+    }
+
     // The training model (adapters unmerged) rebuilt from the saved files.
     let (config, ckpt) = (
         BertConfig::from_file(&dir.join("tiny/config.json")).unwrap(),

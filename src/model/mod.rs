@@ -98,14 +98,21 @@ impl ModelFiles {
         let mut adapter = None;
         if !weights.exists() {
             if let Some(found) = Adapter::read(dir)? {
-                weights = found.base.model.join("model.safetensors");
-                if !weights.exists() {
-                    return Err(Error::Invalid(format!(
-                        "{}: LoRA adapters on the base model {}, whose model.safetensors is missing; put the base model back there, or retrain with --merge-lora for a self-contained model",
-                        dir.display(),
-                        found.base.model.display()
-                    )));
-                }
+                let tried = found.base.candidates(dir);
+                weights = tried
+                    .iter()
+                    .map(|base| base.join("model.safetensors"))
+                    .find(|w| w.exists())
+                    .ok_or_else(|| {
+                        let tried: Vec<String> =
+                            tried.iter().map(|d| d.display().to_string()).collect();
+                        Error::Invalid(format!(
+                            "{}: LoRA adapters on the base model {}, whose model.safetensors is missing (looked in {}); put the base model back there, or retrain with --merge-lora for a self-contained model",
+                            dir.display(),
+                            found.base.model.display(),
+                            tried.join(" and ")
+                        ))
+                    })?;
                 adapter = Some(found);
             } else if dir.join("pytorch_model.bin").exists() {
                 return Err(Error::PickleOnly { dir: dir.into() });

@@ -1201,10 +1201,9 @@ pub fn finetune<B: TrainBackend>(
     // Unmerged adapters are saved apart from the base: record which file
     // they go with, by path and content.
     let adapter_base = match &lora {
-        Some(_) if !recipe.merge_lora => Some(AdapterBase {
-            model: std::path::absolute(&files.dir).map_err(|e| Error::io(&files.dir, e))?,
-            sha256: ckpt.sha256(),
-        }),
+        Some(_) if !recipe.merge_lora => {
+            Some(AdapterBase::new(&files.dir, &recipe.out, ckpt.sha256())?)
+        }
         _ => None,
     };
     let mut model = match recipe.task {
