@@ -173,9 +173,11 @@ impl AdapterBase {
     /// The base model for adapters to be saved in `adapters`: `base` made
     /// absolute, and relative to `adapters` as well.
     pub fn new(base: &Path, adapters: &Path, sha256: String) -> Result<Self> {
-        let absolute = |p: &Path| std::path::absolute(p).map_err(|e| Error::io(p, e));
-        let model = absolute(base)?;
-        let relative = relative_path(&model, &absolute(adapters)?);
+        let model = std::path::absolute(base).map_err(|e| Error::io(base, e))?;
+        let relative = match (resolved(base), resolved(adapters)) {
+            (Some(base), Some(adapters)) => relative_path(&base, &adapters),
+            _ => None,
+        };
         Ok(AdapterBase {
             model,
             sha256,
@@ -192,20 +194,35 @@ impl AdapterBase {
     }
 }
 
-/// `target` as a path from `from` (both absolute): `..` for each of
-/// `from`'s components past their common prefix, then the rest of
-/// `target`. None when either holds `..` (not resolvable without the file
-/// system) or they share no root.
-fn relative_path(target: &Path, from: &Path) -> Option<PathBuf> {
-    use std::path::Component;
-    let plain = |p: &Path| !p.components().any(|c| c == Component::ParentDir);
-    if !plain(target) || !plain(from) {
+/// `path` with symlinks and `..` resolved, as far as it exists (the
+/// adapters' directory may not yet): its deepest existing ancestor
+/// canonicalized, then the rest. None if the rest holds `..`.
+fn resolved(path: &Path) -> Option<PathBuf> {
+    let path = std::path::absolute(path).ok()?;
+    let existing = path.ancestors().find(|a| a.exists())?;
+    let rest = path.strip_prefix(existing).ok()?;
+    if rest
+        .components()
+        .any(|c| c == std::path::Component::ParentDir)
+    {
         return None;
     }
+    Some(existing.canonicalize().ok()?.join(rest))
+}
+
+/// `target` as a path from `from` (both resolved): `..` for each of
+/// `from`'s components past their common prefix, then the rest of
+/// `target`. None when they share nothing below the root, where a
+/// relative path would not survive a move.
+fn relative_path(target: &Path, from: &Path) -> Option<PathBuf> {
+    use std::path::Component;
     let (target, from): (Vec<_>, Vec<_>) =
         (target.components().collect(), from.components().collect());
     let common = target.iter().zip(&from).take_while(|(a, b)| a == b).count();
-    if common == 0 {
+    let below_root = target[..common]
+        .iter()
+        .any(|c| matches!(c, Component::Normal(_)));
+    if !below_root {
         return None;
     }
     let up = from[common..].iter().map(|_| Component::ParentDir);
@@ -374,6 +391,36 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The relative path is worked out from resolved paths: `..` in the
+    /// base's path as given, an output directory not yet created, and a
+    /// symlinked parent all give the path that resolves on disk.
+    #[test]
+    fn adapters_record_the_base_relative_to_themselves() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        std::fs::create_dir_all(root.join("models/base")).unwrap();
+        std::fs::create_dir_all(root.join("work/runs")).unwrap();
+        std::os::unix::fs::symlink(root.join("work/runs"), root.join("runs")).unwrap();
+        let base = AdapterBase::new(
+            &root.join("work/../models/base"),
+            &root.join("runs/lora"),
+            "0".repeat(64),
+        )
+        .unwrap();
+        assert_eq!(base.relative, Some(PathBuf::from("../../../models/base")));
+        // Once saved, the adapters' directory exists and `..` resolves on
+        // disk, through the symlink.
+        let adapters = root.join("runs/lora");
+        std::fs::create_dir(&adapters).unwrap();
+        let found = adapters.join(base.relative.as_ref().unwrap());
+        assert_eq!(
+            std::fs::canonicalize(found).unwrap(),
+            std::fs::canonicalize(root.join("models/base")).unwrap()
+        );
+        // Sharing only the root: nothing that would survive a move.
+        assert_eq!(relative_path(Path::new("/a/b"), Path::new("/c/d")), None);
+    }
 
     #[test]
     fn merge_adds_scaled_product() {

@@ -780,12 +780,15 @@ fn token_classifier_serves_the_entities_bertrt_predict_prints() {
     let model = tiny_tagger();
     // Two spaces, a multi-byte character, an empty text, a long one,
     // punctuation (words of their own) and CJK characters (each a word), and
-    // one of 96 words, over the model's 64 tokens.
+    // two over the model's 64 tokens (96 and 90 words), one between short
+    // ones: each input's rows are its own windows'.
     let longer_than_the_model = "the big dog ran on a mat . ".repeat(12);
+    let also_longer = "a cat sat on the big mat and ran . ".repeat(9);
     let texts = [
         "the  big dog ran",
         "thé cat sat on the mat",
         "",
+        also_longer.trim_end(),
         "a small dog ran fast on a big mat and the cat sat",
         "the big dog, a cat... sat on the mat! 东京: the dog's mat-cat.",
         longer_than_the_model.trim_end(),
@@ -811,7 +814,7 @@ fn token_classifier_serves_the_entities_bertrt_predict_prints() {
         .collect();
     assert_eq!(cli.len(), texts.len());
 
-    let server = Server::start(model.path(), &["--max-batch-requests", "8"]);
+    let server = Server::start(model.path(), &["--max-batch-requests", "16"]);
     let addr = server.addr;
     let info = get(addr, "/info").json();
     assert_eq!(info["task"], "token-classification", "{info}");
@@ -885,7 +888,7 @@ fn token_classifier_serves_the_entities_bertrt_predict_prints() {
     let refused = post(strict.addr, "/predict", json!({ "inputs": texts }));
     assert_eq!(refused.status, 422, "{}", refused.body);
     assert!(
-        refused.error().contains("input 5 is longer than 64 tokens"),
+        refused.error().contains("input 3 is longer than 64 tokens"),
         "{}",
         refused.body
     );
@@ -896,11 +899,11 @@ fn token_classifier_serves_the_entities_bertrt_predict_prints() {
     // A request's windows count against --max-batch-requests: its job runs
     // in one forward pass.
     let small = Server::start(model.path(), &["--max-batch-requests", "1"]);
-    let refused = post(small.addr, "/predict", json!({ "inputs": texts[5] }));
+    let refused = post(small.addr, "/predict", json!({ "inputs": texts[6] }));
     assert_eq!(refused.status, 422, "{}", refused.body);
     assert!(
         refused.error().contains(
-            "2 windows of up to 64 tokens, more than the limit of 1 sequences per request"
+            "2 windows of up to 64 tokens, and a request may hold at most 1 (--max-batch-requests)"
         ),
         "{}",
         refused.body

@@ -24,7 +24,9 @@ pub struct Args {
     /// Token budget per batch (a single larger request runs alone).
     #[arg(long, default_value_t = 16384)]
     max_batch_tokens: usize,
-    /// Inputs per batch, and per request (more is refused with 422).
+    /// Inputs per batch, and per request (more is refused with 422); a
+    /// token classifier's text over the max input length counts once per
+    /// window.
     #[arg(long, default_value_t = 64)]
     max_batch_requests: usize,
     /// Longest a request waits for others to join its batch; only spent while
@@ -34,7 +36,8 @@ pub struct Args {
     /// Requests waiting for a model before new ones get 429.
     #[arg(long, default_value_t = 1024)]
     max_queue: usize,
-    /// Truncate inputs to this many tokens, special tokens included
+    /// Truncate inputs to this many tokens, special tokens included (a token
+    /// classifier runs longer texts in windows of this many instead)
     /// [default: the model's max_position_embeddings].
     #[arg(long, alias = "max-length")]
     max_input_length: Option<usize>,

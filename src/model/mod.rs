@@ -81,6 +81,25 @@ pub struct ModelFiles {
     pub adapter: Option<Adapter>,
 }
 
+/// The `model.safetensors` among the base directories `tried` (in order)
+/// whose SHA-256 is `sha256`, else the first that exists (loading then
+/// names the mismatch); None if none exists. Hashes only when more than
+/// one exists.
+fn base_weights(tried: &[PathBuf], sha256: &str) -> Option<PathBuf> {
+    let existing: Vec<PathBuf> = tried
+        .iter()
+        .map(|dir| dir.join("model.safetensors"))
+        .filter(|w| w.exists())
+        .collect();
+    if existing.len() > 1 {
+        let matches = |w: &&PathBuf| Checkpoint::open(w).is_ok_and(|c| c.sha256() == sha256);
+        if let Some(found) = existing.iter().find(matches) {
+            return Some(found.clone());
+        }
+    }
+    existing.into_iter().next()
+}
+
 impl ModelFiles {
     /// Checks the directory holds what we can load, with an actionable error
     /// when it does not (notably the pickle-only case). A directory with
@@ -99,20 +118,16 @@ impl ModelFiles {
         if !weights.exists() {
             if let Some(found) = Adapter::read(dir)? {
                 let tried = found.base.candidates(dir);
-                weights = tried
-                    .iter()
-                    .map(|base| base.join("model.safetensors"))
-                    .find(|w| w.exists())
-                    .ok_or_else(|| {
-                        let tried: Vec<String> =
-                            tried.iter().map(|d| d.display().to_string()).collect();
-                        Error::Invalid(format!(
-                            "{}: LoRA adapters on the base model {}, whose model.safetensors is missing (looked in {}); put the base model back there, or retrain with --merge-lora for a self-contained model",
-                            dir.display(),
-                            found.base.model.display(),
-                            tried.join(" and ")
-                        ))
-                    })?;
+                weights = base_weights(&tried, &found.base.sha256).ok_or_else(|| {
+                    let tried: Vec<String> =
+                        tried.iter().map(|d| d.display().to_string()).collect();
+                    Error::Invalid(format!(
+                        "{}: LoRA adapters on the base model {}, whose model.safetensors is missing (looked in {}); put the base model back at one of those paths, or retrain with --merge-lora for a self-contained model",
+                        dir.display(),
+                        found.base.model.display(),
+                        tried.join(" and ")
+                    ))
+                })?;
                 adapter = Some(found);
             } else if dir.join("pytorch_model.bin").exists() {
                 return Err(Error::PickleOnly { dir: dir.into() });

@@ -176,7 +176,7 @@ impl App {
         let limit = self.max_inputs();
         if sequences > limit {
             return Err(ApiError::validation(format!(
-                "the inputs run as {sequences} windows of up to {} tokens, more than the limit of {limit} sequences per request (--max-batch-requests); send shorter texts or fewer per request",
+                "the inputs run as {sequences} windows of up to {} tokens, and a request may hold at most {limit} (--max-batch-requests); send shorter texts or fewer per request",
                 self.info.max_input_length
             )));
         }
