@@ -657,6 +657,40 @@ the O\ndog B-ANIMAL\nran O\nslow O\n
 a O\ncat B-ANIMAL\nsat O\non O\na O\nmat B-THING\n
 the O\ndogs B-ANIMAL\nran O\non O\nthe O\nmat B-THING\n";
 
+/// Training scores dev on truncated sentences, as it trains, and says how
+/// many were cut, since `bertrt eval` tags them whole.
+#[test]
+fn finetune_says_how_many_dev_sentences_max_length_cuts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let model = tiny_model(dir);
+    let train = write(dir, "train.conll", TRAIN_CONLL);
+    let out = dir.join("ner");
+    let (ok, _, err) = bertrt(&[
+        "finetune",
+        "--task",
+        "token-classification",
+        "--model",
+        model.to_str().unwrap(),
+        "--train",
+        train.to_str().unwrap(),
+        "--valid",
+        train.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--max-length",
+        "7",
+    ]);
+    assert!(ok, "{err}");
+    // Three sentences have six words, over 7 tokens with [CLS] and [SEP].
+    assert!(
+        err.contains("3 of 6 validation sentences are longer than --max-length 7"),
+        "{err}"
+    );
+}
+
 #[test]
 fn finetune_eval_and_predict_entities_end_to_end() {
     let tmp = tempfile::tempdir().unwrap();
@@ -744,7 +778,7 @@ fn finetune_eval_and_predict_entities_end_to_end() {
     assert!(report["per_type"]["ANIMAL"]["f1"].as_f64().is_some());
     assert!(
         (f1 - meta["best"]["dev"]["entity_f1"].as_f64().unwrap()).abs() < 1e-9,
-        "eval and training's dev score agree"
+        "eval and training's dev score agree (every sentence fits --max-length)"
     );
 
     // predict: character offsets that slice the input to the entity text

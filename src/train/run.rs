@@ -1273,6 +1273,23 @@ pub fn finetune<B: TrainBackend>(
             recipe.max_length,
         ));
     }
+    if let Gold::Tags { first_subwords, .. } = &valid.gold {
+        // Training scores dev on one truncated sequence per sentence, as it
+        // trains; `bertrt eval` runs long sentences in windows instead.
+        let cut = valid
+            .encoded
+            .iter()
+            .zip(first_subwords)
+            .filter(|(e, words)| e.ids.len() >= recipe.max_length && words.contains(&None))
+            .count();
+        if cut > 0 {
+            progress.message(&format!(
+                "{cut} of {} validation sentences are longer than --max-length {}: dev scoring predicts their cut words O, where `bertrt eval` tags every word (in windows); raise --max-length to score them whole",
+                valid.encoded.len(),
+                recipe.max_length,
+            ));
+        }
+    }
 
     let data_records = BTreeMap::from([
         ("train".to_string(), train.record.clone()),
