@@ -55,7 +55,7 @@ use crate::tokenize::{BertTokenizer, Encoded, WordsEncoded};
 /// read from the window where it lies farther from the cut, so every word
 /// keeps about half an overlap (some 64 tokens) of context on its cut side,
 /// while the text costs only about 4/3 of its own tokens to run.
-const OVERLAP_DIVISOR: usize = 4;
+pub const OVERLAP_DIVISOR: usize = 4;
 
 /// Most tokens a tagger runs in one forward pass (`serve`'s default
 /// `--max-batch-tokens`): a long input is many windows, and one pass over
