@@ -371,6 +371,24 @@ impl WordWindows {
         self.encoded().map(|encoded| encoded.ids.len()).sum()
     }
 
+    /// The sentence's own tokens with one `[CLS]` and `[SEP]`: what it
+    /// would take as one sequence, counting the words that windows share
+    /// once.
+    pub fn text_token_count(&self) -> usize {
+        let mut counted = 0;
+        let words: usize = self
+            .windows
+            .iter()
+            .map(|window| {
+                let start = window.words.start;
+                let new = counted.max(start) - start..window.words.end - start;
+                counted = window.words.end;
+                window.tokens.word_lengths[new].iter().sum::<usize>()
+            })
+            .sum();
+        words + 2
+    }
+
     /// Each word's row of `logits` (`[tokens, classes]`, the windows' tokens
     /// in order): its first subword in the window that owns it; None for a
     /// word with no token.
@@ -897,6 +915,11 @@ mod tests {
         let windows = &input.tokens.windows;
         let ranges: Vec<Range<usize>> = windows.iter().map(|w| w.words.clone()).collect();
         assert_eq!(ranges, [0..8, 6..14, 12..20]);
+        // 30 tokens in windows, 22 in the text as one sequence.
+        assert_eq!(input.tokens.token_count(), 30);
+        assert_eq!(input.tokens.text_token_count(), 22);
+        let whole = TextWords::encode(&tokenizer_at(64), text).unwrap();
+        assert_eq!(whole.tokens.text_token_count(), whole.tokens.token_count());
         let all_words = words(&input);
         for window in windows {
             // Each window is its words tokenized on their own.

@@ -39,7 +39,13 @@ const INLINE_TOKENIZE_BYTES: usize = 1024;
 
 /// A tokenized input, as far as the length policy and metrics care.
 trait Tokenized: Send + 'static {
+    /// Tokens the model runs for the input.
     fn token_count(&self) -> usize;
+
+    /// The input's own length in tokens, for the metrics.
+    fn input_tokens(&self) -> usize {
+        self.token_count()
+    }
 }
 
 impl Tokenized for Encoded {
@@ -60,6 +66,11 @@ impl Tokenized for Vec<TokenSpan> {
 impl Tokenized for TextWords {
     fn token_count(&self) -> usize {
         self.tokens.token_count()
+    }
+
+    /// Counting words that windows share once.
+    fn input_tokens(&self) -> usize {
+        self.tokens.text_token_count()
     }
 }
 
@@ -150,7 +161,7 @@ impl App {
             .iter()
             .map(|text| encode(&self.tokenizer, text))
             .collect::<crate::Result<Vec<_>>>()?;
-        let lengths = encoded.iter().map(Tokenized::token_count);
+        let lengths = encoded.iter().map(Tokenized::input_tokens);
         self.metrics.record_tokenization(started.elapsed(), lengths);
         Ok(encoded)
     }
