@@ -649,6 +649,32 @@ fn bertrt(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// `bertrt finetune --task token-classification` of `model` on `train`,
+/// scored on `valid`, into `out`, with `flags`.
+fn finetune_tagger(
+    model: &Path,
+    train: &Path,
+    valid: &Path,
+    out: &Path,
+    flags: &[&str],
+) -> (bool, String, String) {
+    let [model, train, valid, out] = [model, train, valid, out].map(|p| p.to_str().unwrap());
+    let task = [
+        "finetune",
+        "--task",
+        "token-classification",
+        "--model",
+        model,
+        "--train",
+        train,
+        "--valid",
+        valid,
+        "--out",
+        out,
+    ];
+    bertrt(&[&task[..], flags].concat())
+}
+
 const TRAIN_CONLL: &str = "\
 the O\ncat B-ANIMAL\nsat O\non O\nthe O\nmat B-THING\n
 a O\nbig B-ANIMAL\ndog I-ANIMAL\nran O\nfast O\n
@@ -666,23 +692,13 @@ fn finetune_says_how_many_dev_sentences_max_length_cuts() {
     let model = tiny_model(dir);
     let train = write(dir, "train.conll", TRAIN_CONLL);
     let out = dir.join("ner");
-    let (ok, _, err) = bertrt(&[
-        "finetune",
-        "--task",
-        "token-classification",
-        "--model",
-        model.to_str().unwrap(),
-        "--train",
-        train.to_str().unwrap(),
-        "--valid",
-        train.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--epochs",
-        "1",
-        "--max-length",
-        "7",
-    ]);
+    let (ok, _, err) = finetune_tagger(
+        &model,
+        &train,
+        &train,
+        &out,
+        &["--epochs", "1", "--max-length", "7"],
+    );
     assert!(ok, "{err}");
     // Three sentences have six words, over 7 tokens with [CLS] and [SEP].
     assert!(
@@ -700,28 +716,23 @@ fn finetune_eval_and_predict_entities_end_to_end() {
     let train_conll = TRAIN_CONLL.replace("\n\n", "\n. O\n\n") + ". O\n";
     let train = write(dir, "train.conll", &train_conll);
     let out = dir.join("ner");
-    let (ok, stdout, err) = bertrt(&[
-        "finetune",
-        "--task",
-        "token-classification",
-        "--model",
-        model.to_str().unwrap(),
-        "--train",
-        train.to_str().unwrap(),
-        "--valid",
-        train.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--batch-size",
-        "2",
-        "--epochs",
-        "40",
-        "--lr",
-        "3e-3",
-        "--max-length",
-        "32",
-        "--quiet",
-    ]);
+    let (ok, stdout, err) = finetune_tagger(
+        &model,
+        &train,
+        &train,
+        &out,
+        &[
+            "--batch-size",
+            "2",
+            "--epochs",
+            "40",
+            "--lr",
+            "3e-3",
+            "--max-length",
+            "32",
+            "--quiet",
+        ],
+    );
     assert!(ok, "{err}");
     let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(summary["best"]["metric"], "entity_f1");
@@ -871,22 +882,13 @@ fn unseen_dev_tag_stops_finetuning_with_its_line() {
         "valid.conll",
         "the O\ncat B-ANIMAL\n\na O\nmat B-PLACE\n",
     );
-    let (ok, _, err) = bertrt(&[
-        "finetune",
-        "--task",
-        "token-classification",
-        "--model",
-        model.to_str().unwrap(),
-        "--train",
-        train.to_str().unwrap(),
-        "--valid",
-        valid.to_str().unwrap(),
-        "--out",
-        dir.join("out").to_str().unwrap(),
-        "--max-length",
-        "32",
-        "--quiet",
-    ]);
+    let (ok, _, err) = finetune_tagger(
+        &model,
+        &train,
+        &valid,
+        &dir.join("out"),
+        &["--max-length", "32", "--quiet"],
+    );
     assert!(!ok);
     assert!(
         err.contains("valid.conll line 5") && err.contains("\"B-PLACE\""),
@@ -901,25 +903,20 @@ fn label_all_subwords_trains_and_is_recorded() {
     let model = tiny_model(dir);
     let train = write(dir, "train.conll", TRAIN_CONLL);
     let out = dir.join("all");
-    let (ok, _, err) = bertrt(&[
-        "finetune",
-        "--task",
-        "token-classification",
-        "--label-all-subwords",
-        "--model",
-        model.to_str().unwrap(),
-        "--train",
-        train.to_str().unwrap(),
-        "--valid",
-        train.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--epochs",
-        "1",
-        "--max-length",
-        "32",
-        "--quiet",
-    ]);
+    let (ok, _, err) = finetune_tagger(
+        &model,
+        &train,
+        &train,
+        &out,
+        &[
+            "--label-all-subwords",
+            "--epochs",
+            "1",
+            "--max-length",
+            "32",
+            "--quiet",
+        ],
+    );
     assert!(ok, "{err}");
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("bertrt.json")).unwrap()).unwrap();
@@ -1047,35 +1044,30 @@ fn gradient_accumulation_weights_micro_batches_by_labeled_tokens() {
     let train = write(dir, "train.conll", TRAIN_CONLL);
     let run = |out: &str, batch: &str, accum: &str| {
         let out = dir.join(out);
-        let (ok, _, err) = bertrt(&[
-            "finetune",
-            "--task",
-            "token-classification",
-            "--model",
-            model.to_str().unwrap(),
-            "--train",
-            train.to_str().unwrap(),
-            "--valid",
-            train.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--batch-size",
-            batch,
-            "--grad-accum",
-            accum,
-            "--head-dropout",
-            "0",
-            "--no-bucketing",
-            "--epochs",
-            "2",
-            "--lr",
-            "1e-2",
-            "--metric",
-            "loss",
-            "--max-length",
-            "32",
-            "--quiet",
-        ]);
+        let (ok, _, err) = finetune_tagger(
+            &model,
+            &train,
+            &train,
+            &out,
+            &[
+                "--batch-size",
+                batch,
+                "--grad-accum",
+                accum,
+                "--head-dropout",
+                "0",
+                "--no-bucketing",
+                "--epochs",
+                "2",
+                "--lr",
+                "1e-2",
+                "--metric",
+                "loss",
+                "--max-length",
+                "32",
+                "--quiet",
+            ],
+        );
         assert!(ok, "{err}");
         out
     };
@@ -1098,28 +1090,23 @@ fn gradient_accumulation_weights_micro_batches_by_labeled_tokens() {
 fn model_before(dir: &Path, model: &Path) -> PathBuf {
     let train = dir.join("train.conll");
     let out = dir.join("before");
-    let (ok, _, err) = bertrt(&[
-        "finetune",
-        "--task",
-        "token-classification",
-        "--model",
-        model.to_str().unwrap(),
-        "--train",
-        train.to_str().unwrap(),
-        "--valid",
-        train.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--batch-size",
-        "8",
-        "--epochs",
-        "1",
-        "--lr",
-        "1e-12",
-        "--max-length",
-        "32",
-        "--quiet",
-    ]);
+    let (ok, _, err) = finetune_tagger(
+        model,
+        &train,
+        &train,
+        &out,
+        &[
+            "--batch-size",
+            "8",
+            "--epochs",
+            "1",
+            "--lr",
+            "1e-12",
+            "--max-length",
+            "32",
+            "--quiet",
+        ],
+    );
     assert!(ok, "{err}");
     out
 }
