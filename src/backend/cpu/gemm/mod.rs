@@ -314,10 +314,11 @@ unsafe fn gemm_block(
             // 1x32 to 1x128). Two tiles or fewer would each fetch more than
             // a line per step, which measured slower than none (M = 16).
             let row_tiles = mc.div_ceil(mr);
-            let prefetch_share = if row_tiles >= 3 {
-                (steps * nr).div_ceil(row_tiles)
+            let (prefetch_share, prefetch_step) = if row_tiles >= 3 {
+                let share = (steps * nr).div_ceil(row_tiles);
+                (share, share.div_ceil(steps))
             } else {
-                0
+                (0, 0)
             };
             for (q, j0) in (0..n).step_by(nr).enumerate() {
                 tile.cols = nr.min(n - j0);
@@ -342,9 +343,9 @@ unsafe fn gemm_block(
                 for ir in (0..mc).step_by(mr) {
                     tile.rows = mr.min(mc - ir);
                     (tile.prefetch, tile.prefetch_step) = match next_b {
-                        Some(offset) if prefetch_share > 0 => (
+                        Some(offset) if prefetch_step > 0 => (
                             b.as_ptr().wrapping_add(offset + ir / mr * prefetch_share),
-                            prefetch_share.div_ceil(steps),
+                            prefetch_step,
                         ),
                         _ => (std::ptr::null(), 0),
                     };
