@@ -271,9 +271,21 @@ impl TrainBackend for CpuBackend {
                 d_weight,
                 k,
             );
-            for row in d_out.chunks_exact(n) {
-                d_bias.iter_mut().zip(row).for_each(|(b, g)| *b += g);
-            }
+            // d_bias[n] += column sums of d_out, the columns split between
+            // threads (on one, the other sat idle); each column still sums
+            // its rows in order, so the result does not depend on threads.
+            let cols_per_task = n
+                .div_ceil(rayon::current_num_threads())
+                .next_multiple_of(16);
+            d_bias
+                .par_chunks_mut(cols_per_task)
+                .enumerate()
+                .for_each(|(task, bias)| {
+                    for row in d_out.chunks_exact(n) {
+                        let row = &row[task * cols_per_task..][..bias.len()];
+                        bias.iter_mut().zip(row).for_each(|(b, g)| *b += g);
+                    }
+                });
         });
     }
 

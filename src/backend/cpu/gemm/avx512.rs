@@ -7,7 +7,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{gelu, Kernel, Tile};
+use super::{gelu, ALayout, Kernel, Tile};
 use crate::backend::cpu::simd::lane_mask;
 
 pub(super) const MR: usize = 12;
@@ -37,20 +37,25 @@ pub(super) static KERNEL: Kernel = Kernel {
 unsafe fn tile(t: &Tile) {
     // SAFETY (all arms): forwarded contract; `rows` selects the panel height.
     unsafe {
-        if t.lda == 0 {
-            for_tile_rows!(
+        match t.a_layout {
+            ALayout::Packed => for_tile_rows!(
                 tile_rows_packed,
                 t,
                 MR,
                 [12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1]
-            )
-        } else {
-            for_tile_rows!(
+            ),
+            ALayout::Rows(_) => for_tile_rows!(
                 tile_rows_in_place,
                 t,
                 MR,
                 [12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1]
-            )
+            ),
+            ALayout::Columns(_) => for_tile_rows!(
+                tile_rows_columns,
+                t,
+                MR,
+                [12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1]
+            ),
         }
     }
 }
@@ -61,27 +66,46 @@ unsafe fn tile(t: &Tile) {
 #[inline]
 unsafe fn tile_rows_packed<const R: usize>(t: &Tile) {
     // SAFETY: forwarded contract.
-    unsafe { tile_rows::<R, false>(t) }
+    unsafe { tile_rows::<R, PACKED>(t) }
 }
 
 /// # Safety
-/// As for [`tile`], with `t.rows == R` and A read in place.
+/// As for [`tile`], with `t.rows == R` and A read in place by rows.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
 #[inline]
 unsafe fn tile_rows_in_place<const R: usize>(t: &Tile) {
     // SAFETY: forwarded contract.
-    unsafe { tile_rows::<R, true>(t) }
+    unsafe { tile_rows::<R, ROWS>(t) }
 }
 
 /// # Safety
-/// As for [`tile`], with `t.rows == R`; `IN_PLACE` says how A is laid out.
+/// As for [`tile`], with `t.rows == R` and A read in place by columns.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
 #[inline]
-unsafe fn tile_rows<const R: usize, const IN_PLACE: bool>(t: &Tile) {
+unsafe fn tile_rows_columns<const R: usize>(t: &Tile) {
+    // SAFETY: forwarded contract.
+    unsafe { tile_rows::<R, COLUMNS>(t) }
+}
+
+/// [`ALayout`] as a const parameter, so each layout gets its own loop with
+/// the constant strides folded in.
+const PACKED: u8 = 0;
+const ROWS: u8 = 1;
+const COLUMNS: u8 = 2;
+
+/// # Safety
+/// As for [`tile`], with `t.rows == R`; `LAYOUT` is `t.a_layout`'s kind.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+#[inline]
+unsafe fn tile_rows<const R: usize, const LAYOUT: u8>(t: &Tile) {
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
     let (mut a, mut b) = (t.a, t.b);
     // Element `(i, p)` of A at `a[p * step + i * row]`.
-    let (row, step) = if IN_PLACE { (t.lda, 1) } else { (1, R) };
+    let (row, step) = match (LAYOUT, t.a_layout) {
+        (ROWS, ALayout::Rows(stride)) => (stride, 1),
+        (COLUMNS, ALayout::Columns(stride)) => (1, stride),
+        _ => (1, R),
+    };
     let mut prefetch = t.prefetch;
     for _ in 0..t.kc {
         if !prefetch.is_null() {
@@ -89,8 +113,8 @@ unsafe fn tile_rows<const R: usize, const IN_PLACE: bool>(t: &Tile) {
             _mm_prefetch::<_MM_HINT_T0>(prefetch.cast());
             prefetch = prefetch.wrapping_add(t.prefetch_step);
         }
-        // SAFETY: A holds `kc` steps of `R` rows (packed, or rows at
-        // stride `lda`) and the B panel `kc` steps of `NR` floats; the
+        // SAFETY: A holds `kc` steps of `R` rows where `t.a_layout` says
+        // and the B panel `kc` steps of `NR` floats; the
         // pointers advance one step per iteration.
         unsafe {
             let b0 = _mm512_loadu_ps(b);

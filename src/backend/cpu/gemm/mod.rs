@@ -140,18 +140,14 @@ fn gelu_inplace_isa(isa: Isa, x: &mut [f32]) {
 /// `rows × cols` tile over `kc` packed steps of K (a step is
 /// [`Kernel::k_pack`] values of K).
 ///
-/// Every pointer must be valid for what the kernel touches: `a` for
-/// `kc * rows` slots (packed A panel; with `lda > 0`, A read in place:
-/// `rows` rows of `kc` floats at stride `lda`), `b` for `kc * nr` (packed
-/// B panel),
-/// `c` for `rows` rows of `cols` floats at stride `ldc`, and `bias`, unless
-/// null, for `cols` floats.
+/// Every pointer must be valid for what the kernel touches: `a` for the
+/// `rows × kc` slots that [`ALayout`] places, `b` for `kc * nr` (packed B
+/// panel), `c` for `rows` rows of `cols` floats at stride `ldc`, and
+/// `bias`, unless null, for `cols` floats.
 #[derive(Clone, Copy)]
 pub(crate) struct Tile {
     pub a: *const f32,
-    /// 0: `a` is a packed panel. Otherwise A's row stride, for kernels
-    /// that read A in place ([`Kernel::reads_a_in_place`]).
-    pub lda: usize,
+    pub a_layout: ALayout,
     pub b: *const f32,
     /// This tile's share of the B slice the driver reads next, which the
     /// kernel prefetches into L1 as it goes, `prefetch_step` floats (at
@@ -171,6 +167,18 @@ pub(crate) struct Tile {
     /// `0` means C is write-only (BLAS semantics: old NaNs do not leak).
     pub beta: f32,
     pub gelu: bool,
+}
+
+/// Where a [`Tile`] finds element `(i, p)` of its A (row `i`, step `p` of K).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ALayout {
+    /// A packed panel: `a[p * rows + i]`.
+    Packed,
+    /// A row-major A read in place: `a[i * stride + p]`.
+    Rows(usize),
+    /// A row-major matrix read in place as its transpose (a gradient
+    /// `dYᵀ`): `a[p * stride + i]`, a panel with a longer step.
+    Columns(usize),
 }
 
 /// Packs an A block: `(src, lda, mc, kc, mr, dst)`, see [`pack::pack_a`].
@@ -193,8 +201,9 @@ pub(crate) struct Kernel {
     pub mc: usize,
     /// Computes one [`Tile`]; `1 <= rows <= mr`, `1 <= cols <= nr`.
     pub tile: unsafe fn(&Tile),
-    /// The tile also reads a row-major A in place (`Tile::lda > 0`), which
-    /// the driver then prefers to packing it ([`reads_a_in_place`]).
+    /// The tile also reads A in place ([`ALayout::Rows`] and
+    /// [`ALayout::Columns`]), which the driver then prefers to packing it
+    /// ([`a_layout`]).
     pub reads_a_in_place: bool,
     pub pack_a: PackAFn,
     /// Packs an A block read transposed: element `(i, p)` at `src[p * lda + i]`.
@@ -267,10 +276,11 @@ unsafe fn gemm_block(
     let mc_step = m.div_ceil(m.div_ceil(kern.mc)).next_multiple_of(mr);
     let k_steps = k.div_ceil(kern.k_pack);
     let apack = apack.get_mut(mc_step.min(m) * kc_step.div_ceil(kern.k_pack));
-    let in_place = reads_a_in_place(kern, a);
+    let a_layout = a_layout(kern, a);
+    let in_place = a_layout != ALayout::Packed;
     let mut tile = Tile {
         a: std::ptr::null(),
-        lda: if in_place { a.ld } else { 0 },
+        a_layout,
         b: std::ptr::null(),
         prefetch: std::ptr::null(),
         prefetch_step: 0,
@@ -349,10 +359,10 @@ unsafe fn gemm_block(
                         ),
                         _ => (std::ptr::null(), 0),
                     };
-                    tile.a = if in_place {
-                        block.data[ir * block.ld..].as_ptr()
-                    } else {
-                        apack[ir * steps..].as_ptr()
+                    tile.a = match a_layout {
+                        ALayout::Packed => apack[ir * steps..].as_ptr(),
+                        ALayout::Rows(ld) => block.data[ir * ld..].as_ptr(),
+                        ALayout::Columns(_) => block.data[ir..].as_ptr(),
                     };
                     // SAFETY: `(ic + ir, j0)` lies inside the caller's region.
                     tile.c = unsafe { out.c.add((ic + ir) * out.ldc + j0) };
@@ -366,17 +376,28 @@ unsafe fn gemm_block(
     }
 }
 
-/// Whether `kern` reads the row-major A `a` in place rather than packing
-/// its blocks. Reading in place saves the copy (3-6% of a MiniLM forward
+/// How `kern` reads A: in place where it can, else from packed blocks.
+///
+/// A row-major A read in place saves the copy (3-6% of a MiniLM forward
 /// at batch 1) and measured as fast or faster at every M — except when
 /// A's rows lie a multiple of 4 KiB apart: the tile's rows then fall into
 /// the same L1 sets and evict each other (K = 1024 or 3072 ran at 87-90%
 /// of the FMA limit in place, 94-96% packed).
-fn reads_a_in_place(kern: &Kernel, a: Strided) -> bool {
+///
+/// A transposed A (`dYᵀ` in a weight gradient) already holds each step's
+/// rows side by side, as a packed panel does, so it is read in place
+/// too: packing it was 2.6% of a fp32 training step.
+fn a_layout(kern: &Kernel, a: Strided) -> ALayout {
     const L1_ALIAS_BYTES: usize = 4096;
-    kern.reads_a_in_place
-        && !a.transposed
-        && !(a.ld * std::mem::size_of::<f32>()).is_multiple_of(L1_ALIAS_BYTES)
+    if !kern.reads_a_in_place {
+        ALayout::Packed
+    } else if a.transposed {
+        ALayout::Columns(a.ld)
+    } else if (a.ld * std::mem::size_of::<f32>()).is_multiple_of(L1_ALIAS_BYTES) {
+        ALayout::Packed
+    } else {
+        ALayout::Rows(a.ld)
+    }
 }
 
 /// `C = epilogue(beta * C + bias)`: the whole GEMM when `k == 0`.
