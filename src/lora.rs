@@ -326,20 +326,39 @@ impl Adapter {
         }))
     }
 
-    /// The base model's weights in `base` (its `model.safetensors`) with
-    /// every adapter merged into its layer and the saved modules (the
-    /// trained head) in place. Refuses a base whose SHA-256 is not the
-    /// recorded one.
-    pub fn checkpoint(&self, base: Checkpoint) -> Result<Checkpoint> {
+    /// The base model's weights with every adapter merged into its layer
+    /// and the saved modules (the trained head) in place. The base is the
+    /// first of the files `first`, then `others` (its `model.safetensors`
+    /// at the candidate paths, [`AdapterBase::candidates`]) whose SHA-256
+    /// is the recorded one: each is hashed at most once, and the file
+    /// merged is the one hashed. When none is, the first one's refusal
+    /// (its SHA-256, or why it did not open) is returned.
+    pub fn checkpoint(&self, first: &Path, others: &[PathBuf]) -> Result<Checkpoint> {
+        let base = others
+            .iter()
+            .fold(self.verified_base(first), |found, path| {
+                found.or_else(|refusal| self.verified_base(path).map_err(|_| refusal))
+            })?;
+        self.merge_into(base)
+    }
+
+    /// The checkpoint at `path`, if its SHA-256 is the recorded base's.
+    fn verified_base(&self, path: &Path) -> Result<Checkpoint> {
+        let base = Checkpoint::open(path)?;
         let sha256 = base.sha256();
         if sha256 != self.base.sha256 {
             return Err(Error::Invalid(format!(
                 "{}: the LoRA adapters in {} were trained on a base model with SHA-256 {}, but this file has {sha256}; restore the original base model, or retrain (--merge-lora saves a self-contained model)",
-                base.path().display(),
+                path.display(),
                 self.weights.display(),
                 self.base.sha256
             )));
         }
+        Ok(base)
+    }
+
+    /// `base` with the adapters merged in and the saved modules in place.
+    fn merge_into(&self, base: Checkpoint) -> Result<Checkpoint> {
         let adapters = Checkpoint::open(&self.weights)?;
         let mut tensors = Vec::new();
         for (name, shape) in adapters.shapes() {

@@ -522,6 +522,20 @@ fn finetune_lora_merged_and_unmerged_artifacts_agree() {
         logits(&moved.join("adapters"), TEXTS).unwrap(),
         from_adapters
     );
+    // Another model at the recorded path: the base is the candidate whose
+    // SHA-256 is the recorded one, here the relative path's.
+    let other = dir.join("tiny");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(
+        other.join("model.safetensors"),
+        common::safetensors_bytes(&common::tiny_tensors(2), Dtype::F32),
+    )
+    .unwrap();
+    assert_eq!(
+        logits(&moved.join("adapters"), TEXTS).unwrap(),
+        from_adapters
+    );
+    std::fs::remove_dir_all(&other).unwrap();
     for name in ["tiny", "adapters"] {
         std::fs::rename(moved.join(name), dir.join(name)).unwrap();
     }

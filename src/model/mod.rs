@@ -75,29 +75,32 @@ pub struct ModelFiles {
     pub dir: PathBuf,
     pub config: PathBuf,
     /// `model.safetensors`: the directory's own, or for LoRA adapters
-    /// saved apart from their base, the base model's.
+    /// saved apart from their base, the base model's at the first of its
+    /// candidate paths where one exists.
     pub weights: PathBuf,
-    /// LoRA adapters to merge into `weights` at load (see [`crate::lora`]).
+    /// LoRA adapters to merge into the base at load (see [`crate::lora`]).
     pub adapter: Option<Adapter>,
+    /// The base model's `model.safetensors` at its other candidate paths,
+    /// other files than `weights`: [`Self::checkpoint`] takes the first
+    /// of them all whose SHA-256 is the recorded one.
+    other_bases: Vec<PathBuf>,
 }
 
-/// The `model.safetensors` among the base directories `tried` (in order)
-/// whose SHA-256 is `sha256`, else the first that exists (loading then
-/// names the mismatch); None if none exists. Hashes only when more than
-/// one exists.
-fn base_weights(tried: &[PathBuf], sha256: &str) -> Option<PathBuf> {
-    let existing: Vec<PathBuf> = tried
-        .iter()
-        .map(|dir| dir.join("model.safetensors"))
-        .filter(|w| w.exists())
-        .collect();
-    if existing.len() > 1 {
-        let matches = |w: &&PathBuf| Checkpoint::open(w).is_ok_and(|c| c.sha256() == sha256);
-        if let Some(found) = existing.iter().find(matches) {
-            return Some(found.clone());
+/// The base model's `model.safetensors` in each of the directories `tried`
+/// where it exists, in order, each file once: the recorded and the relative
+/// path usually lead to the same file, which need not be hashed twice.
+fn existing_bases(tried: &[PathBuf]) -> Vec<PathBuf> {
+    let mut found: Vec<(PathBuf, PathBuf)> = Vec::new();
+    for weights in tried.iter().map(|dir| dir.join("model.safetensors")) {
+        // Fails for a file that does not exist.
+        let Ok(file) = weights.canonicalize() else {
+            continue;
+        };
+        if found.iter().all(|(_, seen)| *seen != file) {
+            found.push((weights, file));
         }
     }
-    existing.into_iter().next()
+    found.into_iter().map(|(weights, _)| weights).collect()
 }
 
 impl ModelFiles {
@@ -115,10 +118,12 @@ impl ModelFiles {
         let config = dir.join("config.json");
         let mut weights = dir.join("model.safetensors");
         let mut adapter = None;
+        let mut other_bases = Vec::new();
         if !weights.exists() {
             if let Some(found) = Adapter::read(dir)? {
                 let tried = found.base.candidates(dir);
-                weights = base_weights(&tried, &found.base.sha256).ok_or_else(|| {
+                let mut bases = existing_bases(&tried).into_iter();
+                weights = bases.next().ok_or_else(|| {
                     let tried: Vec<String> =
                         tried.iter().map(|d| d.display().to_string()).collect();
                     Error::Invalid(format!(
@@ -128,6 +133,7 @@ impl ModelFiles {
                         tried.join(" and ")
                     ))
                 })?;
+                other_bases = bases.collect();
                 adapter = Some(found);
             } else if dir.join("pytorch_model.bin").exists() {
                 return Err(Error::PickleOnly { dir: dir.into() });
@@ -149,16 +155,17 @@ impl ModelFiles {
             config,
             weights,
             adapter,
+            other_bases,
         })
     }
 
     /// The weights, with LoRA adapters merged in where the directory has
-    /// them (after checking the base is the one they were trained on).
+    /// them (into the candidate base whose SHA-256 is the one they were
+    /// trained on).
     pub fn checkpoint(&self) -> Result<Checkpoint> {
-        let ckpt = Checkpoint::open(&self.weights)?;
         match &self.adapter {
-            Some(adapter) => adapter.checkpoint(ckpt),
-            None => Ok(ckpt),
+            Some(adapter) => adapter.checkpoint(&self.weights, &self.other_bases),
+            None => Checkpoint::open(&self.weights),
         }
     }
 
