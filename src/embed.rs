@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::model::{
     BertModel, F32Linears, LinearLoader, ModelFiles, Pooling, TokenBatch, Workspace,
 };
-use crate::tokenize::BertTokenizer;
+use crate::tokenize::{check_room_for_text, BertTokenizer};
 
 pub struct Embedder<B: Backend> {
     pub model: BertModel<B>,
@@ -45,9 +45,10 @@ impl<B: Backend> Embedder<B> {
         let model = BertModel::load_with(backend, &files, linears)?;
         let limit = model.config().max_position_embeddings;
         let max_length = max_length.unwrap_or(limit);
-        if max_length > limit || max_length < 2 {
+        check_room_for_text(max_length, "--max-length")?;
+        if max_length > limit {
             return Err(Error::Invalid(format!(
-                "--max-length {max_length} is outside 2..={limit} (the model's max_position_embeddings)"
+                "--max-length {max_length} is over {limit}, the model's max_position_embeddings"
             )));
         }
         let tokenizer = BertTokenizer::from_dir(dir, max_length)?;

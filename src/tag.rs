@@ -416,6 +416,20 @@ fn window_ranges(whole: &WordsEncoded) -> Option<Vec<Range<usize>>> {
     ))
 }
 
+/// The fewest windows ([`WordWindows`]) a text with `words` words that take
+/// a token each can run as, in windows of `capacity` tokens beside the
+/// special tokens: a lower bound found without tokenizing the text. Words
+/// of one token pack tightest, the first window holding `capacity` of them
+/// and each later one `capacity - capacity / OVERLAP_DIVISOR` more beside
+/// those it shares with the one before; longer words only take more
+/// windows, and words without tokens none. A text without words is one
+/// window. `capacity` is at least 1 ([`BertTokenizer::from_dir`] refuses
+/// less).
+pub fn fewest_windows(words: usize, capacity: usize) -> usize {
+    let beyond_the_first = words.saturating_sub(capacity);
+    1 + beyond_the_first.div_ceil(capacity - capacity / OVERLAP_DIVISOR)
+}
+
 /// Windows over words of `lengths` tokens each, as word ranges in order:
 /// each as many words as fit in `capacity` tokens (a longer word alone),
 /// consecutive ones sharing up to `overlap` tokens of whole words, and no
@@ -644,9 +658,14 @@ mod tests {
     }
 
     fn tokenizer_at(max_length: usize) -> BertTokenizer {
+        BertTokenizer::from_dir(vocab_dir().path(), max_length).unwrap()
+    }
+
+    /// A model directory with [`VOCAB`] as its `vocab.txt`.
+    fn vocab_dir() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("vocab.txt"), VOCAB.join("\n") + "\n").unwrap();
-        BertTokenizer::from_dir(dir.path(), max_length).unwrap()
+        dir
     }
 
     fn tags() -> Vec<String> {
@@ -902,6 +921,96 @@ mod tests {
             }
         }
         assert!(shared_words > 0, "some windows overlap");
+    }
+
+    /// Every pattern of word lengths, small enough to try them all.
+    fn all_lengths(words: usize, longest: usize) -> impl Iterator<Item = Vec<usize>> {
+        let patterns = (longest + 1).pow(words as u32);
+        (0..patterns).map(move |mut code| {
+            (0..words)
+                .map(|_| {
+                    let length = code % (longest + 1);
+                    code /= longest + 1;
+                    length
+                })
+                .collect()
+        })
+    }
+
+    #[test]
+    fn fewest_windows_bounds_every_split_and_is_reached_by_one_token_words() {
+        for capacity in 1..=8 {
+            let longest = if capacity <= 4 { capacity + 1 } else { 2 };
+            for words in 1..=7 {
+                for lengths in all_lengths(words, longest) {
+                    // A text that fits is one window (`window_ranges`).
+                    let windows = match lengths.iter().sum::<usize>() <= capacity {
+                        true => 1,
+                        false => split_words(&lengths, capacity, capacity / OVERLAP_DIVISOR).len(),
+                    };
+                    let with_tokens = lengths.iter().filter(|&&l| l > 0).count();
+                    assert!(
+                        windows >= fewest_windows(with_tokens, capacity),
+                        "capacity {capacity}, lengths {lengths:?}: {windows} windows"
+                    );
+                }
+            }
+            for words in capacity + 1..=60 {
+                let windows = split_words(&vec![1; words], capacity, capacity / OVERLAP_DIVISOR);
+                assert_eq!(windows.len(), fewest_windows(words, capacity), "{capacity}");
+            }
+        }
+        assert_eq!(fewest_windows(0, 62), 1);
+        assert_eq!(fewest_windows(62, 62), 1);
+        assert_eq!(fewest_windows(63, 62), 2);
+    }
+
+    #[test]
+    fn least_words_never_counts_more_words_with_tokens_than_there_are() {
+        let tokenizer = tokenizer();
+        for text in [
+            "I live in Paris and he flew to New York",
+            " \tHe flew\u{a0}to New York,then St.Louis!! \r\n",
+            "don't [MASK] Zürich—Köln 东京。 [UNK]x",
+            // Dropped by BERT's normalizer, joining or emptying runs.
+            "a\u{b}b c\u{c}d e\u{85}f \u{200b} \u{fffd} \0 \u{301}",
+            "",
+            "   ",
+        ] {
+            let input = TextWords::encode(&tokenizer, text).unwrap();
+            let with_tokens = input.tokens.rows.iter().flatten().count();
+            let least = tokenizer.least_words(text).unwrap();
+            assert!(least <= with_tokens, "{text:?}: {least} > {with_tokens}");
+        }
+        assert_eq!(tokenizer.least_words("I live in Paris."), Some(4));
+        // A tokenizer that splits otherwise gives no bound.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        tokenizer.save(&path).unwrap();
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        json["pre_tokenizer"] = serde_json::json!({"type": "WhitespaceSplit"});
+        std::fs::write(&path, json.to_string()).unwrap();
+        let whitespace_split = BertTokenizer::from_dir(dir.path(), 64).unwrap();
+        assert_eq!(whitespace_split.least_words("I live"), None);
+    }
+
+    #[test]
+    fn a_max_length_without_room_for_words_is_refused_and_one_token_windows_tag_every_word() {
+        let dir = vocab_dir();
+        for max_length in [0, 1, 2] {
+            let refused = BertTokenizer::from_dir(dir.path(), max_length)
+                .err()
+                .expect("no room for words");
+            assert!(
+                refused.to_string().contains("it must be at least 3"),
+                "{refused}"
+            );
+        }
+        // At 3 each window holds one token: every word still takes a row.
+        let input = TextWords::encode(&tokenizer_at(3), "I live in Paris.").unwrap();
+        assert_eq!(input.tokens.windows.len(), 5);
+        assert!(input.tokens.rows.iter().all(Option::is_some));
     }
 
     #[test]

@@ -16,11 +16,29 @@ use tokenizers::normalizers::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::bert::BertProcessing;
 use tokenizers::{
-    AddedToken, EncodeInput, OffsetReferential, OffsetType, PreTokenizer, Tokenizer,
-    TruncationDirection, TruncationParams, TruncationStrategy,
+    AddedToken, EncodeInput, ModelWrapper, NormalizerWrapper, OffsetReferential, OffsetType,
+    PostProcessor, PreTokenizer, PreTokenizerWrapper, Tokenizer, TruncationDirection,
+    TruncationParams, TruncationStrategy,
 };
 
 use crate::error::{Error, Result};
+
+/// The shortest max length that leaves room for text beside BERT's
+/// `[CLS]` and `[SEP]`: at two every input is those two tokens alone, so
+/// every text would embed, classify and tag the same (a token classifier's
+/// windows would hold no words).
+pub const MIN_MAX_LENGTH: usize = 3;
+
+/// Refuses a max length under [`MIN_MAX_LENGTH`], naming the `setting` (a
+/// flag or field) it came from.
+pub fn check_room_for_text(max_length: usize, setting: &str) -> Result<()> {
+    if max_length < MIN_MAX_LENGTH {
+        return Err(Error::Invalid(format!(
+            "{setting} {max_length} leaves no room for text beside [CLS] and [SEP], so every input would run as those two tokens alone; set it to at least {MIN_MAX_LENGTH}"
+        )));
+    }
+    Ok(())
+}
 
 /// One tokenized input (or text pair), special tokens included.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -71,12 +89,16 @@ pub struct BertTokenizer {
     inner: Tokenizer,
     source: TokenizerSource,
     max_length: usize,
+    /// Whether text splits into words as BERT splits it, which
+    /// [`Self::least_words`] relies on.
+    splits_as_bert: bool,
 }
 
 impl BertTokenizer {
     /// Loads `tokenizer.json` from `dir`, else builds WordPiece from
     /// `vocab.txt`. Inputs longer than `max_length` tokens (special tokens
-    /// included) are truncated on the right.
+    /// included) are truncated on the right; a `max_length` that leaves no
+    /// room for text beside the special tokens is refused.
     pub fn from_dir(dir: &Path, max_length: usize) -> Result<Self> {
         let json = dir.join("tokenizer.json");
         let vocab = dir.join("vocab.txt");
@@ -102,6 +124,16 @@ impl BertTokenizer {
                 file: "tokenizer.json or vocab.txt",
             });
         };
+        let special_tokens = special_tokens(&inner);
+        if max_length <= special_tokens {
+            return Err(Error::Tokenizer {
+                path: dir.into(),
+                message: format!(
+                    "a max length of {max_length} tokens leaves no room for text beside the {special_tokens} special tokens this tokenizer adds; it must be at least {}",
+                    special_tokens + 1
+                ),
+            });
+        }
         inner.with_padding(None);
         inner
             .with_truncation(Some(TruncationParams {
@@ -115,6 +147,7 @@ impl BertTokenizer {
                 message: format!("cannot truncate at {max_length}: {e}"),
             })?;
         Ok(BertTokenizer {
+            splits_as_bert: splits_as_bert(&inner),
             inner,
             source,
             max_length,
@@ -127,6 +160,29 @@ impl BertTokenizer {
 
     pub fn max_length(&self) -> usize {
         self.max_length
+    }
+
+    /// Tokens added to every text (`[CLS]` and `[SEP]` for BERT), which
+    /// count against `max_length`.
+    pub fn special_tokens(&self) -> usize {
+        special_tokens(&self.inner)
+    }
+
+    /// At most as many words as [`Self::words`] finds in `text` that take
+    /// a token, counted in one pass over its bytes rather than by
+    /// tokenizing it: runs between ASCII spaces, tabs and line breaks that
+    /// hold an ASCII letter or digit. BERT's normalizer keeps such a
+    /// character, and those breaks as whitespace (unlike form feeds, which
+    /// it drops), its pre-tokenizer splits there (and at punctuation), and
+    /// WordPiece gives every word a token (`[UNK]` at worst). None for a
+    /// tokenizer that splits text otherwise, where no such bound holds.
+    pub fn least_words(&self, text: &str) -> Option<usize> {
+        self.splits_as_bert.then(|| {
+            text.as_bytes()
+                .split(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+                .filter(|run| run.iter().any(u8::is_ascii_alphanumeric))
+                .count()
+        })
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -286,6 +342,31 @@ impl BertTokenizer {
             .map(to_encoded)
             .map_err(|e| Error::Invalid(format!("tokenization failed: {e}")))
     }
+}
+
+/// Tokens the post-processor adds to a single text.
+fn special_tokens(tokenizer: &Tokenizer) -> usize {
+    tokenizer
+        .get_post_processor()
+        .map_or(0, |processor| processor.added_tokens(false))
+}
+
+/// Whether [`BertTokenizer::least_words`] holds for `tokenizer`: BERT's
+/// normalizer (or none) and pre-tokenizer (or none, which
+/// [`BertTokenizer::words`] replaces with BERT's), WordPiece, and no added
+/// token that spans whitespace and so joins words.
+fn splits_as_bert(tokenizer: &Tokenizer) -> bool {
+    matches!(
+        tokenizer.get_normalizer(),
+        None | Some(NormalizerWrapper::BertNormalizer(_))
+    ) && matches!(
+        tokenizer.get_pre_tokenizer(),
+        None | Some(PreTokenizerWrapper::BertPreTokenizer(_))
+    ) && matches!(tokenizer.get_model(), ModelWrapper::WordPiece(_))
+        && tokenizer
+            .get_added_tokens_decoder()
+            .values()
+            .all(|token| !token.content.contains(char::is_whitespace))
 }
 
 /// Each word's token count in `encoding` and in the pieces truncation cut

@@ -909,3 +909,81 @@ fn token_classifier_serves_the_entities_bertrt_predict_prints() {
         refused.body
     );
 }
+
+/// A token classifier's request whose words alone show that it runs as more
+/// windows than `--max-batch-requests` is refused before it is tokenized,
+/// saying at least how many; one that only its tokens show to be too many is
+/// refused once they are known, saying exactly how many.
+#[test]
+fn a_tagger_request_of_too_many_windows_is_refused_before_tokenizing_where_its_words_show_it() {
+    let model = tiny_tagger();
+    let server = Server::start(model.path(), &["--max-batch-requests", "1"]);
+    // 108 KB: 28,000 words that take a token each, in windows of 62 tokens
+    // sharing 15, are at least 1 + ceil((28,000 - 62) / 47) = 596 windows.
+    let words = "the big dog ran on a mat . ".repeat(4000);
+    let refused = post(server.addr, "/predict", json!({ "inputs": words }));
+    assert_eq!(refused.status, 422, "{}", refused.body);
+    assert_eq!(
+        refused.error(),
+        "the inputs run as at least 596 windows of up to 64 tokens, and a request may hold at most 1 (--max-batch-requests); send shorter texts or fewer per request"
+    );
+    // The quick count takes `dog.` for one word: 40 fit one window, but
+    // the tokenizer's 80 words take two.
+    let dots = "dog. ".repeat(40);
+    let refused = post(server.addr, "/predict", json!({ "inputs": dots }));
+    assert_eq!(refused.status, 422, "{}", refused.body);
+    assert!(
+        refused
+            .error()
+            .starts_with("the inputs run as 2 windows of up to 64 tokens"),
+        "{}",
+        refused.body
+    );
+    let fits = post(
+        server.addr,
+        "/predict",
+        json!({ "inputs": "dog. ".repeat(12) }),
+    );
+    assert_eq!(fits.status, 200, "{}", fits.body);
+}
+
+/// A max input length with no room for text beside `[CLS]` and `[SEP]` is
+/// refused at start-up, for a token classifier (whose windows would hold
+/// no words) as for an encoder (whose every input would be the same).
+#[test]
+fn a_max_input_length_without_room_for_text_is_refused_at_start_up() {
+    for model in [tiny_tagger(), tiny_model()] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_bertrt"))
+            .args(["serve", "--port", "0", "--max-input-length", "2", "--model"])
+            .arg(model.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("serve started with --max-input-length 2");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        assert!(!status.success(), "{stderr}");
+        assert!(
+            stderr.contains(
+                "--max-input-length 2 leaves no room for text beside [CLS] and [SEP], so every input would run as those two tokens alone; set it to at least 3"
+            ),
+            "{stderr}"
+        );
+    }
+}

@@ -707,6 +707,29 @@ fn finetune_says_how_many_dev_sentences_max_length_cuts() {
     );
 }
 
+/// A max length that leaves no room for words beside `[CLS]` and `[SEP]` is
+/// refused before training, rather than training on no words and tagging
+/// every word `O`; one token of room trains.
+#[test]
+fn finetune_refuses_a_max_length_without_room_for_words() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let model = tiny_model(dir);
+    let train = write(dir, "train.conll", TRAIN_CONLL);
+    let out = dir.join("ner");
+    let (ok, _, err) = finetune_tagger(&model, &train, &train, &out, &["--max-length", "2"]);
+    assert!(!ok);
+    assert!(
+        err.contains("max_length (--max-length) 2 leaves no room for text beside [CLS] and [SEP]")
+            && err.contains("set it to at least 3"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    let flags = ["--max-length", "3", "--epochs", "1", "--quiet"];
+    let (ok, _, err) = finetune_tagger(&model, &train, &train, &out, &flags);
+    assert!(ok, "{err}");
+}
+
 #[test]
 fn finetune_eval_and_predict_entities_end_to_end() {
     let tmp = tempfile::tempdir().unwrap();

@@ -16,7 +16,7 @@ use crate::config::BertConfig;
 use crate::error::{Error, Result};
 use crate::model::{BertModel, LinearLoader, ModelFiles, Pooling, TokenBatch, Workspace};
 use crate::tag::{self, Tagger};
-use crate::tokenize::BertTokenizer;
+use crate::tokenize::{check_room_for_text, BertTokenizer};
 
 /// What a queued request asks the model for. Only requests with the same
 /// task share a batch.
@@ -351,9 +351,10 @@ pub fn load<B: Backend + 'static>(
     // A fine-tuned model was trained at its artifact's max length: serve
     // with the same preprocessing unless told otherwise.
     let max_input_length = max_length.or(trained_length).unwrap_or(limit);
-    if max_input_length > limit || max_input_length < 2 {
+    check_room_for_text(max_input_length, "--max-input-length")?;
+    if max_input_length > limit {
         return Err(Error::Invalid(format!(
-            "--max-input-length {max_input_length} is outside 2..={limit} (the model's max_position_embeddings)"
+            "--max-input-length {max_input_length} is over {limit}, the model's max_position_embeddings"
         )));
     }
     // With truncation off the tokenizer keeps one extra token, so an input

@@ -30,7 +30,7 @@ use super::request::{self, Inputs, PredictRequest};
 use crate::classify::Prediction;
 use crate::embed::l2_normalize;
 use crate::model::{Pooling, TokenBatch};
-use crate::tag::{EntitySpan, TextWords};
+use crate::tag::{fewest_windows, EntitySpan, TextWords};
 use crate::tokenize::{BertTokenizer, Encoded, TokenSpan};
 
 /// Requests with at most this many bytes of text are tokenized inline (see
@@ -184,12 +184,8 @@ impl App {
         // A job runs in one forward pass, so its size bounds the worker's
         // memory: a tagger's long texts count as their windows.
         let sequences: usize = encoded.iter().map(|e| e.sequences().count()).sum();
-        let limit = self.max_inputs();
-        if sequences > limit {
-            return Err(ApiError::validation(format!(
-                "the inputs run as {sequences} windows of up to {} tokens, and a request may hold at most {limit} (--max-batch-requests); send shorter texts or fewer per request",
-                self.info.max_input_length
-            )));
+        if sequences > self.max_inputs() {
+            return Err(self.too_many_windows(sequences));
         }
         let (reply, answer) = oneshot::channel();
         let job = Job {
@@ -206,6 +202,41 @@ impl App {
             .map_err(|_| ApiError::internal("the model worker stopped"))?
             .map_err(ApiError::internal)?;
         Ok((encoded, rows))
+    }
+
+    /// Refuses a tagger's request whose texts surely run as more windows
+    /// than a request may hold, before tokenizing them (up to
+    /// `--max-body-bytes` of text): the fewest windows their words can
+    /// take, from a count of words in one pass over the bytes
+    /// ([`BertTokenizer::least_words`]), far cheaper than tokenizing.
+    /// [`Self::infer`] refuses the rest once their windows are known.
+    fn refuse_surely_too_many_windows(&self, inputs: &Inputs) -> Result<(), ApiError> {
+        // With --no-truncate a text over one window is refused as too long.
+        if !self.truncate {
+            return Ok(());
+        }
+        let capacity = self.tokenizer.max_length() - self.tokenizer.special_tokens();
+        let mut windows = 0;
+        for text in inputs.texts() {
+            let Some(words) = self.tokenizer.least_words(text) else {
+                return Ok(());
+            };
+            windows += fewest_windows(words, capacity);
+        }
+        if windows > self.max_inputs() {
+            return Err(self.too_many_windows(format!("at least {windows}")));
+        }
+        Ok(())
+    }
+
+    /// A tagger's request refused for running as `windows` windows, more
+    /// than `--max-batch-requests`.
+    fn too_many_windows(&self, windows: impl std::fmt::Display) -> ApiError {
+        ApiError::validation(format!(
+            "the inputs run as {windows} windows of up to {} tokens, and a request may hold at most {} (--max-batch-requests); send shorter texts or fewer per request",
+            self.info.max_input_length,
+            self.max_inputs()
+        ))
     }
 
     fn rejected(&self, why: Rejected) -> ApiError {
@@ -369,6 +400,7 @@ async fn entities(
             "\"raw_scores\" is for sequence classifiers; this token classifier answers with entities",
         ));
     }
+    app.refuse_surely_too_many_windows(&request.inputs)?;
     let (inputs, rows) = app
         .infer(Task::Tag, &request.inputs, TextWords::encode)
         .await?;

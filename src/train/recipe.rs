@@ -16,6 +16,7 @@ use crate::data::Alignment;
 use crate::error::{Error, Result};
 use crate::lora::{LoraSpec, LoraTarget};
 use crate::model::Pooling;
+use crate::tokenize::check_room_for_text;
 
 /// What the model learns to predict.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -422,7 +423,7 @@ impl TrainRecipe {
             (0.0..1.0).contains(&self.head_dropout),
             "head_dropout must be in [0, 1)",
         )?;
-        check(self.max_length >= 2, "max_length must be at least 2")?;
+        check_room_for_text(self.max_length, "max_length (--max-length)")?;
         check(self.eval_every != Some(0), "eval_every must be at least 1")?;
         check(self.patience != Some(0), "patience must be at least 1")?;
         check(
