@@ -277,7 +277,6 @@ unsafe fn gemm_block(
     let k_steps = k.div_ceil(kern.k_pack);
     let apack = apack.get_mut(mc_step.min(m) * kc_step.div_ceil(kern.k_pack));
     let a_layout = a_layout(kern, a);
-    let in_place = a_layout != ALayout::Packed;
     let mut tile = Tile {
         a: std::ptr::null(),
         a_layout,
@@ -306,7 +305,7 @@ unsafe fn gemm_block(
         for ic in (0..m).step_by(mc_step) {
             let mc = mc_step.min(m - ic);
             let block = a.offset(ic, pc);
-            if !in_place {
+            if a_layout == ALayout::Packed {
                 let pack_a = if block.transposed {
                     kern.pack_a_transposed
                 } else {
